@@ -1,0 +1,69 @@
+"""FastAPI application factory: lifespan-managed connection pool, routers, problem+json errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from api import problems
+from api.auth import ensure_bootstrap_admin
+from api.routes import readings, registry
+from meterflow.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    cfg = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(cfg.db.conninfo(), min_size=1, max_size=cfg.db.pool_max, open=False)
+        await pool.open(wait=True, timeout=30)
+        app.state.pool = pool
+        admin_key = cfg.bootstrap_admin_key.get_secret_value() if cfg.bootstrap_admin_key else None
+        await ensure_bootstrap_admin(pool, admin_key)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="meterflow",
+        version="0.1.0",
+        description="Meter and VPP telemetry: raw readings, load, carbon accounts and flexibility.",
+        lifespan=lifespan,
+    )
+    app.state.settings = cfg
+    problems.install(app)
+    app.include_router(registry.router)
+    app.include_router(readings.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request) -> Response:
+        """Readiness: the database answers."""
+        pool: AsyncConnectionPool = request.app.state.pool
+        try:
+            async with pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            raise problems.Problem(503, "not-ready", "Not ready", f"database: {exc}") from exc
+        return Response('{"status":"ready"}', media_type="application/json")
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory api.app:app_factory`."""
+    return create_app()

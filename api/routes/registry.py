@@ -1,0 +1,271 @@
+"""Registry: enterprises (tenants), sites, gateways (with MQTT credentials) and devices."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from fastapi import APIRouter, Query, Request
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from api.auth import PrincipalDep, require_admin, require_tenant
+from api.models import (
+    Device,
+    DeviceIn,
+    Enterprise,
+    EnterpriseIn,
+    Gateway,
+    GatewayCreated,
+    GatewayIn,
+    MqttCredentials,
+    Page,
+    Site,
+    SiteIn,
+)
+from api.problems import Problem
+from meterflow import brokerauth
+from meterflow.contract import gateway_telemetry_topic
+from meterflow.settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["registry"])
+
+
+def _pool(request: Request) -> AsyncConnectionPool:
+    pool: AsyncConnectionPool = request.app.state.pool
+    return pool
+
+
+async def _insert(request: Request, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        async with _pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, params)
+            row = await cur.fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise Problem(422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)) from exc
+    assert row is not None
+    return row
+
+
+async def _select(request: Request, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async with _pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql, params)
+        return await cur.fetchall()
+
+
+def _scope(who: PrincipalDep, tenant: str | None) -> str | None:
+    """Tenant filter for list routes: enterprise keys see only their own tenant."""
+    if who.role == "admin":
+        return tenant
+    if tenant is not None and tenant != who.tenant:
+        require_tenant(who, tenant)
+    return who.tenant
+
+
+# --- enterprises ---------------------------------------------------------------------------------
+
+
+@router.post("/enterprises", status_code=201)
+async def create_enterprise(body: EnterpriseIn, who: PrincipalDep, request: Request) -> Enterprise:
+    """Register an enterprise (tenant). Admin only."""
+    require_admin(who)
+    row = await _insert(
+        request,
+        "INSERT INTO tenants (tenant_id, name, role, industry_code, timezone) "
+        "VALUES (%(tenant)s, %(name)s, %(role)s, %(industry_code)s, %(timezone)s) "
+        "RETURNING tenant_id AS tenant, name, role, industry_code, timezone, created_at",
+        body.model_dump(),
+    )
+    return Enterprise.model_validate(row)
+
+
+@router.get("/enterprises")
+async def list_enterprises(who: PrincipalDep, request: Request) -> Page[Enterprise]:
+    """Enterprises visible to this key."""
+    rows = await _select(
+        request,
+        "SELECT tenant_id AS tenant, name, role, industry_code, timezone, created_at FROM tenants "
+        "WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY tenant_id",
+        {"tenant": _scope(who, None)},
+    )
+    return Page[Enterprise](data=[Enterprise.model_validate(r) for r in rows])
+
+
+@router.get("/enterprises/{tenant}")
+async def get_enterprise(tenant: str, who: PrincipalDep, request: Request) -> Enterprise:
+    require_tenant(who, tenant)
+    rows = await _select(
+        request,
+        "SELECT tenant_id AS tenant, name, role, industry_code, timezone, created_at FROM tenants "
+        "WHERE tenant_id = %(tenant)s",
+        {"tenant": tenant},
+    )
+    if not rows:
+        raise Problem(404, "not-found", "Not found", f"no enterprise {tenant!r}")
+    return Enterprise.model_validate(rows[0])
+
+
+# --- sites -----------------------------------------------------------------------------------------
+
+_SITE_COLS = "tenant_id AS tenant, site_id AS site, name, floor_area_m2, timezone, created_at"
+
+
+@router.post("/sites", status_code=201)
+async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site:
+    """Register a site of an enterprise. Admin only."""
+    require_admin(who)
+    row = await _insert(
+        request,
+        "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone) "
+        f"VALUES (%(tenant)s, %(site)s, %(name)s, %(floor_area_m2)s, %(timezone)s) RETURNING {_SITE_COLS}",
+        body.model_dump(),
+    )
+    return Site.model_validate(row)
+
+
+@router.get("/sites")
+async def list_sites(who: PrincipalDep, request: Request, tenant: str | None = None) -> Page[Site]:
+    rows = await _select(
+        request,
+        f"SELECT {_SITE_COLS} FROM sites WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
+        "ORDER BY tenant_id, site_id",
+        {"tenant": _scope(who, tenant)},
+    )
+    return Page[Site](data=[Site.model_validate(r) for r in rows])
+
+
+# --- gateways --------------------------------------------------------------------------------------
+
+_GATEWAY_COLS = "tenant_id AS tenant, gateway_id AS gateway, enabled, created_at"
+
+
+@router.post("/gateways", status_code=201)
+async def create_gateway(body: GatewayIn, who: PrincipalDep, request: Request) -> GatewayCreated:
+    """Register a gateway; its MQTT password is returned once and the broker's auth is reloaded."""
+    require_admin(who)
+    password = secrets.token_urlsafe(24)
+    row = await _insert(
+        request,
+        "INSERT INTO gateways (tenant_id, gateway_id, mqtt_password_hash) "
+        f"VALUES (%(tenant)s, %(gateway)s, %(hash)s) RETURNING {_GATEWAY_COLS}",
+        {**body.model_dump(), "hash": brokerauth.hash_password(password)},
+    )
+    await sync_broker_auth(request)
+    return GatewayCreated.model_validate(
+        {
+            **row,
+            "mqtt": MqttCredentials(
+                username=body.gateway, password=password, topic=gateway_telemetry_topic(body.tenant, body.gateway)
+            ),
+        }
+    )
+
+
+@router.get("/gateways")
+async def list_gateways(who: PrincipalDep, request: Request, tenant: str | None = None) -> Page[Gateway]:
+    rows = await _select(
+        request,
+        f"SELECT {_GATEWAY_COLS} FROM gateways WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
+        "ORDER BY gateway_id",
+        {"tenant": _scope(who, tenant)},
+    )
+    return Page[Gateway](data=[Gateway.model_validate(r) for r in rows])
+
+
+@router.post("/gateways/{gateway}/credentials")
+async def rotate_gateway_credentials(gateway: str, who: PrincipalDep, request: Request) -> GatewayCreated:
+    """Issue a new MQTT password for a gateway (the old one stops working at once). Admin only."""
+    require_admin(who)
+    password = secrets.token_urlsafe(24)
+    rows = await _select(
+        request,
+        "UPDATE gateways SET mqtt_password_hash = %(hash)s WHERE gateway_id = %(gateway)s "
+        f"RETURNING {_GATEWAY_COLS}",
+        {"gateway": gateway, "hash": brokerauth.hash_password(password)},
+    )
+    if not rows:
+        raise Problem(404, "not-found", "Not found", f"no gateway {gateway!r}")
+    await sync_broker_auth(request)
+    row = rows[0]
+    return GatewayCreated.model_validate(
+        {
+            **row,
+            "mqtt": MqttCredentials(
+                username=gateway, password=password, topic=gateway_telemetry_topic(row["tenant"], gateway)
+            ),
+        }
+    )
+
+
+async def sync_broker_auth(request: Request) -> None:
+    settings: Settings = request.app.state.settings
+    rows = await _select(
+        request, "SELECT tenant_id, gateway_id, mqtt_password_hash FROM gateways WHERE enabled", {}
+    )
+    folder: Path = settings.state_path / "mosquitto"
+    if not folder.exists():
+        log.warning("no broker folder at %s: gateway credentials stored but not synced", folder)
+        return
+    passwd = folder / "passwd"
+    service_hash = _service_hash(passwd, settings)
+    brokerauth.sync(
+        passwd_file=passwd,
+        acl_file=folder / "acl",
+        pid_file=folder / "mosquitto.pid",
+        service=[brokerauth.BrokerAccount(settings.mqtt.service_user, service_hash)],
+        gateways=[brokerauth.GatewayAccount(r["tenant_id"], r["gateway_id"], r["mqtt_password_hash"]) for r in rows],
+    )
+
+
+def _service_hash(passwd: Path, settings: Settings) -> str:
+    for line in passwd.read_text().splitlines() if passwd.exists() else []:
+        user, _, hashed = line.partition(":")
+        if user == settings.mqtt.service_user:
+            return hashed
+    return brokerauth.hash_password(settings.mqtt.service_password.get_secret_value())
+
+
+# --- devices ---------------------------------------------------------------------------------------
+
+_DEVICE_COLS = (
+    "tenant_id AS tenant, device_id AS device, site_id AS site, gateway_id AS gateway, device_type, carrier, "
+    "rated_power_kw, register_max, telemetry_interval_s, created_at"
+)
+
+
+@router.post("/devices", status_code=201)
+async def create_device(body: DeviceIn, who: PrincipalDep, request: Request) -> Device:
+    """Register a meter or VPP resource. Admin only."""
+    require_admin(who)
+    row = await _insert(
+        request,
+        "INSERT INTO devices (tenant_id, device_id, site_id, gateway_id, device_type, carrier, rated_power_kw, "
+        "register_max, telemetry_interval_s) VALUES (%(tenant)s, %(device)s, %(site)s, %(gateway)s, "
+        "%(device_type)s, %(carrier)s, %(rated_power_kw)s, %(register_max)s, %(telemetry_interval_s)s) "
+        f"RETURNING {_DEVICE_COLS}",
+        body.model_dump(),
+    )
+    return Device.model_validate(row)
+
+
+@router.get("/devices")
+async def list_devices(
+    who: PrincipalDep,
+    request: Request,
+    tenant: str | None = None,
+    site: str | None = None,
+    limit: int = Query(default=500, ge=1, le=5000),
+) -> Page[Device]:
+    rows = await _select(
+        request,
+        f"SELECT {_DEVICE_COLS} FROM devices WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
+        "AND (%(site)s::text IS NULL OR site_id = %(site)s) ORDER BY tenant_id, device_id LIMIT %(limit)s",
+        {"tenant": _scope(who, tenant), "site": site, "limit": limit},
+    )
+    return Page[Device](data=[Device.model_validate(r) for r in rows])

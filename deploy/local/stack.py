@@ -1,0 +1,114 @@
+"""`meterflow stack up|down|status`: the services, and the meterflow processes started by `meterflow run`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.local import bootstrap, proc
+from deploy.local.services import Kafka, Mosquitto, Postgres, Service, ServiceStatus
+from meterflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[str], None]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("METERFLOW_CACHE_DIR", Path(base) / "meterflow"))
+
+
+def services(settings: Settings, cache_dir: Path | None = None) -> list[Service]:
+    cache = cache_dir or default_cache_dir()
+    # Start order: the database first, so the broker's ACL can be synced from the gateway registry.
+    return [Postgres(settings, cache), Mosquitto(settings, cache), Kafka(settings, cache)]
+
+
+def up(settings: Settings, step: Step, *, timeout_s: float = 180.0) -> list[ServiceStatus]:
+    state = settings.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o755)  # service users (postgres, mosquitto) need to traverse it
+    cache = default_cache_dir()
+    bootstrap_log = state / "bootstrap.log"
+    started = time.monotonic()
+    bootstrap.install_packages(step, bootstrap_log)
+    bootstrap.install_timescaledb(step, cache, bootstrap_log)
+    bootstrap.install_kafka(step, cache, settings.kafka.version, settings.kafka.scala_version, bootstrap_log)
+    svcs = services(settings, cache)
+    for svc in svcs:
+        if svc.pid() is None:
+            step(f"starting {svc.name} on port {svc.port}")
+            svc.start()
+        if isinstance(svc, Postgres):
+            # The broker's gateway accounts come from the registry, so the DB must answer first.
+            svc.wait_healthy(timeout_s)
+            svc.after_healthy()
+    for svc in svcs:
+        if not isinstance(svc, Postgres):
+            step(f"waiting for {svc.name} to be healthy")
+            svc.wait_healthy(timeout_s)
+            svc.after_healthy()
+    step(f"stack ready in {time.monotonic() - started:.0f} s")
+    return [svc.status() for svc in svcs]
+
+
+def down(settings: Settings, step: Step) -> None:
+    for name, pid_file in app_pid_files(settings).items():
+        pid = proc.running_pid(pid_file)
+        if pid is not None:
+            step(f"stopping {name} (pid {pid})")
+            proc.stop_pid(pid, timeout_s=30)
+        pid_file.unlink(missing_ok=True)
+    for svc in reversed(services(settings)):
+        if svc.pid() is not None:
+            step(f"stopping {svc.name}")
+            svc.stop()
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    return [svc.status() for svc in services(settings)]
+
+
+def healthy(settings: Settings) -> bool:
+    return all(s.healthy for s in status(settings))
+
+
+# --- meterflow's own processes -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppProcess:
+    name: str
+    argv: list[str]
+
+
+def app_dir(settings: Settings) -> Path:
+    return settings.state_path / "app"
+
+
+def app_pid_files(settings: Settings) -> dict[str, Path]:
+    folder = app_dir(settings)
+    if not folder.exists():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.pid"))}
+
+
+def start_app(settings: Settings, app: AppProcess) -> tuple[int, Path]:
+    folder = app_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    pid_file, log_file = folder / f"{app.name}.pid", folder / f"{app.name}.log"
+    pid = proc.running_pid(pid_file)
+    if pid is not None:
+        return pid, log_file
+    argv = [sys.executable, "-m", "meterflow", *app.argv]
+    return proc.start_detached(argv, log_file=log_file, pid_file=pid_file, env=dict(os.environ)), log_file
+
+
+def app_status(settings: Settings) -> dict[str, int | None]:
+    return {name: proc.running_pid(pid_file) for name, pid_file in app_pid_files(settings).items()}

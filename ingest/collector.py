@@ -1,0 +1,273 @@
+"""MQTT -> Kafka collector.
+
+paho-mqtt runs its network loop in its own thread and hands each message to the asyncio loop. A QoS 1
+message is acknowledged to the broker (manual ack) only after Kafka acknowledged every record made
+from it (acks=all, idempotent producer), and acks leave in the order the messages arrived. The broker's
+receive-maximum window bounds how many messages are held unacknowledged; while Kafka is down nothing
+is acked, so the broker keeps the rest in the persistent session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import orjson
+import paho.mqtt.client as mqtt
+from aiokafka import AIOKafkaProducer
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+from prometheus_client import Counter, Gauge, Histogram
+
+from ingest.payloads import Limits, Rejection, parse_message
+from meterflow.contract import DeadLetterReason, now_ms, parse_telemetry_topic
+from meterflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECEIVED = Counter("meterflow_ingest_messages_received_total", "MQTT messages received")
+READINGS_PRODUCED = Counter("meterflow_ingest_readings_produced_total", "Readings acknowledged by Kafka")
+REJECTED = Counter("meterflow_ingest_rejected_total", "Messages or readings sent to the DLQ", ["reason"])
+INFLIGHT = Gauge("meterflow_ingest_inflight_messages", "Messages received but not yet acknowledged")
+PRODUCE_LATENCY = Histogram(
+    "meterflow_ingest_produce_latency_seconds",
+    "MQTT receipt to Kafka acknowledgement of all records of a message",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+SUBSCRIPTIONS = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    topic: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class _Pending:
+    mid: int
+    qos: int
+    done: bool = False
+    received: float = field(default_factory=time.monotonic)
+
+
+class Collector:
+    def __init__(self, settings: Settings, *, shared_group: str | None = None) -> None:
+        self.settings = settings
+        self.shared_group = shared_group
+        self.limits = Limits(settings.ingest.max_payload_bytes, settings.ingest.max_future_skew_s * 1000)
+        self._queue: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
+        self._pending: deque[_Pending] = deque()
+        self._stop = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._client: mqtt.Client | None = None
+
+    # --- MQTT side (paho thread) ---------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        m = self.settings.mqtt
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=m.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.username_pw_set(m.service_user, m.service_password.get_secret_value())
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        return client
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("MQTT connect refused: %s", reason)
+            return
+        topics = [
+            (f"$share/{self.shared_group}/{t}" if self.shared_group else t, self.settings.mqtt.qos)
+            for t in SUBSCRIPTIONS
+        ]
+        client.subscribe(topics)
+        log.info("connected to MQTT %s:%d, subscribed %s", self.settings.mqtt.host, self.settings.mqtt.port, topics)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._connected.set)
+
+    def _on_disconnect(self, *_args: object) -> None:
+        log.warning("MQTT disconnected; paho reconnects with backoff")
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
+
+    # --- asyncio side --------------------------------------------------------------------------
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        self._loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=30_000,
+        )
+        await self._start_producer()
+        self._client = self._make_client()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 24 * 3600
+        props.ReceiveMaximum = min(self.settings.ingest.max_inflight, 65535)
+        self._client.connect_async(
+            self.settings.mqtt.host,
+            self.settings.mqtt.port,
+            keepalive=self.settings.mqtt.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        try:
+            await self._pump()
+        finally:
+            await self._shutdown()
+
+    async def _start_producer(self) -> None:
+        assert self._producer is not None
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                await self._producer.start()
+                return
+            except Exception as exc:  # noqa: BLE001 - any start failure is retried with backoff
+                log.warning("Kafka not reachable (%s); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+
+    async def _pump(self) -> None:
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                get = asyncio.create_task(self._queue.get())
+                done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                await self._handle(get.result())
+        finally:
+            stop_wait.cancel()
+
+    async def _handle(self, msg: mqtt.MQTTMessage) -> None:
+        RECEIVED.inc()
+        pending = _Pending(msg.mid, msg.qos)
+        self._pending.append(pending)
+        INFLIGHT.set(len(self._pending))
+        received_ms = now_ms()
+        topic = parse_telemetry_topic(msg.topic)
+        records: list[_Record] = []
+        n_readings = 0
+        if topic is None:
+            rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
+            records.append(self._dead_letter(msg, rejection, received_ms))
+        else:
+            result = parse_message(topic, msg.payload, received_ms=received_ms, limits=self.limits)
+            records += [self._dead_letter(msg, r, received_ms) for r in result.rejected]
+            records += [
+                _Record(self.settings.kafka.readings_topic, d.kafka_key(), d.encode()) for d in result.accepted
+            ]
+            n_readings = result.reading_count
+        sends = [(record, await self._send_retrying(record)) for record in records]
+        asyncio.ensure_future(self._complete(pending, sends, n_readings))
+
+    async def _send_retrying(self, record: _Record) -> asyncio.Future[object]:
+        """Enqueue a record; while Kafka refuses, wait and retry rather than lose or ack the message."""
+        producer = self._producer
+        assert producer is not None
+        delay = 0.5
+        while True:
+            try:
+                fut: asyncio.Future[object] = await producer.send(record.topic, value=record.value, key=record.key)
+                return fut
+            except Exception as exc:  # noqa: BLE001 - broker errors are retried; the message stays unacked
+                log.warning("Kafka send failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    def _dead_letter(self, msg: mqtt.MQTTMessage, rejection: Rejection, received_ms: int) -> _Record:
+        REJECTED.labels(rejection.reason.value).inc()
+        cap = self.settings.ingest.dlq_payload_cap_bytes
+        parts = msg.topic.split("/")
+        value = orjson.dumps(
+            {
+                "v": 1,
+                "reason": rejection.reason.value,
+                "detail": rejection.detail,
+                "topic": msg.topic,
+                "tenant": parts[2] if len(parts) > 3 else None,
+                "gateway": parts[3] if len(parts) > 3 else None,
+                "device": rejection.device,
+                "received_ms": received_ms,
+                "payload": msg.payload[:cap].decode("utf-8", errors="replace"),
+                "payload_bytes": len(msg.payload),
+                "payload_truncated": len(msg.payload) > cap,
+            }
+        )
+        log.debug("dead letter %s on %s: %s", rejection.reason.value, msg.topic, rejection.detail)
+        return _Record(self.settings.kafka.dlq_topic, msg.topic.encode(), value)
+
+    async def _complete(
+        self, pending: _Pending, sends: list[tuple[_Record, asyncio.Future[object]]], n_readings: int
+    ) -> None:
+        for record, fut in sends:
+            while True:
+                try:
+                    await fut
+                    break
+                except Exception as exc:  # noqa: BLE001 - a failed delivery is sent again, never acked
+                    log.warning("Kafka delivery failed (%s); sending again", exc)
+                    fut = await self._send_retrying(record)
+        pending.done = True
+        READINGS_PRODUCED.inc(n_readings)
+        PRODUCE_LATENCY.observe(time.monotonic() - pending.received)
+        self._ack_ready()
+
+    def _ack_ready(self) -> None:
+        client = self._client
+        while self._pending and self._pending[0].done:
+            head = self._pending.popleft()
+            if head.qos > 0 and client is not None:
+                client.ack(head.mid, head.qos)
+        INFLIGHT.set(len(self._pending))
+
+    async def _shutdown(self) -> None:
+        log.info("stopping: draining %d in-flight messages", len(self._pending))
+        deadline = time.monotonic() + 30
+        while self._pending and time.monotonic() < deadline and any(p.done is False for p in self._pending):
+            await asyncio.sleep(0.05)
+            self._ack_ready()
+        if self._client is not None:
+            # Give paho a moment to flush the last PUBACKs before the DISCONNECT.
+            await asyncio.sleep(0.2)
+            self._client.disconnect()
+            self._client.loop_stop()
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+        log.info("collector stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout_s)

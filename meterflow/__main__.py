@@ -1,0 +1,3 @@
+from meterflow.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""Settings for every meterflow process, read from environment variables prefixed ``METERFLOW_``.
+
+Nested groups use ``__`` as delimiter, e.g. ``METERFLOW_KAFKA__BOOTSTRAP=127.0.0.1:19092``.
+Build one ``Settings()`` at a process entry point and pass it down; there is no module-level instance,
+so tests can construct their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class MqttSettings(_Group):
+    host: str = "127.0.0.1"
+    port: int = 18830
+    tls_port: int = 18883
+    # The collector's own broker account; gateways get theirs from the API.
+    service_user: str = "meterflow-collector"
+    service_password: SecretStr = SecretStr("meterflow-collector-dev")
+    client_id: str = "meterflow-collector"
+    qos: int = Field(default=1, ge=0, le=1)
+    keepalive_s: int = 30
+    # Raised far above Mosquitto's default of 1000: a persistent subscriber that lags behind (for
+    # instance while Kafka is down) must not lose acknowledged QoS 1 messages.
+    max_queued_messages: int = 2_000_000
+    max_queued_bytes: int = 0
+    max_inflight_messages: int = 1000
+
+
+class KafkaSettings(_Group):
+    bootstrap: str = "127.0.0.1:19092"
+    controller_port: int = 19093
+    heap: str = "768m"
+    version: str = "3.9.1"
+    scala_version: str = "2.13"
+    readings_topic: str = "meterflow.readings.v1"
+    dlq_topic: str = "meterflow.dlq.v1"
+    partitions: int = Field(default=6, ge=1)
+    dlq_partitions: int = Field(default=1, ge=1)
+    processor_group: str = "meterflow-processor"
+
+
+class DbSettings(_Group):
+    host: str = "127.0.0.1"
+    port: int = 15432
+    name: str = "meterflow"
+    user: str = "meterflow"
+    password: SecretStr = SecretStr("meterflow-dev")
+    pool_max: int = 10
+
+    def conninfo(self, *, dbname: str | None = None) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=dbname or self.name,
+            user=self.user,
+            password=self.password.get_secret_value(),
+            application_name="meterflow",
+        )
+
+    def sqlalchemy_url(self) -> str:
+        from sqlalchemy.engine import URL
+
+        url = URL.create(
+            "postgresql+psycopg",
+            username=self.user,
+            password=self.password.get_secret_value(),
+            host=self.host,
+            port=self.port,
+            database=self.name,
+        )
+        return url.render_as_string(hide_password=False)
+
+
+class ApiSettings(_Group):
+    host: str = "127.0.0.1"
+    port: int = 18000
+    default_page_size: int = 1000
+    max_page_size: int = 10_000
+
+
+class IngestSettings(_Group):
+    max_payload_bytes: int = 256 * 1024
+    max_future_skew_s: int = 300
+    # Messages held between MQTT receipt and Kafka acknowledgement; beyond it the collector stops
+    # acknowledging so the broker keeps the rest.
+    max_inflight: int = 5000
+    dlq_payload_cap_bytes: int = 4096
+    metrics_port: int = 19101
+
+
+class ProcessingSettings(_Group):
+    max_batch_records: int = 5000
+    poll_timeout_ms: int = 500
+    metrics_port: int = 19102
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERFLOW_",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,
+        frozen=True,
+        extra="ignore",
+    )
+
+    state_dir: Path = Path(".stack")
+    log_level: str = "INFO"
+    log_json: bool = False
+    # Contract: the first admin key comes from METERFLOW_BOOTSTRAP_ADMIN_KEY when set.
+    bootstrap_admin_key: SecretStr | None = None
+    mqtt: MqttSettings = MqttSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    db: DbSettings = DbSettings()
+    api: ApiSettings = ApiSettings()
+    ingest: IngestSettings = IngestSettings()
+    processing: ProcessingSettings = ProcessingSettings()
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir.resolve()
