@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from meterflow.contract import DEVICE_PATTERN, GATEWAY_PATTERN, TENANT_PATTERN
+
+T = TypeVar("T")
 
 TenantId = Annotated[str, Field(pattern=TENANT_PATTERN)]
 ObjectId = Annotated[str, Field(pattern=DEVICE_PATTERN)]
@@ -77,7 +79,7 @@ class Device(DeviceIn):
     created_at: datetime
 
 
-class Page[T](BaseModel):
+class Page(BaseModel, Generic[T]):
     data: list[T]
     next_cursor: str | None = None
 

@@ -32,3 +32,4 @@ def configure(level: str = "INFO", *, json: bool = False) -> None:
     root.setLevel(level.upper())
     # aiokafka logs every retry at ERROR; its own warnings are enough.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

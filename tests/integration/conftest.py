@@ -1,0 +1,121 @@
+"""The real stack for integration tests: reused when healthy, otherwise started (and stopped after)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from deploy.local import stack
+from meterflow.settings import Settings
+from processing.migrate import migrate
+
+ADMIN_KEY = "mf_test_admin_" + uuid.uuid4().hex
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Iterator[Settings]:
+    settings = Settings()
+    started = False
+    if not stack.healthy(settings):
+        stack.up(settings, lambda msg: print(f"[stack] {msg}", file=sys.stderr))  # noqa: T201
+        started = True
+    migrate(settings)
+    yield settings
+    if started and not os.environ.get("METERFLOW_KEEP_STACK"):
+        stack.down(settings, lambda msg: print(f"[stack] {msg}", file=sys.stderr))  # noqa: T201
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    env: dict[str, str]
+    api_url: str
+    admin_key: str
+    procs: dict[str, subprocess.Popen[bytes]]
+    log_dir: Path
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30)
+
+    def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "meterflow", *argv], env=self.env, stdout=log, stderr=log)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """API in-process, collector and processor as real processes, on topics and groups of this run only."""
+    run_id = uuid.uuid4().hex[:8]
+    overrides = {
+        "METERFLOW_KAFKA__READINGS_TOPIC": f"test-{run_id}.readings",
+        "METERFLOW_KAFKA__DLQ_TOPIC": f"test-{run_id}.dlq",
+        "METERFLOW_KAFKA__PROCESSOR_GROUP": f"test-{run_id}-processor",
+        "METERFLOW_MQTT__CLIENT_ID": f"test-{run_id}-collector",
+        "METERFLOW_INGEST__METRICS_PORT": "0",
+        "METERFLOW_PROCESSING__METRICS_PORT": "0",
+        "METERFLOW_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+    }
+    env = {**os.environ, **overrides}
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    settings = Settings()
+    import asyncio
+
+    from deploy.local.services import ensure_topics
+
+    asyncio.run(ensure_topics(settings))
+
+    from api.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    api_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api_url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    log_dir = Path(os.environ.get("METERFLOW_TEST_ARTIFACTS", "test-artifacts"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    p = Pipeline(settings, env, api_url, ADMIN_KEY, {}, log_dir)
+    p.start("collector", "collector", "--shared-group", f"test-{run_id}")
+    p.start("processor", "processor")
+    yield p
+    for name in list(p.procs):
+        p.stop(name)
+    server.should_exit = True
+    thread.join(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

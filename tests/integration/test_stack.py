@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import time
+
+from deploy.local import stack
+from meterflow.settings import Settings
+
+
+def test_every_service_is_healthy_with_pid_port_and_log(base_settings: Settings) -> None:
+    for status in stack.status(base_settings):
+        assert status.healthy, status
+        assert status.pid is not None
+        assert status.log_file.exists()
+
+
+def test_stack_up_twice_is_harmless(base_settings: Settings) -> None:
+    before = {s.name: s.pid for s in stack.status(base_settings)}
+    started = time.monotonic()
+    stack.up(base_settings, lambda _msg: None)
+    assert {s.name: s.pid for s in stack.status(base_settings)} == before
+    assert time.monotonic() - started < 60
+
+
+def test_timescaledb_edition_is_detected(base_settings: Settings) -> None:
+    import psycopg
+
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        license_ = conn.execute("SELECT current_setting('timescaledb.license')").fetchone()
+        features = dict(conn.execute("SELECT feature, enabled FROM schema_features").fetchall())
+        hypertables = {r[0] for r in conn.execute("SELECT hypertable_name FROM timescaledb_information.hypertables")}
+    assert license_ is not None
+    assert features["continuous_aggregates"] is (license_[0] == "timescale")
+    assert {"readings", "device_energy_1m"} <= hypertables
