@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             async with pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        except Exception as exc:
             raise problems.Problem(503, "not-ready", "Not ready", f"database: {exc}") from exc
         return Response('{"status":"ready"}', media_type="application/json")
 

@@ -21,8 +21,16 @@ class Problem(Exception):
         self.status, self.slug, self.title, self.detail, self.extra = status, slug, title, detail, extra
 
 
-def _response(status: int, slug: str, title: str, detail: str, instance: str, **extra: object) -> JSONResponse:
-    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail, "instance": instance}
+def _response(
+    status: int, slug: str, title: str, detail: str, instance: str, **extra: object
+) -> JSONResponse:
+    body = {
+        "type": PROBLEM_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
     body.update(extra)
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
 

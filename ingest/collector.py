@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
-from paho.mqtt.properties import Properties
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.payloads import Limits, Rejection, parse_message
@@ -70,13 +71,14 @@ class Collector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: AIOKafkaProducer | None = None
         self._client: mqtt.Client | None = None
+        self._completions: set[asyncio.Task[None]] = set()
 
     # --- MQTT side (paho thread) ---------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
         m = self.settings.mqtt
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=m.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
@@ -99,7 +101,9 @@ class Collector:
             for t in SUBSCRIPTIONS
         ]
         client.subscribe(topics)
-        log.info("connected to MQTT %s:%d, subscribed %s", self.settings.mqtt.host, self.settings.mqtt.port, topics)
+        log.info(
+            "connected to MQTT %s:%d, subscribed %s", self.settings.mqtt.host, self.settings.mqtt.port, topics
+        )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._connected.set)
 
@@ -107,8 +111,9 @@ class Collector:
         log.warning("MQTT disconnected; paho reconnects with backoff")
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
+        # The loop is set before the client connects, so it is there for every message.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
 
     # --- asyncio side --------------------------------------------------------------------------
 
@@ -143,12 +148,17 @@ class Collector:
         finally:
             await self._shutdown()
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("collector not started")
+        return self._producer
+
     async def _start_producer(self) -> None:
-        assert self._producer is not None
         delay = 1.0
         while not self._stop.is_set():
             try:
-                await self._producer.start()
+                await self.producer.start()
                 return
             except Exception as exc:  # noqa: BLE001 - any start failure is retried with backoff
                 log.warning("Kafka not reachable (%s); retrying in %.0f s", exc, delay)
@@ -181,23 +191,27 @@ class Collector:
             rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
             records.append(self._dead_letter(msg, rejection, received_ms))
         else:
-            result = parse_message(topic, msg.payload, received_ms=received_ms, limits=self.limits)
+            result = parse_message(topic, bytes(msg.payload), received_ms=received_ms, limits=self.limits)
             records += [self._dead_letter(msg, r, received_ms) for r in result.rejected]
             records += [
-                _Record(self.settings.kafka.readings_topic, d.kafka_key(), d.encode()) for d in result.accepted
+                _Record(self.settings.kafka.readings_topic, d.kafka_key(), d.encode())
+                for d in result.accepted
             ]
             n_readings = result.reading_count
         sends = [(record, await self._send_retrying(record)) for record in records]
-        asyncio.ensure_future(self._complete(pending, sends, n_readings))
+        task = asyncio.create_task(self._complete(pending, sends, n_readings))
+        self._completions.add(task)
+        task.add_done_callback(self._completions.discard)
 
     async def _send_retrying(self, record: _Record) -> asyncio.Future[object]:
         """Enqueue a record; while Kafka refuses, wait and retry rather than lose or ack the message."""
-        producer = self._producer
-        assert producer is not None
+        producer = self.producer
         delay = 0.5
         while True:
             try:
-                fut: asyncio.Future[object] = await producer.send(record.topic, value=record.value, key=record.key)
+                fut: asyncio.Future[object] = await producer.send(
+                    record.topic, value=record.value, key=record.key
+                )
                 return fut
             except Exception as exc:  # noqa: BLE001 - broker errors are retried; the message stays unacked
                 log.warning("Kafka send failed (%s); retrying in %.1f s", exc, delay)

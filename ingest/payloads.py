@@ -7,6 +7,7 @@ does it fall back to validating each point, so one bad reading never rejects its
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -84,13 +85,17 @@ def parse_message(topic: TelemetryTopic, payload: bytes, *, received_ms: int, li
         for point in points:
             if point.ts > horizon:
                 result.rejected.append(
-                    Rejection(DeadLetterReason.FUTURE_TS, f"ts {point.ts} is beyond receive time + skew", device)
+                    Rejection(
+                        DeadLetterReason.FUTURE_TS, f"ts {point.ts} is beyond receive time + skew", device
+                    )
                 )
                 continue
             for metric, value in point.values.items():
                 fval = float(value)
                 if not math.isfinite(fval):
-                    result.rejected.append(Rejection(DeadLetterReason.NON_FINITE, f"{metric}={value}", device))
+                    result.rejected.append(
+                        Rejection(DeadLetterReason.NON_FINITE, f"{metric}={value}", device)
+                    )
                     continue
                 readings.append(Reading(point.ts, metric, fval))
         if readings:
@@ -106,11 +111,13 @@ def parse_message(topic: TelemetryTopic, payload: bytes, *, received_ms: int, li
     return result
 
 
-def _validate_each(per_device: dict[str, object], result: ParseResult) -> dict[str, list[TelemetryPoint]]:
+def _validate_each(per_device: Mapping[str, object], result: ParseResult) -> dict[str, list[TelemetryPoint]]:
     good: dict[str, list[TelemetryPoint]] = {}
     for device, points in per_device.items():
         if not isinstance(points, list):
-            result.rejected.append(Rejection(DeadLetterReason.SCHEMA, "expected a list of points", device[:64]))
+            result.rejected.append(
+                Rejection(DeadLetterReason.SCHEMA, "expected a list of points", device[:64])
+            )
             continue
         kept: list[TelemetryPoint] = []
         for raw in points:

@@ -7,7 +7,8 @@ import logging
 import os
 import secrets
 import time
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 import orjson
@@ -18,10 +19,15 @@ from rich.table import Table
 from meterflow import logs
 from meterflow.settings import Settings
 
+if TYPE_CHECKING:
+    from deploy.local.services import ServiceStatus
+
 app = typer.Typer(help="meterflow: energy metering and VPP telemetry ingestion.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack: Mosquitto, Kafka (KRaft), PostgreSQL + TimescaleDB.")
 db_app = typer.Typer(help="Database schema.")
-bench_app = typer.Typer(help="Benchmarks: each prints its figure beside a peer's or ceiling's from the same run.")
+bench_app = typer.Typer(
+    help="Benchmarks: each prints its figure beside a peer's or ceiling's from the same run."
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
@@ -77,17 +83,19 @@ def stack_status() -> None:
     if apps:
         table = Table("process", "pid", "log")
         for name, pid in apps.items():
-            table.add_row(name, str(pid) if pid else "[red]stopped[/]", str(stack.app_dir(settings) / f"{name}.log"))
+            table.add_row(
+                name, str(pid) if pid else "[red]stopped[/]", str(stack.app_dir(settings) / f"{name}.log")
+            )
         Console().print(table)
     if not all(s.healthy for s in statuses):
         raise typer.Exit(1)
 
 
-def _print_status(statuses: list[object]) -> None:
+def _print_status(statuses: Sequence[ServiceStatus]) -> None:
     table = Table("service", "port", "pid", "health", "log")
     for s in statuses:
-        health = f"[green]healthy[/] {s.detail}" if s.healthy else f"[red]down[/] {s.detail}"  # type: ignore[attr-defined]
-        table.add_row(s.name, str(s.port), str(s.pid or "-"), health, str(s.log_file))  # type: ignore[attr-defined]
+        health = f"[green]healthy[/] {s.detail}" if s.healthy else f"[red]down[/] {s.detail}"
+        table.add_row(s.name, str(s.port), str(s.pid or "-"), health, str(s.log_file))
     Console().print(table)
 
 
@@ -252,26 +260,28 @@ def _wait_ready(base: str, timeout_s: float = 60) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise typer.Exit(f"API at {base} not ready after {timeout_s:.0f} s; see .stack/app/api.log")
+    console.print(f"[bold red]API at {base} not ready after {timeout_s:.0f} s[/]; see .stack/app/api.log")
+    raise typer.Exit(1)
 
 
 # --- benchmarks --------------------------------------------------------------------------------------
 
 
-@bench_app.command("e2e")
-def bench_e2e(
-    readings: Annotated[int, typer.Option(help="readings to push through the pipeline")] = 100_000,
-    devices: int = 100,
+@bench_app.command("store")
+def bench_store(
+    readings: Annotated[int, typer.Option(help="readings to write")] = 500_000,
+    devices: int = 1000,
+    batch: Annotated[int, typer.Option(help="readings per transaction")] = 10_000,
     as_json: Annotated[bool, typer.Option("--json", help="last line is one JSON object")] = False,
 ) -> None:
-    """Readings/s from MQTT publish to rows in TimescaleDB, beside the bare MQTT publish rate (ceiling)."""
-    from bench.e2e import run_e2e
+    """The processor's raw-reading write path beside a bare binary COPY of the same rows (needs the stack)."""
+    from bench.store import run_store_bench
 
     settings = _settings()
-    result = run_e2e(settings, _admin_key(settings), n_readings=readings, n_devices=devices, progress=console)
+    result = run_store_bench(settings, n_readings=readings, n_devices=devices, per_batch=batch, tick=_step)
     console.print(
-        f"pipeline {result['value']:,.0f} readings/s (MQTT -> Kafka -> TimescaleDB, committed); "
-        f"bare publish {result['peer_value']:,.0f} readings/s; ratio {result['ratio']:.2f}"
+        f"write path {result['value']:,} readings/s; bare COPY {result['peer_value']:,} readings/s; "
+        f"ratio {result['ratio']}"
     )
     if as_json:
         typer.echo(orjson.dumps(result).decode())
@@ -283,4 +293,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -10,11 +10,11 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 TENANT_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
 DEVICE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -54,17 +54,25 @@ class DeadLetterReason(enum.StrEnum):
     UNKNOWN_METRIC = "unknown_metric"
 
 
-def _epoch_ms(value: int | datetime) -> int:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("an RFC 3339 timestamp needs an offset")
-        return int(value.timestamp() * 1000)
-    return value
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _epoch_ms(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError("ts must be epoch milliseconds or an RFC 3339 string") from exc
+    if parsed.tzinfo is None:
+        raise ValueError("an RFC 3339 timestamp needs an offset")
+    # Integer arithmetic: a float timestamp() can be off by one millisecond.
+    return (parsed - _EPOCH) // timedelta(milliseconds=1)
 
 
 # Epoch milliseconds, or an RFC 3339 string with offset, normalised to epoch milliseconds.
-# strict int keeps 1.5 or "123" from slipping through as a timestamp.
-TimestampMs = Annotated[int | datetime, Field(union_mode="left_to_right"), AfterValidator(_epoch_ms)]
+# Strict int keeps 1.5, true or "123" from slipping through as a timestamp.
+TimestampMs = Annotated[int, Field(strict=True), BeforeValidator(_epoch_ms)]
 
 
 class TelemetryPoint(BaseModel):

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 RECORDS = Counter("meterflow_processor_records_total", "Kafka records consumed")
 ROWS_WRITTEN = Counter("meterflow_processor_readings_written_total", "Raw readings inserted")
-DUPLICATES = Counter("meterflow_processor_duplicate_readings_total", "Readings already stored, not added again")
+DUPLICATES = Counter(
+    "meterflow_processor_duplicate_readings_total", "Readings already stored, not added again"
+)
 BAD_RECORDS = Counter("meterflow_processor_bad_records_total", "Records sent to the DLQ", ["reason"])
 LAG = Gauge("meterflow_processor_lag_records", "Records behind the partition end", ["partition"])
 
@@ -54,16 +56,36 @@ class Processor:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def conn(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self._conn is None:
+            raise RuntimeError("processor not started")
+        return self._conn
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("processor not started")
+        return self._consumer
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("processor not started")
+        return self._producer
+
     async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:
-        assert self._conn is not None and self._consumer is not None
-        stored = await store.load_offsets(self._conn, group=self.group, topic=self.topic)
+        stored = await store.load_offsets(self.conn, group=self.group, topic=self.topic)
         for tp in assigned:
             if tp.partition in stored:
-                self._consumer.seek(tp, stored[tp.partition])
+                self.consumer.seek(tp, stored[tp.partition])
             else:
-                await self._consumer.seek_to_beginning(tp)
-        log.info("assigned partitions %s; resuming from stored offsets %s", sorted(t.partition for t in assigned),
-                 {p: stored.get(p) for p in sorted(t.partition for t in assigned)})
+                await self.consumer.seek_to_beginning(tp)
+        log.info(
+            "assigned partitions %s; resuming from stored offsets %s",
+            sorted(t.partition for t in assigned),
+            {p: stored.get(p) for p in sorted(t.partition for t in assigned)},
+        )
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         loop = asyncio.get_running_loop()
@@ -92,9 +114,8 @@ class Processor:
             await self._shutdown()
 
     async def _step(self) -> None:
-        assert self._consumer is not None and self._conn is not None
         p = self.settings.processing
-        batches = await self._consumer.getmany(timeout_ms=p.poll_timeout_ms, max_records=p.max_batch_records)
+        batches = await self.consumer.getmany(timeout_ms=p.poll_timeout_ms, max_records=p.max_batch_records)
         if not batches:
             return
         decoded: list[DeviceReadings] = []
@@ -108,19 +129,18 @@ class Processor:
                     await self._dead_letter(tp, rec.offset, rec.value or b"", str(exc))
             next_offsets[tp.partition] = records[-1].offset + 1
         result = await store.write_batch(
-            self._conn, decoded, group=self.group, topic=self.topic, next_offsets=next_offsets
+            self.conn, decoded, group=self.group, topic=self.topic, next_offsets=next_offsets
         )
         ROWS_WRITTEN.inc(result.inserted)
         DUPLICATES.inc(result.duplicates)
         with contextlib.suppress(Exception):
-            await self._consumer.commit({tp: next_offsets[tp.partition] for tp in batches})
+            await self.consumer.commit({tp: next_offsets[tp.partition] for tp in batches})
         for tp in batches:
-            highwater = self._consumer.highwater(tp)
+            highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 LAG.labels(str(tp.partition)).set(max(0, highwater - next_offsets[tp.partition]))
 
     async def _dead_letter(self, tp: TopicPartition, offset: int, value: bytes, detail: str) -> None:
-        assert self._producer is not None
         BAD_RECORDS.labels("undecodable_record").inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
         record = orjson.dumps(
@@ -137,7 +157,7 @@ class Processor:
                 "payload_truncated": len(value) > cap,
             }
         )
-        await self._producer.send_and_wait(self.settings.kafka.dlq_topic, record)
+        await self.producer.send_and_wait(self.settings.kafka.dlq_topic, record)
         log.warning("record %s[%d]@%d sent to DLQ: %s", tp.topic, tp.partition, offset, detail)
 
     async def _shutdown(self) -> None:

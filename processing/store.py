@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import psycopg
+from psycopg import sql
 
 from meterflow.contract import DeviceReadings
 
@@ -29,13 +30,13 @@ _COPY = (
 _COPY_TYPES = ("text", "text", "text", "timestamptz", "float8", "text", "timestamptz")
 
 # Within one batch the same reading may arrive twice (an MQTT redelivery); DISTINCT ON keeps one.
-_MERGE = """
-INSERT INTO readings (tenant_id, device_id, metric, ts, value, gateway_id, received_at)
+_MERGE = sql.SQL("""
+INSERT INTO {} (tenant_id, device_id, metric, ts, value, gateway_id, received_at)
 SELECT DISTINCT ON (tenant_id, device_id, metric, ts)
        tenant_id, device_id, metric, ts, value, gateway_id, received_at
 FROM readings_stage
 ON CONFLICT (tenant_id, device_id, metric, ts) DO NOTHING
-"""
+""")
 
 _SAVE_OFFSET = """
 INSERT INTO processor_offsets (consumer_group, topic, kafka_partition, next_offset)
@@ -78,6 +79,7 @@ async def write_batch(
     group: str,
     topic: str,
     next_offsets: Mapping[int, int],
+    table: str = "readings",
 ) -> WriteResult:
     """Insert readings and record next offsets atomically; the caller's connection must be idle."""
     async with conn.transaction(), conn.cursor() as cur:
@@ -87,7 +89,7 @@ async def write_batch(
             for row in _rows(batch):
                 await copy.write_row(row)
                 staged += 1
-        await cur.execute(_MERGE)
+        await cur.execute(_MERGE.format(sql.Identifier(table)))
         inserted = cur.rowcount
         await cur.executemany(_SAVE_OFFSET, [(group, topic, p, o) for p, o in next_offsets.items()])
     return WriteResult(staged, inserted)

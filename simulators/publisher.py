@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 import orjson
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from meterflow.contract import gateway_telemetry_topic, now_ms
 from simulators.fleet import Fleet, gateway_batch
@@ -62,7 +63,7 @@ class Publisher:
         self.qos = qos
         self._acked = 0
         self._lock = threading.Condition()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-{creds.username}")
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{creds.username}")
         self._client.username_pw_set(creds.username, creds.password)
         self._client.on_publish = self._on_publish
         self._client.max_inflight_messages_set(1000)

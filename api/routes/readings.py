@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -38,7 +39,8 @@ def _resolve_tenant(who: PrincipalDep, tenant: str | None) -> str:
             raise Problem(400, "tenant-required", "Tenant required", "admin keys must pass ?tenant=")
         return tenant
     # Enterprise and operator keys read raw readings of their own tenant only.
-    assert who.tenant is not None
+    if who.tenant is None:
+        raise Problem(403, "forbidden", "Key has no tenant", f"key {who.key_id} is not bound to a tenant")
     if tenant is not None and tenant != who.tenant:
         raise Problem(404, "not-found", "Not found", "no such device visible to this key")
     return who.tenant
@@ -49,17 +51,19 @@ async def device_readings(
     device: str,
     who: PrincipalDep,
     request: Request,
-    start: datetime = Query(description="inclusive, RFC 3339"),
-    end: datetime = Query(description="exclusive, RFC 3339"),
+    start: Annotated[datetime, Query(description="inclusive, RFC 3339")],
+    end: Annotated[datetime, Query(description="exclusive, RFC 3339")],
     metric: str | None = None,
     tenant: str | None = None,
-    limit: int | None = Query(default=None, ge=1),
+    limit: Annotated[int | None, Query(ge=1)] = None,
     cursor: str | None = None,
 ) -> Readings:
     """Raw readings of a device in [start, end), oldest first."""
     settings: Settings = request.app.state.settings
     if start.tzinfo is None or end.tzinfo is None:
-        raise Problem(400, "naive-time", "Time zone required", "start and end need an offset, e.g. Z or +08:00")
+        raise Problem(
+            400, "naive-time", "Time zone required", "start and end need an offset, e.g. Z or +08:00"
+        )
     if end <= start:
         raise Problem(400, "empty-range", "Empty range", "end must be after start")
     if end - start > MAX_RANGE:
@@ -91,7 +95,9 @@ async def device_readings(
         )
         rows = await cur.fetchall()
     if not rows and known is None:
-        raise Problem(404, "not-found", "Not found", f"no device {device!r} with readings for tenant {tenant_id!r}")
+        raise Problem(
+            404, "not-found", "Not found", f"no device {device!r} with readings for tenant {tenant_id!r}"
+        )
     more = len(rows) > page
     rows = rows[:page]
     next_cursor = _encode_cursor(rows[-1]["ts"], rows[-1]["metric"]) if more else None

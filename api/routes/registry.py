@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from pathlib import Path
@@ -48,8 +49,11 @@ async def _insert(request: Request, sql: str, params: dict[str, Any]) -> dict[st
     except psycopg.errors.UniqueViolation as exc:
         raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
     except psycopg.errors.ForeignKeyViolation as exc:
-        raise Problem(422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)) from exc
-    assert row is not None
+        raise Problem(
+            422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
+        ) from exc
+    if row is None:
+        raise RuntimeError("INSERT ... RETURNING returned no row")
     return row
 
 
@@ -161,7 +165,9 @@ async def create_gateway(body: GatewayIn, who: PrincipalDep, request: Request) -
         {
             **row,
             "mqtt": MqttCredentials(
-                username=body.gateway, password=password, topic=gateway_telemetry_topic(body.tenant, body.gateway)
+                username=body.gateway,
+                password=password,
+                topic=gateway_telemetry_topic(body.tenant, body.gateway),
             ),
         }
     )
@@ -208,6 +214,10 @@ async def sync_broker_auth(request: Request) -> None:
     rows = await _select(
         request, "SELECT tenant_id, gateway_id, mqtt_password_hash FROM gateways WHERE enabled", {}
     )
+    await asyncio.to_thread(_write_broker_auth, settings, rows)
+
+
+def _write_broker_auth(settings: Settings, rows: list[dict[str, Any]]) -> None:
     folder: Path = settings.state_path / "mosquitto"
     if not folder.exists():
         log.warning("no broker folder at %s: gateway credentials stored but not synced", folder)
@@ -219,7 +229,9 @@ async def sync_broker_auth(request: Request) -> None:
         acl_file=folder / "acl",
         pid_file=folder / "mosquitto.pid",
         service=[brokerauth.BrokerAccount(settings.mqtt.service_user, service_hash)],
-        gateways=[brokerauth.GatewayAccount(r["tenant_id"], r["gateway_id"], r["mqtt_password_hash"]) for r in rows],
+        gateways=[
+            brokerauth.GatewayAccount(r["tenant_id"], r["gateway_id"], r["mqtt_password_hash"]) for r in rows
+        ],
     )
 
 

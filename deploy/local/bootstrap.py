@@ -43,7 +43,9 @@ class BootstrapError(RuntimeError):
     pass
 
 
-def _run(argv: Sequence[str], *, log_file: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+def _run(
+    argv: Sequence[str], *, log_file: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
@@ -134,7 +136,13 @@ def install_timescaledb(step: Step, cache_dir: Path, log_file: Path) -> None:
             step(f"fetching TimescaleDB {TIMESCALEDB_DEBIAN_VERSION} source from Debian {TIMESCALEDB_SUITE}")
             _run(["apt-get", *apt_opts, "update", "-q"], log_file=log_file)
             _run(
-                ["apt-get", *apt_opts, "source", "--download-only", f"timescaledb={TIMESCALEDB_DEBIAN_VERSION}"],
+                [
+                    "apt-get",
+                    *apt_opts,
+                    "source",
+                    "--download-only",
+                    f"timescaledb={TIMESCALEDB_DEBIAN_VERSION}",
+                ],
                 log_file=log_file,
                 cwd=src_dir,
             )
@@ -169,7 +177,11 @@ def install_timescaledb(step: Step, cache_dir: Path, log_file: Path) -> None:
         _run(["ninja", "-C", str(build)], log_file=log_file)
         if staged.exists():
             shutil.rmtree(staged)
-        _run(["ninja", "-C", str(build), "install"], log_file=log_file, env={**os.environ, "DESTDIR": str(staged)})
+        _run(
+            ["ninja", "-C", str(build), "install"],
+            log_file=log_file,
+            env={**os.environ, "DESTDIR": str(staged)},
+        )
         (staged / ".complete").write_text(TIMESCALEDB_DEBIAN_VERSION + "\n")
         shutil.rmtree(tree)
     step("installing the cached TimescaleDB build into PostgreSQL's directories")

@@ -65,7 +65,7 @@ class Service(ABC):
     def check(self) -> str:
         """Raise when unhealthy; return a short detail when healthy."""
 
-    def after_healthy(self) -> None:
+    def after_healthy(self) -> None:  # noqa: B027 - an optional hook; most services need no provisioning
         """Post-start provisioning (roles, topics); idempotent."""
 
     def pid(self) -> int | None:
@@ -90,7 +90,9 @@ class Service(ABC):
         detail = ""
         while time.monotonic() < deadline:
             if self.pid() is None:
-                raise RuntimeError(f"{self.name} exited during start-up; see {self.log_file}:\n{_tail(self.log_file)}")
+                raise RuntimeError(
+                    f"{self.name} exited during start-up; see {self.log_file}:\n{_tail(self.log_file)}"
+                )
             ok, detail = self.health()
             if ok:
                 return detail
@@ -199,16 +201,21 @@ protocol mqtt
 
     def launch(self) -> None:
         proc.start_detached(
-            ["mosquitto", "-c", str(self.home / "mosquitto.conf")], log_file=self.log_file, pid_file=self.pid_file
+            ["mosquitto", "-c", str(self.home / "mosquitto.conf")],
+            log_file=self.log_file,
+            pid_file=self.pid_file,
         )
 
     def check(self) -> str:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"meterflow-health-{uuid.uuid4().hex[:8]}"
+            CallbackAPIVersion.VERSION2, client_id=f"meterflow-health-{uuid.uuid4().hex[:8]}"
         )
-        client.username_pw_set(self.settings.mqtt.service_user, self.settings.mqtt.service_password.get_secret_value())
+        client.username_pw_set(
+            self.settings.mqtt.service_user, self.settings.mqtt.service_password.get_secret_value()
+        )
         client.connect(self.settings.mqtt.host, self.port, keepalive=5)
         try:
             client.loop_start()
@@ -325,7 +332,9 @@ password_encryption = scram-sha-256
 
     def launch(self) -> None:
         subprocess.run(
-            self._pg("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "120", "start"),
+            self._pg(
+                "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "120", "start"
+            ),
             check=True,
             capture_output=True,
         )
@@ -333,7 +342,12 @@ password_encryption = scram-sha-256
 
     def _admin_conn(self, dbname: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(
-            host=str(self.socket_dir), port=self.port, user="postgres", dbname=dbname, connect_timeout=2, autocommit=True
+            host=str(self.socket_dir),
+            port=self.port,
+            user="postgres",
+            dbname=dbname,
+            connect_timeout=2,
+            autocommit=True,
         )
 
     def check(self) -> str:
@@ -354,7 +368,9 @@ password_encryption = scram-sha-256
             )
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db.name,)).fetchone():
                 conn.execute(
-                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db.name), sql.Identifier(db.user))
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(db.name), sql.Identifier(db.user)
+                    )
                 )
         with self._admin_conn(db.name) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
@@ -420,8 +436,15 @@ log.retention.hours=168
         if not (self.data_dir / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c",
-                 str(self.home / "server.properties")],
+                [
+                    *self._java(),
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(self.home / "server.properties"),
+                ],
                 check=True,
                 capture_output=True,
             )

@@ -33,7 +33,7 @@ def services(settings: Settings, cache_dir: Path | None = None) -> list[Service]
 def up(settings: Settings, step: Step, *, timeout_s: float = 180.0) -> list[ServiceStatus]:
     state = settings.state_path
     state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o755)  # service users (postgres, mosquitto) need to traverse it
+    state.chmod(0o755)
     cache = default_cache_dir()
     bootstrap_log = state / "bootstrap.log"
     started = time.monotonic()

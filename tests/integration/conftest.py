@@ -53,11 +53,15 @@ class Pipeline:
     log_dir: Path
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30)
+        return httpx.Client(
+            base_url=self.api_url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30
+        )
 
     def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "meterflow", *argv], env=self.env, stdout=log, stderr=log)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "meterflow", *argv], env=self.env, stdout=log, stderr=log
+            )
         self.procs[name] = proc
         return proc
 
@@ -93,7 +97,9 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     from api.app import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     api_url = f"http://127.0.0.1:{port}"

@@ -8,6 +8,7 @@ import uuid
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -20,7 +21,9 @@ DEADLINE_S = 30
 def _register(p: Pipeline, tenant: str, gateway: str, devices: list[str]) -> dict[str, str]:
     with p.http() as http:
         assert http.post("/v1/enterprises", json={"tenant": tenant, "name": tenant}).status_code == 201
-        assert http.post("/v1/sites", json={"tenant": tenant, "site": "s1", "name": "plant"}).status_code == 201
+        assert (
+            http.post("/v1/sites", json={"tenant": tenant, "site": "s1", "name": "plant"}).status_code == 201
+        )
         resp = http.post("/v1/gateways", json={"tenant": tenant, "gateway": gateway})
         assert resp.status_code == 201, resp.text
         for device in devices:
@@ -31,7 +34,9 @@ def _register(p: Pipeline, tenant: str, gateway: str, devices: list[str]) -> dic
 
 
 def _connect(p: Pipeline, creds: dict[str, str]) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"gw-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"gw-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
+    )
     client.username_pw_set(creds["username"], creds["password"])
     deadline = time.monotonic() + 10
     # The broker reloads its password file on SIGHUP; retry until the new account is live.
@@ -67,7 +72,9 @@ def test_reading_published_over_mqtt_comes_back_through_the_api(pipeline: Pipeli
     deadline = time.monotonic() + DEADLINE_S
     with pipeline.http() as http:
         while True:
-            resp = http.get("/v1/devices/m-001/readings", params={"tenant": tenant, "start": start, "end": end})
+            resp = http.get(
+                "/v1/devices/m-001/readings", params={"tenant": tenant, "start": start, "end": end}
+            )
             if resp.status_code == 200 and len(resp.json()["data"]) == 2:
                 break
             assert time.monotonic() < deadline, f"reading not back within {DEADLINE_S} s: {resp.text}"
@@ -87,8 +94,12 @@ def test_gateway_cannot_publish_on_another_tenants_topic(pipeline: Pipeline) -> 
     acks: list[int] = []
     client.on_publish = lambda _c, _u, _mid, reason, _p: acks.append(reason.value)
     foreign = gateway_telemetry_topic("someone-else", gateway)
-    info = client.publish(foreign, b'{"m-001": [{"ts": 1, "values": {"power_kw": 1}}]}', qos=1,
-                          properties=Properties(PacketTypes.PUBLISH))
+    info = client.publish(
+        foreign,
+        b'{"m-001": [{"ts": 1, "values": {"power_kw": 1}}]}',
+        qos=1,
+        properties=Properties(PacketTypes.PUBLISH),
+    )
     info.wait_for_publish(timeout=10)
     client.disconnect()
     client.loop_stop()

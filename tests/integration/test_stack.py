@@ -26,8 +26,12 @@ def test_timescaledb_edition_is_detected(base_settings: Settings) -> None:
 
     with psycopg.connect(base_settings.db.conninfo()) as conn:
         license_ = conn.execute("SELECT current_setting('timescaledb.license')").fetchone()
-        features = dict(conn.execute("SELECT feature, enabled FROM schema_features").fetchall())
-        hypertables = {r[0] for r in conn.execute("SELECT hypertable_name FROM timescaledb_information.hypertables")}
+        features: dict[str, bool] = dict(
+            conn.execute("SELECT feature, enabled FROM schema_features").fetchall()
+        )
+        hypertables = {
+            r[0] for r in conn.execute("SELECT hypertable_name FROM timescaledb_information.hypertables")
+        }
     assert license_ is not None
     assert features["continuous_aggregates"] is (license_[0] == "timescale")
     assert {"readings", "device_energy_1m"} <= hypertables

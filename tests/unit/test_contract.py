@@ -55,13 +55,21 @@ def test_invalid_points_are_refused(point: dict[str, object]) -> None:
 
 
 def test_record_round_trip() -> None:
-    rec = DeviceReadings("acme", "gw-1", "m-1", 5, (Reading(1, "power_kw", 2.5), Reading(1, "energy_import_kwh", 7.0)))
+    rec = DeviceReadings(
+        "acme", "gw-1", "m-1", 5, (Reading(1, "power_kw", 2.5), Reading(1, "energy_import_kwh", 7.0))
+    )
     assert decode_record(rec.encode()) == rec
     assert rec.kafka_key() == b"acme/m-1"
 
 
-@pytest.mark.parametrize("raw", [b"not json", b'{"v": 2}', b'{"v": 99, "tenant": "a", "gateway": "g", "device": "d", '
-                                 b'"received_ms": 1, "readings": []}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b'{"v": 2}',
+        b'{"v": 99, "tenant": "a", "gateway": "g", "device": "d", "received_ms": 1, "readings": []}',
+    ],
+)
 def test_bad_records_raise_record_error(raw: bytes) -> None:
     with pytest.raises(RecordError):
         decode_record(raw)

@@ -53,10 +53,16 @@ def test_invalid_json_and_oversized_payloads_are_rejected_whole() -> None:
 
 def test_overflowing_number_is_non_finite() -> None:
     result = parse_message(
-        TOPIC, b'{"m-1": [{"ts": 1763712000000, "values": {"power_kw": 1e999}}]}', received_ms=NOW, limits=LIMITS
+        TOPIC,
+        b'{"m-1": [{"ts": 1763712000000, "values": {"power_kw": 1e999}}]}',
+        received_ms=NOW,
+        limits=LIMITS,
     )
     assert result.accepted == []
-    assert [r.reason for r in result.rejected] in ([DeadLetterReason.NON_FINITE], [DeadLetterReason.INVALID_JSON])
+    assert [r.reason for r in result.rejected] in (
+        [DeadLetterReason.NON_FINITE],
+        [DeadLetterReason.INVALID_JSON],
+    )
 
 
 def test_single_device_form_accepts_object_or_array() -> None:

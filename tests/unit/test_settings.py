@@ -25,6 +25,6 @@ def test_password_with_special_characters_survives_alembic_config() -> None:
 
     from processing.migrate import alembic_config
 
-    s = Settings(db={"password": "p%w@d/:x"})  # type: ignore[arg-type]
+    s = Settings(db={"password": "p%w@d/:x"})
     url = alembic_config(s).get_main_option("sqlalchemy.url")
     assert url is not None and make_url(url).password == "p%w@d/:x"
