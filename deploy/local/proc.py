@@ -42,6 +42,11 @@ def running_pid(pid_file: Path) -> int | None:
     return pid if pid is not None and pid_alive(pid) else None
 
 
+# Services outlive the Popen handles that started them, on purpose. Holding the handles keeps Python
+# from warning, when a handle is collected, that its child is still running.
+_DETACHED: list[subprocess.Popen[bytes]] = []
+
+
 def start_detached(
     argv: Sequence[str],
     *,
@@ -62,6 +67,7 @@ def start_detached(
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )
+    _DETACHED.append(proc)
     pid_file.write_text(f"{proc.pid}\n")
     return proc.pid
 
