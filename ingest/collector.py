@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.payloads import Limits, Rejection, parse_message
@@ -87,6 +88,7 @@ class Collector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         return client
 
@@ -102,8 +104,26 @@ class Collector:
         ]
         client.subscribe(topics)
         log.info(
-            "connected to MQTT %s:%d, subscribed %s", self.settings.mqtt.host, self.settings.mqtt.port, topics
+            "connected to MQTT %s:%d, subscribing to %s",
+            self.settings.mqtt.host,
+            self.settings.mqtt.port,
+            topics,
         )
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties,
+    ) -> None:
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            log.error("MQTT subscription refused: %s", failed)
+            return
+        # Tests and operators wait for this line: from here on the broker queues messages for us.
+        log.info("subscriptions acknowledged; collecting")
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._connected.set)
 

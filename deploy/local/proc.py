@@ -6,7 +6,6 @@ import contextlib
 import os
 import pwd
 import signal
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,34 +41,38 @@ def running_pid(pid_file: Path) -> int | None:
     return pid if pid is not None and pid_alive(pid) else None
 
 
-# Services outlive the Popen handles that started them, on purpose. Holding the handles keeps Python
-# from warning, when a handle is collected, that its child is still running.
-_DETACHED: list[subprocess.Popen[bytes]] = []
-
-
 def start_detached(
     argv: Sequence[str],
     *,
     log_file: Path,
     pid_file: Path,
     env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
 ) -> int:
-    """Start argv in its own session so it outlives the CLI that started it; output goes to log_file."""
+    """Start argv in its own session so it outlives the CLI that started it; output goes to log_file.
+
+    posix_spawn rather than Popen: a service is not a child we wait for, and a Popen handle collected
+    while its process runs makes Python warn.
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
-        proc = subprocess.Popen(
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
             list(argv),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
+            dict(env) if env is not None else dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, null_fd, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
         )
-    _DETACHED.append(proc)
-    pid_file.write_text(f"{proc.pid}\n")
-    return proc.pid
+    finally:
+        os.close(log_fd)
+        os.close(null_fd)
+    pid_file.write_text(f"{pid}\n")
+    return pid
 
 
 def stop_pid(pid: int, *, timeout_s: float = 30.0, sig: signal.Signals = signal.SIGTERM) -> bool:

@@ -65,6 +65,16 @@ class Pipeline:
         self.procs[name] = proc
         return proc
 
+    def wait_for_log(self, name: str, needle: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        path = self.log_dir / f"{name}.log"
+        while needle not in path.read_text(errors="replace"):
+            if self.procs[name].poll() is not None:
+                pytest.fail(f"{name} exited: see {path}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} did not log {needle!r} within {timeout_s:.0f} s: see {path}")
+            time.sleep(0.2)
+
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
         proc.terminate()
@@ -110,11 +120,12 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
-    log_dir = Path(os.environ.get("METERFLOW_TEST_ARTIFACTS", "test-artifacts"))
+    log_dir = Path(os.environ.get("METERFLOW_TEST_ARTIFACTS", "test-artifacts")) / run_id
     log_dir.mkdir(parents=True, exist_ok=True)
     p = Pipeline(settings, env, api_url, ADMIN_KEY, {}, log_dir)
     p.start("collector", "collector", "--shared-group", f"test-{run_id}")
     p.start("processor", "processor")
+    p.wait_for_log("collector", "subscriptions acknowledged")
     yield p
     for name in list(p.procs):
         p.stop(name)
