@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import httpx
@@ -240,14 +241,17 @@ def run(
     sim = ["simulate", "--devices", str(devices), "--step-s", str(step_s), "--speed", "1"]
     pid, log_file = stack.start_app(settings, stack.AppProcess("simulator", sim))
     _step(f"simulated fleet publishing (pid {pid}), log {log_file}")
+    now = datetime.now(UTC)
+    window = f"start={now - timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}&end={now + timedelta(days=1):%Y-%m-%dT%H:%M:%SZ}"
+    key_source = "METERFLOW_BOOTSTRAP_ADMIN_KEY" if settings.bootstrap_admin_key else ".stack/app/admin-key"
     console.print(
         f"\n[bold green]meterflow is running.[/]\n"
-        f"  API        {base}/docs   (admin key in {settings.state_path / 'app' / 'admin-key'}"
-        f"{' or METERFLOW_BOOTSTRAP_ADMIN_KEY' if settings.bootstrap_admin_key else ''})\n"
-        f"  readings   curl -H 'Authorization: Bearer $(cat .stack/app/admin-key)' "
-        f"'{base}/v1/devices/m-0000/readings?tenant=demo&start=2020-01-01T00:00:00Z&end=2100-01-01T00:00:00Z'\n"
+        f"  API        {base}/docs  (admin key: {key_source})\n"
+        f'  readings   curl -H "Authorization: Bearer $(cat .stack/app/admin-key)" '
+        f"'{base}/v1/devices/m-0000/readings?tenant=demo&{window}'\n"
         f"  status     meterflow stack status\n"
-        f"  stop       meterflow stack down\n"
+        f"  stop       make down   (or: meterflow stack down)\n",
+        soft_wrap=True,
     )
 
 
