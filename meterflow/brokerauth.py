@@ -57,6 +57,19 @@ def verify_password(password: str, password_hash: str) -> bool:
     return hmac.compare_digest(base64.b64encode(computed).decode(), digest)
 
 
+def service_account(passwd_file: Path, username: str, password: str) -> BrokerAccount:
+    """The service account as it stands in passwd_file, re-hashed only when the password changed."""
+    current: str | None = None
+    if passwd_file.exists():
+        for line in passwd_file.read_text().splitlines():
+            user, _, hashed = line.partition(":")
+            if user == username:
+                current = hashed
+    if current is None or not verify_password(password, current):
+        current = hash_password(password)
+    return BrokerAccount(username, current)
+
+
 def render_passwd(service: Iterable[BrokerAccount], gateways: Iterable[GatewayAccount]) -> str:
     lines = [f"{a.username}:{a.password_hash}" for a in service]
     lines += [f"{g.gateway}:{g.password_hash}" for g in gateways]

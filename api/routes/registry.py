@@ -223,24 +223,18 @@ def _write_broker_auth(settings: Settings, rows: list[dict[str, Any]]) -> None:
         log.warning("no broker folder at %s: gateway credentials stored but not synced", folder)
         return
     passwd = folder / "passwd"
-    service_hash = _service_hash(passwd, settings)
+    service = brokerauth.service_account(
+        passwd, settings.mqtt.service_user, settings.mqtt.service_password.get_secret_value()
+    )
     brokerauth.sync(
         passwd_file=passwd,
         acl_file=folder / "acl",
         pid_file=folder / "mosquitto.pid",
-        service=[brokerauth.BrokerAccount(settings.mqtt.service_user, service_hash)],
+        service=[service],
         gateways=[
             brokerauth.GatewayAccount(r["tenant_id"], r["gateway_id"], r["mqtt_password_hash"]) for r in rows
         ],
     )
-
-
-def _service_hash(passwd: Path, settings: Settings) -> str:
-    for line in passwd.read_text().splitlines() if passwd.exists() else []:
-        user, _, hashed = line.partition(":")
-        if user == settings.mqtt.service_user:
-            return hashed
-    return brokerauth.hash_password(settings.mqtt.service_password.get_secret_value())
 
 
 # --- devices ---------------------------------------------------------------------------------------

@@ -151,12 +151,11 @@ class Mosquitto(Service):
 
     def service_accounts(self) -> list[brokerauth.BrokerAccount]:
         mqtt = self.settings.mqtt
-        existing = _read_passwd(self.passwd_file).get(mqtt.service_user)
-        password = mqtt.service_password.get_secret_value()
-        # Re-hash only when the password changed, so repeated `stack up` leaves the file alone.
-        if existing is None or not brokerauth.verify_password(password, existing):
-            existing = brokerauth.hash_password(password)
-        return [brokerauth.BrokerAccount(mqtt.service_user, existing)]
+        return [
+            brokerauth.service_account(
+                self.passwd_file, mqtt.service_user, mqtt.service_password.get_secret_value()
+            )
+        ]
 
     def configure(self) -> None:
         mqtt = self.settings.mqtt
@@ -233,14 +232,6 @@ protocol mqtt
         import signal
 
         return proc.send_signal(self.pid_file, signal.SIGHUP)
-
-
-def _read_passwd(path: Path) -> dict[str, str]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
 def load_gateway_accounts(settings: Settings) -> list[brokerauth.GatewayAccount]:
