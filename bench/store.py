@@ -11,7 +11,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import psycopg
 from psycopg import sql
@@ -79,23 +78,9 @@ async def _run(
                         "FROM STDIN (FORMAT BINARY)"
                     ).format(sql.Identifier(peer_table))
                     async with cur.copy(copy_sql) as copy:
-                        copy.set_types(
-                            ["text", "text", "text", "timestamptz", "float8", "text", "timestamptz"]
-                        )
-                        for dev in batch:
-                            received = datetime.fromtimestamp(dev.received_ms / 1000, UTC)
-                            for r in dev.readings:
-                                await copy.write_row(
-                                    (
-                                        dev.tenant,
-                                        dev.device,
-                                        r.metric,
-                                        datetime.fromtimestamp(r.ts_ms / 1000, UTC),
-                                        r.value,
-                                        dev.gateway,
-                                        received,
-                                    )
-                                )
+                        copy.set_types(list(store.COPY_TYPES))
+                        for row in store.copy_rows(batch):
+                            await copy.write_row(row)
             peer_s = time.perf_counter() - started
 
             tick("processor write path (stage, de-duplicate, offsets) of the same readings")

@@ -68,7 +68,6 @@ class Collector:
         self._queue: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
         self._pending: deque[_Pending] = deque()
         self._stop = asyncio.Event()
-        self._connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: AIOKafkaProducer | None = None
         self._client: mqtt.Client | None = None
@@ -124,8 +123,6 @@ class Collector:
             return
         # Tests and operators wait for this line: from here on the broker queues messages for us.
         log.info("subscriptions acknowledged; collecting")
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._connected.set)
 
     def _on_disconnect(self, *_args: object) -> None:
         log.warning("MQTT disconnected; paho reconnects with backoff")
@@ -286,10 +283,9 @@ class Collector:
 
     async def _shutdown(self) -> None:
         log.info("stopping: draining %d in-flight messages", len(self._pending))
-        deadline = time.monotonic() + 30
-        while self._pending and time.monotonic() < deadline and any(p.done is False for p in self._pending):
-            await asyncio.sleep(0.05)
-            self._ack_ready()
+        if self._completions:
+            await asyncio.wait(self._completions, timeout=30)
+        self._ack_ready()
         if self._client is not None:
             # Give paho a moment to flush the last PUBACKs before the DISCONNECT.
             await asyncio.sleep(0.2)
@@ -302,6 +298,3 @@ class Collector:
 
     def stop(self) -> None:
         self._stop.set()
-
-    async def wait_connected(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout_s)

@@ -20,7 +20,6 @@ class _Group(BaseModel):
 class MqttSettings(_Group):
     host: str = "127.0.0.1"
     port: int = 18830
-    tls_port: int = 18883
     # The collector's own broker account; gateways get theirs from the API.
     service_user: str = "meterflow-collector"
     service_password: SecretStr = SecretStr("meterflow-collector-dev")

@@ -27,7 +27,7 @@ _COPY = (
     "COPY readings_stage (tenant_id, device_id, metric, ts, value, gateway_id, received_at) "
     "FROM STDIN (FORMAT BINARY)"
 )
-_COPY_TYPES = ("text", "text", "text", "timestamptz", "float8", "text", "timestamptz")
+COPY_TYPES = ("text", "text", "text", "timestamptz", "float8", "text", "timestamptz")
 
 # Within one batch the same reading may arrive twice (an MQTT redelivery); DISTINCT ON keeps one.
 _MERGE = sql.SQL("""
@@ -60,7 +60,7 @@ def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def _rows(batch: Iterable[DeviceReadings]) -> Iterable[tuple[object, ...]]:
+def copy_rows(batch: Iterable[DeviceReadings]) -> Iterable[tuple[object, ...]]:
     for dev in batch:
         received = _utc(dev.received_ms)
         for r in dev.readings:
@@ -85,8 +85,8 @@ async def write_batch(
     async with conn.transaction(), conn.cursor() as cur:
         staged = 0
         async with cur.copy(_COPY) as copy:
-            copy.set_types(list(_COPY_TYPES))
-            for row in _rows(batch):
+            copy.set_types(list(COPY_TYPES))
+            for row in copy_rows(batch):
                 await copy.write_row(row)
                 staged += 1
         await cur.execute(_MERGE.format(sql.Identifier(table)))

@@ -67,7 +67,7 @@ def _scope(who: PrincipalDep, tenant: str | None) -> str | None:
     """Tenant filter for list routes: enterprise keys see only their own tenant."""
     if who.role == "admin":
         return tenant
-    if tenant is not None and tenant != who.tenant:
+    if tenant is not None:
         require_tenant(who, tenant)
     return who.tenant
 

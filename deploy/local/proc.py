@@ -112,11 +112,3 @@ def chown_tree(path: Path, user: str) -> None:
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in (*dirs, *files):
             os.chown(Path(root) / name, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
-
-
-def send_signal(pid_file: Path, sig: signal.Signals) -> bool:
-    pid = running_pid(pid_file)
-    if pid is None:
-        return False
-    os.kill(pid, sig)
-    return True

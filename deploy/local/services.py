@@ -228,11 +228,6 @@ protocol mqtt
             client.loop_stop()
         return "MQTT CONNACK ok"
 
-    def reload(self) -> bool:
-        import signal
-
-        return proc.send_signal(self.pid_file, signal.SIGHUP)
-
 
 def load_gateway_accounts(settings: Settings) -> list[brokerauth.GatewayAccount]:
     """Gateway credentials from the registry, when the database is up and migrated."""
