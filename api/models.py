@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,9 @@ class EnterpriseIn(_In):
     role: Literal["enterprise", "operator"] = "enterprise"
     industry_code: str | None = None
     timezone: str = "Asia/Shanghai"
+    annual_output_value_cny: (
+        Annotated[float, Field(gt=0, description="for carbon intensity per output")] | None
+    ) = None
 
 
 class Enterprise(EnterpriseIn):
@@ -37,6 +40,9 @@ class SiteIn(_In):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     floor_area_m2: Annotated[float, Field(gt=0)] | None = None
     timezone: str | None = None
+    province: str | None = Field(default=None, description="pinyin id, selects the grid emission factor")
+    latitude: Annotated[float, Field(ge=-90, le=90)] | None = None
+    longitude: Annotated[float, Field(ge=-180, le=180)] | None = None
 
 
 class Site(SiteIn):
@@ -68,14 +74,37 @@ class DeviceIn(_In):
     device: ObjectId
     site: ObjectId | None = None
     gateway: ObjectId | None = None
-    device_type: str = "meter"
-    carrier: str = "electricity"
+    device_type: Literal["meter", "battery", "pv", "ev_charger", "base_station"] = "meter"
+    carrier: Literal["electricity", "natural_gas", "heat", "diesel"] = "electricity"
+    role: Literal["grid", "submeter", "resource"] = Field(
+        default="grid", description="grid: boundary meter counted in carbon and site load"
+    )
     rated_power_kw: Annotated[float, Field(gt=0)] | None = None
     register_max: Annotated[float, Field(gt=0)] | None = None
+    register_resolution: Annotated[float, Field(gt=0)] = 0.01
     telemetry_interval_s: Annotated[int, Field(gt=0)] = 60
+    energy_capacity_kwh: Annotated[float, Field(gt=0)] | None = None
+    soc_min_pct: Annotated[float, Field(ge=0, le=100)] = 10.0
+    soc_max_pct: Annotated[float, Field(ge=0, le=100)] = 95.0
+    vpp: Annotated[str, Field(pattern=DEVICE_PATTERN)] | None = None
+    topology_node: str | None = None
 
 
 class Device(DeviceIn):
+    created_at: datetime
+
+
+class GreenCertificateIn(_In):
+    """A block of green electricity certificates (GEC, 1 certificate = 1,000 kWh) retired for a period."""
+
+    tenant: TenantId
+    certificate: ObjectId
+    period_start: date
+    period_end: date
+    certificates: Annotated[int, Field(gt=0)]
+
+
+class GreenCertificate(GreenCertificateIn):
     created_at: datetime
 
 

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import httpx
@@ -22,6 +23,9 @@ from meterflow.settings import Settings
 
 if TYPE_CHECKING:
     from deploy.local.services import ServiceStatus
+    from simulators.publisher import MqttOutcome
+    from simulators.runner import RunResult
+    from simulators.spec import FleetSpec
 
 app = typer.Typer(help="meterflow: energy metering and VPP telemetry ingestion.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack: Mosquitto, Kafka (KRaft), PostgreSQL + TimescaleDB.")
@@ -164,38 +168,162 @@ def api(
     )
 
 
+fleet_app = typer.Typer(help="Simulated fleet descriptions.")
+app.add_typer(fleet_app, name="fleet")
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _duration_s(text: str) -> float:
+    """`90s`, `15m`, `6h`, `30d`."""
+    unit = _DURATION_UNITS.get(text[-1:])
+    try:
+        return float(text[:-1]) * unit if unit else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"expected a duration like 90s, 15m, 6h or 30d, got {text!r}") from None
+
+
+def _generated_fleet(**params: object) -> FleetSpec:
+    from simulators.spec import generate_fleet
+
+    return generate_fleet(**params)  # type: ignore[arg-type]
+
+
+@fleet_app.command("generate")
+def fleet_generate(
+    out: Annotated[Path, typer.Option(help="YAML file to write")] = Path("fleet.yaml"),
+    enterprises: int = 3,
+    sites_per_enterprise: int = 1,
+    meters_per_site: int = 5,
+    vpp_resources: int = 0,
+    seed: int = 42,
+    interval_s: int = 60,
+    payload_format: Annotated[
+        str, typer.Option("--format", help="json-batch, json-single or sparkplug")
+    ] = "json-batch",
+) -> None:
+    """Write a fleet description generated from a few numbers (edit it, then `simulate --fleet`)."""
+    spec = _generated_fleet(
+        enterprises=enterprises, sites_per_enterprise=sites_per_enterprise, meters_per_site=meters_per_site,
+        vpp_resources=vpp_resources, seed=seed, interval_s=interval_s, payload_format=payload_format,
+    )  # fmt: skip
+    spec.dump(out)
+    gateways = sum(1 for _ in spec.gateways())
+    console.print(
+        f"wrote {out}: {len(spec.enterprises)} enterprises, {gateways} gateways, {spec.device_count} devices"
+    )
+
+
 @app.command()
 def simulate(
+    fleet: Annotated[
+        Path | None, typer.Option(help="fleet description (YAML); else one is generated")
+    ] = None,
+    enterprises: int = 3,
+    sites_per_enterprise: int = 1,
+    meters_per_site: int = 5,
+    vpp_resources: int = 0,
+    seed: int = 42,
+    interval_s: int = 60,
+    payload_format: Annotated[
+        str, typer.Option("--format", help="json-batch, json-single or sparkplug")
+    ] = "json-batch",
+    mode: Annotated[str, typer.Option(help="realtime, accelerated or backfill")] = "realtime",
+    start: Annotated[
+        datetime | None, typer.Option(help="simulated start (UTC); default: now, or duration ago")
+    ] = None,
+    duration: Annotated[str | None, typer.Option(help="e.g. 90s, 15m, 6h, 30d; realtime: forever")] = None,
+    speed: Annotated[float, typer.Option(help="accelerated: simulated seconds per second")] = 1440.0,
+    rate: Annotated[float | None, typer.Option(help="cap on readings per second")] = None,
+    qos: Annotated[int, typer.Option(min=0, max=1)] = 1,
+    faults: Annotated[str, typer.Option(help="e.g. duplicate=0.01,offline=0.2 (see docs/simulator.md)")] = "",
+    all_faults: Annotated[
+        float | None, typer.Option(help="every fault at this multiple of a rough day")
+    ] = None,
+    truth: Annotated[Path | None, typer.Option(help="directory for the ground truth")] = None,
     api_url: Annotated[str | None, typer.Option(help="API to register the fleet with")] = None,
     admin_key: Annotated[str | None, typer.Option(envvar="METERFLOW_BOOTSTRAP_ADMIN_KEY")] = None,
-    tenant: str = "demo",
-    gateway: str = "demo-gw-1",
-    site: str = "demo-site",
-    devices: int = 10,
-    steps: Annotated[int | None, typer.Option(help="batches to publish; forever when omitted")] = None,
-    step_s: Annotated[float, typer.Option(help="simulated seconds between readings")] = 60.0,
-    speed: Annotated[float, typer.Option(help="x real time; 0 = as fast as possible")] = 1.0,
-    seed: int = 42,
-    backfill: Annotated[bool, typer.Option(help="start `steps` intervals in the past, not now")] = False,
+    progress: Annotated[bool | None, typer.Option(help="progress bar (default: when on a terminal)")] = None,
 ) -> None:
-    """Register a simulated fleet through the API and publish its readings over MQTT."""
-    from meterflow.contract import now_ms
-    from simulators.fleet import Fleet
-    from simulators.publisher import Publisher, register_fleet, run_fleet
+    """Register a simulated fleet through the API and publish its readings over MQTT as its gateways."""
+    import signal
+    import threading
+
+    from simulators.faults import FaultConfig, arm_rollovers
+    from simulators.publisher import register_fleet, simulate_over_mqtt
+    from simulators.runner import RunOptions
+    from simulators.spec import FleetSpec
 
     settings = _settings()
-    key = admin_key or _admin_key(settings)
+    spec = (
+        FleetSpec.load(fleet)
+        if fleet
+        else _generated_fleet(
+            enterprises=enterprises, sites_per_enterprise=sites_per_enterprise, meters_per_site=meters_per_site,
+            vpp_resources=vpp_resources, seed=seed, interval_s=interval_s, payload_format=payload_format,
+        )
+    )  # fmt: skip
+    fault_config = FaultConfig.all(all_faults) if all_faults is not None else FaultConfig()
+    if faults:
+        fault_config = fault_config.model_copy(
+            update=FaultConfig.parse(faults).model_dump(exclude_defaults=True)
+        )
+    spec, armed = arm_rollovers(spec, fault_config.rollover, spec.seed)
+    if mode not in ("realtime", "accelerated", "backfill"):
+        raise typer.BadParameter("mode must be realtime, accelerated or backfill")
+    options = RunOptions(
+        mode=mode,  # type: ignore[arg-type]
+        start_ms=int(start.replace(tzinfo=start.tzinfo or UTC).timestamp() * 1000) if start else None,
+        duration_s=_duration_s(duration) if duration else (None if mode == "realtime" else 86_400.0),
+        speed=speed,
+        max_readings_per_s=rate,
+        faults=fault_config,
+        truth_dir=truth,
+        max_payload_bytes=settings.ingest.max_payload_bytes,
+        progress=progress if progress is not None else console.is_terminal,
+    )
+    gateways = sum(1 for _ in spec.gateways())
+    console.print(
+        f"fleet: {len(spec.enterprises)} enterprises, {gateways} gateways, {spec.device_count} devices"
+    )
     url = api_url or f"http://{settings.api.host}:{settings.api.port}"
-    fleet = Fleet.create(tenant=tenant, gateway=gateway, site=site, n_devices=devices, seed=seed)
-    creds = register_fleet(url, key, fleet)
-    publisher = Publisher(settings.mqtt.host, settings.mqtt.port, creds, qos=settings.mqtt.qos)
-    start = now_ms() - int((steps or 0) * step_s * 1000) if backfill else None
-    started = time.monotonic()
-    try:
-        n = run_fleet(fleet, publisher, steps=steps, step_s=step_s, speed=speed, start_ms=start)
-    finally:
-        publisher.close()
-    console.print(f"published {n} readings from {devices} devices in {time.monotonic() - started:.1f} s")
+    creds = register_fleet(url, admin_key or _admin_key(settings), spec)
+    console.print(f"registered through {url}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    result, outcome = simulate_over_mqtt(
+        spec, options, host=settings.mqtt.host, port=settings.mqtt.port, creds=creds, qos=qos, stop=stop,
+        armed_rollovers=armed,
+    )  # fmt: skip
+    _print_simulation_summary(result, outcome)
+    if outcome.unanswered:
+        raise typer.Exit(1)
+
+
+def _print_simulation_summary(result: RunResult, outcome: MqttOutcome) -> None:
+    table = Table(title="simulation", show_header=False)
+    window = result.window
+    end = "open" if window.end_ms is None else _iso_ms(window.end_ms)
+    table.add_row("simulated", f"{_iso_ms(window.start_ms)} .. {end}")
+    table.add_row("messages", f"{result.messages:,}")
+    table.add_row("readings", f"{result.readings:,} ({result.true_readings:,} distinct)")
+    table.add_row("wall time", f"{result.wall_s:.1f} s ({result.readings_per_s:,.0f} readings/s)")
+    table.add_row(
+        "broker", f"{outcome.acked:,} acked, {outcome.refused:,} refused, {outcome.unanswered:,} unanswered"
+    )
+    if result.manifest is not None:
+        expected = result.manifest["expected"]
+        table.add_row(
+            "expected dead letters",
+            ", ".join(f"{k}={v}" for k, v in expected["dead_letters"].items()) or "none",
+        )
+        table.add_row("expected refusals", str(expected["broker_refused"]))
+    console.print(table)
+
+
+def _iso_ms(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _admin_key(settings: Settings) -> str:
@@ -215,8 +343,9 @@ def _admin_key(settings: Settings) -> str:
 
 @app.command()
 def run(
-    devices: Annotated[int, typer.Option(help="simulated meters")] = 20,
-    step_s: Annotated[float, typer.Option(help="seconds between readings of each meter")] = 5.0,
+    enterprises: Annotated[int, typer.Option(help="simulated enterprises")] = 3,
+    vpp_resources: Annotated[int, typer.Option(help="simulated VPP resources")] = 40,
+    interval_s: Annotated[int, typer.Option(help="seconds between readings of each device")] = 15,
 ) -> None:
     """Start everything: services, schema, API, collector, processor and a live simulated fleet."""
     from deploy.local import stack
@@ -238,7 +367,8 @@ def run(
         pid, log_file = stack.start_app(settings, stack.AppProcess(name, argv))
         _step(f"{name} running (pid {pid}), log {log_file}")
     _wait_ready(base)
-    sim = ["simulate", "--devices", str(devices), "--step-s", str(step_s), "--speed", "1"]
+    sim = ["simulate", "--enterprises", str(enterprises), "--vpp-resources", str(vpp_resources)]
+    sim += ["--interval-s", str(interval_s), "--mode", "realtime", "--no-progress"]
     pid, log_file = stack.start_app(settings, stack.AppProcess("simulator", sim))
     _step(f"simulated fleet publishing (pid {pid}), log {log_file}")
     now = datetime.now(UTC)
@@ -248,7 +378,7 @@ def run(
         f"\n[bold green]meterflow is running.[/]\n"
         f"  API        {base}/docs  (admin key: {key_source})\n"
         f'  readings   curl -H "Authorization: Bearer $(cat .stack/app/admin-key)" '
-        f"'{base}/v1/devices/m-0000/readings?tenant=demo&{window}'\n"
+        f"'{base}/v1/devices/s00-main/readings?tenant=factory-000&{window}'\n"
         f"  status     meterflow stack status\n"
         f"  stop       make down   (or: meterflow stack down)\n",
         soft_wrap=True,

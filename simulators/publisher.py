@@ -1,19 +1,22 @@
-"""Publish a fleet's readings over MQTT as gateway batches, and register the fleet through the API."""
+"""Register a fleet through the API, and publish as its gateways over MQTT (paho, one client each)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from meterflow.contract import gateway_telemetry_topic, now_ms
-from simulators.fleet import Fleet, gateway_batch
+from simulators.encoding import GatewayEncoder
+from simulators.runner import RunOptions, RunResult, run
+from simulators.spec import FleetSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,70 +27,169 @@ class GatewayCredentials:
     password: str
 
 
-def register_fleet(api_url: str, admin_key: str, fleet: Fleet) -> GatewayCredentials:
-    """Register tenant, site, gateway and devices (existing ones are kept); rotate the gateway password."""
+class RegistrationError(RuntimeError):
+    pass
+
+
+def register_fleet(
+    api_url: str, admin_key: str, spec: FleetSpec, *, progress: Callable[[int], None] | None = None
+) -> dict[str, GatewayCredentials]:
+    """Create every enterprise, site, gateway, device and green-certificate block the description holds
+    (existing ones are kept, so this is safe to repeat) and return fresh MQTT credentials per gateway."""
     headers = {"Authorization": f"Bearer {admin_key}"}
-    with httpx.Client(base_url=api_url, headers=headers, timeout=30) as http:
+    creds: dict[str, GatewayCredentials] = {}
+    with httpx.Client(base_url=api_url, headers=headers, timeout=60) as http:
 
         def post(path: str, body: dict[str, object]) -> httpx.Response:
             resp = http.post(path, json=body)
             if resp.status_code not in (201, 409):
-                raise RuntimeError(f"POST {path} failed: {resp.status_code} {resp.text}")
+                raise RegistrationError(f"POST {path} failed: {resp.status_code} {resp.text}")
+            if progress:
+                progress(1)
             return resp
 
-        post("/v1/enterprises", {"tenant": fleet.tenant, "name": f"{fleet.tenant} (simulated)"})
-        post("/v1/sites", {"tenant": fleet.tenant, "site": fleet.site, "name": "simulated site"})
-        post("/v1/gateways", {"tenant": fleet.tenant, "gateway": fleet.gateway})
-        for meter in fleet.meters:
+        for e in spec.enterprises:
             post(
-                "/v1/devices",
+                "/v1/enterprises",
                 {
-                    "tenant": fleet.tenant,
-                    "device": meter.device,
-                    "site": fleet.site,
-                    "gateway": fleet.gateway,
-                    "rated_power_kw": round(meter.base_kw * 2, 1),
+                    "tenant": e.tenant,
+                    "name": e.name,
+                    "industry_code": e.industry_code,
+                    "timezone": e.timezone,
+                    "annual_output_value_cny": e.annual_output_value_cny,
                 },
             )
-        resp = http.post(f"/v1/gateways/{fleet.gateway}/credentials")
-        if resp.status_code != 200:
-            raise RuntimeError(f"rotating gateway credentials failed: {resp.status_code} {resp.text}")
-        creds = resp.json()["mqtt"]
-    return GatewayCredentials(creds["username"], creds["password"])
+            for cert in e.green_certificates:
+                post("/v1/green-certificates", {"tenant": e.tenant, **cert.model_dump(mode="json")})
+            for s in e.sites:
+                post(
+                    "/v1/sites",
+                    {
+                        "tenant": e.tenant,
+                        "site": s.site,
+                        "name": s.name,
+                        "floor_area_m2": s.floor_area_m2,
+                        "province": s.province,
+                        "latitude": s.latitude,
+                        "longitude": s.longitude,
+                    },
+                )
+                for g in s.gateways:
+                    created = post("/v1/gateways", {"tenant": e.tenant, "gateway": g.gateway})
+                    if created.status_code == 201:
+                        mqtt_creds = created.json()["mqtt"]
+                    else:
+                        rotated = http.post(f"/v1/gateways/{g.gateway}/credentials")
+                        if rotated.status_code != 200:
+                            raise RegistrationError(
+                                f"rotating {g.gateway} failed: {rotated.status_code} {rotated.text}"
+                            )
+                        mqtt_creds = rotated.json()["mqtt"]
+                    creds[g.gateway] = GatewayCredentials(mqtt_creds["username"], mqtt_creds["password"])
+                    for d in g.devices:
+                        post(
+                            "/v1/devices",
+                            {
+                                "tenant": e.tenant,
+                                "device": d.device,
+                                "site": s.site,
+                                "gateway": g.gateway,
+                                "device_type": d.type,
+                                "carrier": d.carrier,
+                                "role": d.role,
+                                "rated_power_kw": d.rated_power_kw,
+                                "register_max": d.register_max,
+                                "register_resolution": d.register_resolution,
+                                "telemetry_interval_s": d.interval_s,
+                                "energy_capacity_kwh": d.energy_capacity_kwh,
+                                "soc_min_pct": d.soc_min_pct,
+                                "soc_max_pct": d.soc_max_pct,
+                                "vpp": d.vpp,
+                                "topology_node": d.topology_node,
+                            },
+                        )
+    return creds
 
 
-class Publisher:
-    """One gateway's MQTT connection; QoS 1 publishes are counted until the broker acknowledges them."""
+class GatewayClient:
+    """One gateway's MQTT v5 connection. Counts publishes until the broker has answered each one;
+    a refusal (PUBACK reason >= 0x80, e.g. 135 not authorised) is counted apart from an ack."""
 
-    def __init__(self, host: str, port: int, creds: GatewayCredentials, *, qos: int = 1) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        creds: GatewayCredentials,
+        *,
+        qos: int,
+        will: tuple[str, bytes] | None = None,
+        max_inflight: int = 1000,
+    ) -> None:
+        self.name = creds.username
         self.qos = qos
-        self._acked = 0
-        self._lock = threading.Condition()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{creds.username}")
+        self.published = 0
+        self.acked = 0
+        self.refused = 0
+        self._answered = threading.Condition()
+        self._connected = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"sim-{creds.username}", protocol=mqtt.MQTTv5
+        )
         self._client.username_pw_set(creds.username, creds.password)
         self._client.on_publish = self._on_publish
-        self._client.max_inflight_messages_set(1000)
-        self._client.connect(host, port, keepalive=30)
+        self._client.on_connect = self._on_connect
+        self._client.max_inflight_messages_set(max_inflight)
+        self._client.max_queued_messages_set(max_inflight * 10)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1)
+        self._client.connect_async(host, port, keepalive=30)
         self._client.loop_start()
 
-    def _on_publish(self, *_args: object) -> None:
-        with self._lock:
-            self._acked += 1
-            self._lock.notify_all()
+    def _on_connect(
+        self, _c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: Properties | None
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused connection of gateway %s: %s", self.name, reason)
+            return
+        self._connected.set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def _on_publish(
+        self, _c: mqtt.Client, _u: object, _mid: int, reason: ReasonCode, _p: Properties | None
+    ) -> None:
+        with self._answered:
+            if reason.is_failure:
+                self.refused += 1
+            else:
+                self.acked += 1
+            self._answered.notify_all()
 
     def publish(self, topic: str, payload: bytes) -> None:
-        info = self._client.publish(topic, payload, qos=self.qos)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
+        """Queue a publish; blocks (briefly, repeatedly) while paho's outgoing queue is full."""
+        while True:
+            info = self._client.publish(topic, payload, qos=self.qos)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.published += 1
+                return
+            if info.rc not in (mqtt.MQTT_ERR_QUEUE_SIZE, mqtt.MQTT_ERR_NO_CONN):
+                raise RuntimeError(f"publish failed: {mqtt.error_string(info.rc)}")
+            time.sleep(0.002)
 
-    def wait_acked(self, count: int, timeout_s: float) -> bool:
+    @property
+    def outstanding(self) -> int:
+        return self.published - self.acked - self.refused
+
+    def wait_answered(self, timeout_s: float) -> bool:
+        """Wait until the broker answered every QoS 1 publish (QoS 0 is done once written)."""
         deadline = time.monotonic() + timeout_s
-        with self._lock:
-            while self._acked < count:
+        with self._answered:
+            while self.outstanding > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._lock.wait(remaining)
+                self._answered.wait(remaining)
         return True
 
     def close(self) -> None:
@@ -95,35 +197,55 @@ class Publisher:
         self._client.loop_stop()
 
 
-def run_fleet(
-    fleet: Fleet,
-    publisher: Publisher,
-    *,
-    steps: int | None,
-    step_s: float,
-    speed: float,
-    start_ms: int | None = None,
-) -> int:
-    """Publish `steps` batches (forever when None), `step_s` simulated seconds apart, `speed` x real time.
+@dataclass(slots=True)
+class MqttOutcome:
+    acked: int
+    refused: int
+    unanswered: int
 
-    Returns the number of readings published and acknowledged by the broker.
-    """
-    topic = gateway_telemetry_topic(fleet.tenant, fleet.gateway)
-    ts = start_ms if start_ms is not None else now_ms()
-    published = readings = 0
-    started = time.monotonic()
-    while steps is None or published < steps:
-        batch = fleet.step(ts, step_s)
-        publisher.publish(topic, orjson.dumps(gateway_batch(batch)))
-        published += 1
-        readings += sum(len(v) for v in batch.values())
-        ts += int(step_s * 1000)
-        if speed > 0:
-            sleep = started + published * step_s / speed - time.monotonic()
-            if sleep > 0:
-                time.sleep(sleep)
-        if published % 100 == 0:
-            log.info("published %d batches, %d readings", published, readings)
-    if not publisher.wait_acked(published, timeout_s=60):
-        raise RuntimeError("the broker did not acknowledge every publish within 60 s")
-    return readings
+
+def simulate_over_mqtt(
+    spec: FleetSpec,
+    options: RunOptions,
+    *,
+    host: str,
+    port: int,
+    creds: dict[str, GatewayCredentials],
+    qos: int,
+    stop: threading.Event | None = None,
+    armed_rollovers: list[tuple[str, str]] | None = None,
+) -> tuple[RunResult, MqttOutcome]:
+    """Run the simulation with one paho client per gateway, then wait for the broker's answers."""
+    gateways = [g for _, _, g in spec.gateways()]
+    missing = [g.gateway for g in gateways if g.gateway not in creds]
+    if missing:
+        raise RegistrationError(f"no MQTT credentials for gateways {missing[:5]}")
+    clients: list[GatewayClient] = []
+
+    def connect(encoders: list[GatewayEncoder], start_ms: int) -> None:
+        for gateway, encoder in zip(gateways, encoders, strict=True):
+            will = encoder.will(start_ms) if gateway.format == "sparkplug" else None
+            clients.append(GatewayClient(host, port, creds[gateway.gateway], qos=qos, will=will))
+        for client, gateway, encoder in zip(clients, gateways, encoders, strict=True):
+            if not client.wait_connected(30):
+                raise RuntimeError(f"gateway {gateway.gateway} could not connect to mqtt://{host}:{port}")
+            if gateway.format == "sparkplug":
+                client.publish(*encoder.birth(start_ms))
+
+    def sink(gateway: int, topic: str, payload: bytes) -> None:
+        clients[gateway].publish(topic, payload)
+
+    try:
+        result = run(spec, options, sink, stop=stop, on_start=connect, armed_rollovers=armed_rollovers)
+        unanswered = 0
+        for client in clients:
+            if not client.wait_answered(60):
+                unanswered += client.outstanding
+        return result, MqttOutcome(
+            acked=sum(c.acked for c in clients),
+            refused=sum(c.refused for c in clients),
+            unanswered=unanswered,
+        )
+    finally:
+        for client in clients:
+            client.close()

@@ -22,6 +22,8 @@ from api.models import (
     Gateway,
     GatewayCreated,
     GatewayIn,
+    GreenCertificate,
+    GreenCertificateIn,
     MqttCredentials,
     Page,
     Site,
@@ -75,15 +77,18 @@ def _scope(who: PrincipalDep, tenant: str | None) -> str | None:
 # --- enterprises ---------------------------------------------------------------------------------
 
 
+_TENANT_COLS = "tenant_id AS tenant, name, role, industry_code, timezone, annual_output_value_cny, created_at"
+
+
 @router.post("/enterprises", status_code=201)
 async def create_enterprise(body: EnterpriseIn, who: PrincipalDep, request: Request) -> Enterprise:
     """Register an enterprise (tenant). Admin only."""
     require_admin(who)
     row = await _insert(
         request,
-        "INSERT INTO tenants (tenant_id, name, role, industry_code, timezone) "
-        "VALUES (%(tenant)s, %(name)s, %(role)s, %(industry_code)s, %(timezone)s) "
-        "RETURNING tenant_id AS tenant, name, role, industry_code, timezone, created_at",
+        "INSERT INTO tenants (tenant_id, name, role, industry_code, timezone, annual_output_value_cny) "
+        "VALUES (%(tenant)s, %(name)s, %(role)s, %(industry_code)s, %(timezone)s, %(annual_output_value_cny)s) "
+        f"RETURNING {_TENANT_COLS}",
         body.model_dump(),
     )
     return Enterprise.model_validate(row)
@@ -94,7 +99,7 @@ async def list_enterprises(who: PrincipalDep, request: Request) -> Page[Enterpri
     """Enterprises visible to this key."""
     rows = await _select(
         request,
-        "SELECT tenant_id AS tenant, name, role, industry_code, timezone, created_at FROM tenants "
+        f"SELECT {_TENANT_COLS} FROM tenants "
         "WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY tenant_id",
         {"tenant": _scope(who, None)},
     )
@@ -106,8 +111,7 @@ async def get_enterprise(tenant: str, who: PrincipalDep, request: Request) -> En
     require_tenant(who, tenant)
     rows = await _select(
         request,
-        "SELECT tenant_id AS tenant, name, role, industry_code, timezone, created_at FROM tenants "
-        "WHERE tenant_id = %(tenant)s",
+        f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id = %(tenant)s",
         {"tenant": tenant},
     )
     if not rows:
@@ -117,7 +121,7 @@ async def get_enterprise(tenant: str, who: PrincipalDep, request: Request) -> En
 
 # --- sites -----------------------------------------------------------------------------------------
 
-_SITE_COLS = "tenant_id AS tenant, site_id AS site, name, floor_area_m2, timezone, created_at"
+_SITE_COLS = "tenant_id AS tenant, site_id AS site, name, floor_area_m2, timezone, province, latitude, longitude, created_at"
 
 
 @router.post("/sites", status_code=201)
@@ -126,8 +130,9 @@ async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site
     require_admin(who)
     row = await _insert(
         request,
-        "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone) "
-        f"VALUES (%(tenant)s, %(site)s, %(name)s, %(floor_area_m2)s, %(timezone)s) RETURNING {_SITE_COLS}",
+        "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone, province, latitude, longitude) "
+        "VALUES (%(tenant)s, %(site)s, %(name)s, %(floor_area_m2)s, %(timezone)s, %(province)s, %(latitude)s, "
+        f"%(longitude)s) RETURNING {_SITE_COLS}",
         body.model_dump(),
     )
     return Site.model_validate(row)
@@ -239,10 +244,15 @@ def _write_broker_auth(settings: Settings, rows: list[dict[str, Any]]) -> None:
 
 # --- devices ---------------------------------------------------------------------------------------
 
-_DEVICE_COLS = (
-    "tenant_id AS tenant, device_id AS device, site_id AS site, gateway_id AS gateway, device_type, carrier, "
-    "rated_power_kw, register_max, telemetry_interval_s, created_at"
-)
+# Request field -> column, for the columns a device is registered with.
+_DEVICE_FIELDS = {
+    "tenant": "tenant_id", "device": "device_id", "site": "site_id", "gateway": "gateway_id",
+    "device_type": "device_type", "carrier": "carrier", "role": "role", "rated_power_kw": "rated_power_kw",
+    "register_max": "register_max", "register_resolution": "register_resolution",
+    "telemetry_interval_s": "telemetry_interval_s", "energy_capacity_kwh": "energy_capacity_kwh",
+    "soc_min_pct": "soc_min_pct", "soc_max_pct": "soc_max_pct", "vpp": "vpp", "topology_node": "topology_node",
+}  # fmt: skip
+_DEVICE_COLS = ", ".join([*(f"{col} AS {name}" for name, col in _DEVICE_FIELDS.items()), "created_at"])
 
 
 @router.post("/devices", status_code=201)
@@ -251,10 +261,8 @@ async def create_device(body: DeviceIn, who: PrincipalDep, request: Request) -> 
     require_admin(who)
     row = await _insert(
         request,
-        "INSERT INTO devices (tenant_id, device_id, site_id, gateway_id, device_type, carrier, rated_power_kw, "
-        "register_max, telemetry_interval_s) VALUES (%(tenant)s, %(device)s, %(site)s, %(gateway)s, "
-        "%(device_type)s, %(carrier)s, %(rated_power_kw)s, %(register_max)s, %(telemetry_interval_s)s) "
-        f"RETURNING {_DEVICE_COLS}",
+        f"INSERT INTO devices ({', '.join(_DEVICE_FIELDS.values())}) "
+        f"VALUES ({', '.join(f'%({name})s' for name in _DEVICE_FIELDS)}) RETURNING {_DEVICE_COLS}",
         body.model_dump(),
     )
     return Device.model_validate(row)
@@ -275,3 +283,41 @@ async def list_devices(
         {"tenant": _scope(who, tenant), "site": site, "limit": limit},
     )
     return Page[Device](data=[Device.model_validate(r) for r in rows])
+
+
+# --- green certificates ----------------------------------------------------------------------------
+
+_CERTIFICATE_COLS = (
+    "tenant_id AS tenant, certificate_id AS certificate, period_start, period_end, certificates, created_at"
+)
+
+
+@router.post("/green-certificates", status_code=201)
+async def create_green_certificates(
+    body: GreenCertificateIn, who: PrincipalDep, request: Request
+) -> GreenCertificate:
+    """Record a block of green electricity certificates retired for a period (market-based Scope 2). Admin only."""
+    require_admin(who)
+    if body.period_end <= body.period_start:
+        raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
+    row = await _insert(
+        request,
+        "INSERT INTO green_certificates (tenant_id, certificate_id, period_start, period_end, certificates) "
+        "VALUES (%(tenant)s, %(certificate)s, %(period_start)s, %(period_end)s, %(certificates)s) "
+        f"RETURNING {_CERTIFICATE_COLS}",
+        body.model_dump(),
+    )
+    return GreenCertificate.model_validate(row)
+
+
+@router.get("/green-certificates")
+async def list_green_certificates(
+    who: PrincipalDep, request: Request, tenant: str | None = None
+) -> Page[GreenCertificate]:
+    rows = await _select(
+        request,
+        f"SELECT {_CERTIFICATE_COLS} FROM green_certificates WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
+        "ORDER BY tenant_id, period_start, certificate_id",
+        {"tenant": _scope(who, tenant)},
+    )
+    return Page[GreenCertificate](data=[GreenCertificate.model_validate(r) for r in rows])
