@@ -421,6 +421,28 @@ def bench_store(
         typer.echo(orjson.dumps(result).decode())
 
 
+@bench_app.command("simulator")
+def bench_simulator(
+    gateways: Annotated[int, typer.Option(help="gateways, one paho client each")] = 8,
+    devices_per_gateway: int = 200,
+    minutes: Annotated[int, typer.Option(help="simulated minutes to publish")] = 60,
+    as_json: Annotated[bool, typer.Option("--json", help="last line is one JSON object")] = False,
+) -> None:
+    """One simulator process publishing gateway batches (QoS 1) beside bare paho (needs Mosquitto)."""
+    from bench.simulator import run_simulator_bench
+
+    settings = _settings()
+    result = run_simulator_bench(
+        settings, gateways=gateways, devices_per_gateway=devices_per_gateway, minutes=minutes, tick=_step
+    )
+    console.print(
+        f"simulator {result['value']:,} readings/s ({result['readings']:,} readings, {result['messages']:,} "
+        f"messages); bare paho {result['peer_value']:,} readings/s; ratio {result['ratio']}; target >= 50,000"
+    )
+    if as_json:
+        typer.echo(orjson.dumps(result).decode())
+
+
 def main() -> None:
     app()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from meterflow import sparkplug
-from meterflow.contract import gateway_telemetry_topic
+from meterflow.contract import TOPIC_ROOT
 from meterflow.sparkplug import MessageType
 from simulators.engine import Batch, DevicePoint
 from simulators.spec import PayloadFormat
@@ -37,13 +37,19 @@ class GatewayEncoder:
     """Encodes one gateway's batches in its payload format."""
 
     def __init__(
-        self, tenant: str, gateway: str, device_names: list[str], payload_format: PayloadFormat
+        self,
+        tenant: str,
+        gateway: str,
+        device_names: list[str],
+        payload_format: PayloadFormat,
+        topic_root: str = TOPIC_ROOT,
     ) -> None:
         self.tenant = tenant
         self.gateway = gateway
         self.format = payload_format
         self._names = device_names
-        self.batch_topic = gateway_telemetry_topic(tenant, gateway)
+        self._root = topic_root
+        self.batch_topic = f"{topic_root}/{tenant}/{gateway}/telemetry"
         self.session = SparkplugSession()
 
     def birth(self, ts_ms: int) -> Publish:
@@ -66,7 +72,7 @@ class GatewayEncoder:
         if self.format == "json-single":
             return [
                 (
-                    f"meterflow/v1/{self.tenant}/{self.gateway}/{self._names[d]}/telemetry",
+                    f"{self._root}/{self.tenant}/{self.gateway}/{self._names[d]}/telemetry",
                     orjson.dumps(_points_json(pts)),
                 )
                 for d, pts in batch.points.items()

@@ -121,20 +121,19 @@ class GatewayClient:
         port: int,
         creds: GatewayCredentials,
         *,
+        client_id: str,
         qos: int,
         will: tuple[str, bytes] | None = None,
         max_inflight: int = 1000,
     ) -> None:
-        self.name = creds.username
+        self.name = client_id
         self.qos = qos
         self.published = 0
         self.acked = 0
         self.refused = 0
         self._answered = threading.Condition()
         self._connected = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"sim-{creds.username}", protocol=mqtt.MQTTv5
-        )
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self._client.username_pw_set(creds.username, creds.password)
         self._client.on_publish = self._on_publish
         self._client.on_connect = self._on_connect
@@ -149,7 +148,7 @@ class GatewayClient:
         self, _c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: Properties | None
     ) -> None:
         if reason.is_failure:
-            log.warning("broker refused connection of gateway %s: %s", self.name, reason)
+            log.warning("broker refused connection of %s: %s", self.name, reason)
             return
         self._connected.set()
 
@@ -225,7 +224,11 @@ def simulate_over_mqtt(
     def connect(encoders: list[GatewayEncoder], start_ms: int) -> None:
         for gateway, encoder in zip(gateways, encoders, strict=True):
             will = encoder.will(start_ms) if gateway.format == "sparkplug" else None
-            clients.append(GatewayClient(host, port, creds[gateway.gateway], qos=qos, will=will))
+            clients.append(
+                GatewayClient(
+                    host, port, creds[gateway.gateway], client_id=f"sim-{gateway.gateway}", qos=qos, will=will
+                )
+            )
         for client, gateway, encoder in zip(clients, gateways, encoders, strict=True):
             if not client.wait_connected(30):
                 raise RuntimeError(f"gateway {gateway.gateway} could not connect to mqtt://{host}:{port}")

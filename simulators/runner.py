@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from meterflow.contract import now_ms
+from meterflow.contract import TOPIC_ROOT, now_ms
 from simulators.encoding import GatewayEncoder, Publish
 from simulators.engine import MINUTE_MS, ReadingFaults, Simulation
 from simulators.faults import FaultConfig, Outgoing, Scheduler
@@ -45,6 +45,8 @@ class RunOptions:
     truth_dir: Path | None = None
     max_payload_bytes: int = 256 * 1024
     progress: bool = False
+    # Benchmarks publish beside the contract's topics so that no collector ingests them.
+    topic_root: str = TOPIC_ROOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +136,10 @@ def run(
         ),
     )
     gateways = list(spec.gateways())
-    encoders = [GatewayEncoder(e.tenant, g.gateway, sim.device_names, g.format) for e, _, g in gateways]
+    encoders = [
+        GatewayEncoder(e.tenant, g.gateway, sim.device_names, g.format, options.topic_root)
+        for e, _, g in gateways
+    ]
     scheduler = Scheduler(
         f,
         seed=spec.seed,
