@@ -201,11 +201,13 @@ def fleet_generate(
     payload_format: Annotated[
         str, typer.Option("--format", help="json-batch, json-single or sparkplug")
     ] = "json-batch",
+    max_devices_per_gateway: int = 200,
 ) -> None:
     """Write a fleet description generated from a few numbers (edit it, then `simulate --fleet`)."""
     spec = _generated_fleet(
         enterprises=enterprises, sites_per_enterprise=sites_per_enterprise, meters_per_site=meters_per_site,
         vpp_resources=vpp_resources, seed=seed, interval_s=interval_s, payload_format=payload_format,
+        max_devices_per_gateway=max_devices_per_gateway,
     )  # fmt: skip
     spec.dump(out)
     gateways = sum(1 for _ in spec.gateways())
@@ -236,6 +238,7 @@ def simulate(
     speed: Annotated[float, typer.Option(help="accelerated: simulated seconds per second")] = 1440.0,
     rate: Annotated[float | None, typer.Option(help="cap on readings per second")] = None,
     qos: Annotated[int, typer.Option(min=0, max=1)] = 1,
+    batch_ticks: Annotated[int, typer.Option(min=1, help="reading instants per gateway message")] = 1,
     faults: Annotated[str, typer.Option(help="e.g. duplicate=0.01,offline=0.2 (see docs/simulator.md)")] = "",
     all_faults: Annotated[
         float | None, typer.Option(help="every fault at this multiple of a rough day")
@@ -277,6 +280,7 @@ def simulate(
         duration_s=_duration_s(duration) if duration else (None if mode == "realtime" else 86_400.0),
         speed=speed,
         max_readings_per_s=rate,
+        batch_ticks=batch_ticks,
         faults=fault_config,
         truth_dir=truth,
         max_payload_bytes=settings.ingest.max_payload_bytes,

@@ -33,3 +33,5 @@ def configure(level: str = "INFO", *, json: bool = False) -> None:
     # aiokafka logs every retry at ERROR; its own warnings are enough.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # One line per HTTP request drowns what matters when a simulator registers thousands of devices.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from meterflow.contract import TOPIC_ROOT, now_ms
 from simulators.encoding import GatewayEncoder, Publish
-from simulators.engine import MINUTE_MS, ReadingFaults, Simulation
+from simulators.engine import MINUTE_MS, Batch, ReadingFaults, Simulation
 from simulators.faults import FaultConfig, Outgoing, Scheduler
 from simulators.spec import FleetSpec
 from simulators.truth import TruthRecorder
@@ -31,6 +31,7 @@ from simulators.truth import TruthRecorder
 log = logging.getLogger(__name__)
 
 Mode = Literal["realtime", "accelerated", "backfill"]
+LOG_EVERY_S = 60.0  # without a progress bar, a progress line this often
 Sink = Callable[[int, str, bytes], None]
 
 
@@ -45,6 +46,9 @@ class RunOptions:
     truth_dir: Path | None = None
     max_payload_bytes: int = 256 * 1024
     progress: bool = False
+    # Readings a gateway collects before it uploads: 1 sends every reading instant on its own, 5 with
+    # 1-minute meters makes one message per device group every 5 minutes (several points per device).
+    batch_ticks: int = 1
     # Benchmarks publish beside the contract's topics so that no collector ingests them.
     topic_root: str = TOPIC_ROOT
 
@@ -88,6 +92,36 @@ class RunResult:
     @property
     def readings_per_s(self) -> float:
         return self.readings / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class _Uploads:
+    """Gateways that upload every `ticks` reading instants: their batches are merged until then."""
+
+    def __init__(self, ticks: int) -> None:
+        if ticks < 1:
+            raise ValueError("batch_ticks must be at least 1")
+        self._ticks = ticks
+        self._open: dict[int, tuple[Batch, int]] = {}
+
+    def add(self, batch: Batch) -> list[Batch]:
+        if self._ticks == 1:
+            return [batch]
+        held, count = self._open.get(batch.gateway, (None, 0))
+        if held is None:
+            held = Batch(batch.gateway, batch.ts_ms, {})
+        for device, points in batch.points.items():
+            held.points.setdefault(device, []).extend(points)
+        held.ts_ms = batch.ts_ms
+        if count + 1 < self._ticks:
+            self._open[batch.gateway] = (held, count + 1)
+            return []
+        self._open.pop(batch.gateway, None)
+        return [held]
+
+    def flush(self) -> list[Batch]:
+        ready = [held for held, _ in self._open.values()]
+        self._open.clear()
+        return ready
 
 
 class _Pacer:
@@ -169,6 +203,7 @@ def run(
         result.messages += len(publishes)
 
     pacer = _Pacer(window, options.max_readings_per_s, stop)
+    uploads = _Uploads(options.batch_ticks)
     started = time.monotonic()
     total_ticks = None if window.end_ms is None else (window.end_ms - window.start_ms) // sim.tick_ms + 1
     with _ProgressBar(options.progress, total_ticks) as (progress, task):
@@ -178,7 +213,8 @@ def run(
                 truth.snapshot(ts, snapshot)
             for batch in batches:
                 result.true_readings += batch.reading_count
-                scheduler.submit(batch)
+                for ready in uploads.add(batch):
+                    scheduler.submit(ready)
             pacer.wait(ts, result.readings)
             for out in scheduler.due(ts):
                 send(out)
@@ -187,9 +223,18 @@ def run(
             if progress is not None and now - last_update > 0.25:
                 last_update = now
                 _update(progress, task, result, ts, now - started)
+            elif progress is None and now - last_update > LOG_EVERY_S:
+                last_update = now
+                log.info(
+                    "simulated to %s: %d readings in %d messages (%.0f readings/s), %d delayed by faults",
+                    _iso(ts), result.readings, result.messages, result.readings / max(now - started, 1e-9),
+                    scheduler.pending,
+                )  # fmt: skip
             if stop.is_set():
                 log.info("stop requested: flushing %d delayed messages", scheduler.pending)
                 break
+        for ready in uploads.flush():
+            scheduler.submit(ready)
         for out in scheduler.drain():
             send(out)
         result.wall_s = time.monotonic() - started
@@ -240,12 +285,15 @@ class _ProgressBar:
             self._progress.stop()
 
 
+def _iso(ts_ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_ms / 1000))
+
+
 def _update(progress: Progress, task: Any, result: RunResult, sim_ms: int, elapsed_s: float) -> None:
-    sim_time = time.strftime("%Y-%m-%d %H:%M", time.gmtime(sim_ms / 1000))
     progress.update(
         task,
         completed=result.ticks,
-        sim=f"{sim_time}Z",
+        sim=_iso(sim_ms),
         readings=result.readings,
         rate=result.readings / elapsed_s if elapsed_s > 0 else 0.0,
     )
