@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -28,6 +29,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Let a pending trailing broker reload happen: it is what makes the last credentials live.
+            trailing = getattr(app.state, "trailing_broker_reload", None)
+            if trailing is not None:
+                await asyncio.gather(trailing, return_exceptions=True)
             await pool.close()
 
     app = FastAPI(

@@ -126,11 +126,21 @@ def sync(
     _write_atomically(acl_file, render_acl(service_user, gateways))
     if pid_file is None:
         return False
+    if not reload(pid_file):
+        log.warning("broker auth written to %s but no running broker to reload", passwd_file)
+        return False
+    log.info("broker auth synced: %d gateway accounts, broker reloaded", len(gateways))
+    return True
+
+
+def reload(pid_file: Path) -> bool:
+    """SIGHUP the broker so it rereads its password file and ACL. True when a broker was signalled.
+
+    Mosquitto clears its reload flag after reloading, so a SIGHUP that lands during a reload is lost:
+    callers that write in bursts send one more after the burst (see the API's broker sync)."""
     try:
         pid = int(pid_file.read_text().split()[0])
         os.kill(pid, signal.SIGHUP)
     except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
-        log.warning("broker auth written to %s but no running broker to reload", passwd_file)
         return False
-    log.info("broker auth synced: %d gateway accounts, broker reloaded", len(gateways))
     return True

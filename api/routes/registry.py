@@ -214,12 +214,27 @@ async def rotate_gateway_credentials(gateway: str, who: PrincipalDep, request: R
     )
 
 
+TRAILING_RELOAD_S = 1.0
+
+
 async def sync_broker_auth(request: Request) -> None:
     settings: Settings = request.app.state.settings
     rows = await _select(
         request, "SELECT tenant_id, gateway_id, mqtt_password_hash FROM gateways WHERE enabled", {}
     )
     await asyncio.to_thread(_write_broker_auth, settings, rows)
+    # A reload signal sent while the broker is still reloading from the previous one is lost, which
+    # would leave the newest credentials refused for good: send a trailing one once writes settle.
+    state = request.app.state
+    pending: asyncio.Task[None] | None = getattr(state, "trailing_broker_reload", None)
+    if pending is not None and not pending.done():
+        pending.cancel()
+    state.trailing_broker_reload = asyncio.create_task(_trailing_reload(settings))
+
+
+async def _trailing_reload(settings: Settings) -> None:
+    await asyncio.sleep(TRAILING_RELOAD_S)
+    brokerauth.reload(settings.state_path / "mosquitto" / "mosquitto.pid")
 
 
 def _write_broker_auth(settings: Settings, rows: list[dict[str, Any]]) -> None:
