@@ -27,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.payloads import Limits, Rejection, parse_message
+from ingest.registry import Registry, check_ownership, wait_loaded
 from meterflow.contract import DeadLetterReason, now_ms, parse_telemetry_topic
 from meterflow.settings import Settings
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 RECEIVED = Counter("meterflow_ingest_messages_received_total", "MQTT messages received")
 READINGS_PRODUCED = Counter("meterflow_ingest_readings_produced_total", "Readings acknowledged by Kafka")
 REJECTED = Counter("meterflow_ingest_rejected_total", "Messages or readings sent to the DLQ", ["reason"])
+UNKNOWN_METRIC_READINGS = Counter(
+    "meterflow_ingest_unknown_metric_readings_total", "Readings kept whose metric is not canonical"
+)
 INFLIGHT = Gauge("meterflow_ingest_inflight_messages", "Messages received but not yet acknowledged")
 PRODUCE_LATENCY = Histogram(
     "meterflow_ingest_produce_latency_seconds",
@@ -72,6 +76,7 @@ class Collector:
         self._producer: AIOKafkaProducer | None = None
         self._client: mqtt.Client | None = None
         self._completions: set[asyncio.Task[None]] = set()
+        self.registry = Registry(settings.db.conninfo(), refresh_s=settings.ingest.registry_refresh_s)
 
     # --- MQTT side (paho thread) ---------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class Collector:
             request_timeout_ms=30_000,
         )
         await self._start_producer()
+        await wait_loaded(self.registry, self._stop)
         self._client = self._make_client()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 7 * 24 * 3600
@@ -208,7 +214,14 @@ class Collector:
             rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
             records.append(self._dead_letter(msg, rejection, received_ms))
         else:
-            result = parse_message(topic, bytes(msg.payload), received_ms=received_ms, limits=self.limits)
+            parsed = parse_message(topic, bytes(msg.payload), received_ms=received_ms, limits=self.limits)
+            await self.registry.refresh_if_due()
+            await self.registry.look_up(topic.tenant, topic.gateway, [d.device for d in parsed.accepted])
+            result, unknown_metric_readings = check_ownership(
+                parsed, topic.tenant, topic.gateway, self.registry,
+                reject_unknown_metrics=self.settings.ingest.unknown_metrics == "reject",
+            )  # fmt: skip
+            UNKNOWN_METRIC_READINGS.inc(unknown_metric_readings)
             records += [self._dead_letter(msg, r, received_ms) for r in result.rejected]
             records += [
                 _Record(self.settings.kafka.readings_topic, d.kafka_key(), d.encode())
@@ -294,6 +307,7 @@ class Collector:
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
+        await self.registry.close()
         log.info("collector stopped")
 
     def stop(self) -> None:

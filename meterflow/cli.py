@@ -36,6 +36,8 @@ bench_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
+dlq_app = typer.Typer(help="Dead letters.")
+app.add_typer(dlq_app, name="dlq")
 
 console = Console(stderr=True)
 log = logging.getLogger("meterflow")
@@ -400,6 +402,43 @@ def _wait_ready(base: str, timeout_s: float = 60) -> None:
         time.sleep(0.5)
     console.print(f"[bold red]API at {base} not ready after {timeout_s:.0f} s[/]; see .stack/app/api.log")
     raise typer.Exit(1)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="reasons to replay (repeat); default: unknown_device, tenant_mismatch, unknown_metric"
+        ),
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's dead letters")] = None,
+    from_beginning: Annotated[
+        bool, typer.Option(help="reconsider letters already replayed or skipped")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="report what would be replayed; produce and commit nothing")
+    ] = False,
+) -> None:
+    """Send dead-lettered readings that now pass (e.g. after registering the device) to the pipeline."""
+    from ingest.replay import REPLAYABLE, replay
+
+    settings = _settings()
+    reasons = set(reason or [r.value for r in REPLAYABLE])
+    summary = asyncio.run(
+        replay(settings, reasons=reasons, tenant=tenant, from_beginning=from_beginning, dry_run=dry_run)
+    )
+    table = Table(title="dead-letter replay" + (" (dry run)" if dry_run else ""), show_header=False)
+    table.add_row("letters read", f"{summary.letters:,}")
+    table.add_row("matching reasons " + ", ".join(sorted(reasons)), f"{summary.considered:,}")
+    table.add_row("readings replayed", f"{summary.replayed_readings:,}")
+    table.add_row(
+        "still rejected", ", ".join(f"{k}={v}" for k, v in summary.still_rejected.items()) or "none"
+    )
+    table.add_row(
+        "not replayable", ", ".join(f"{k}={v}" for k, v in summary.not_replayable.items()) or "none"
+    )
+    console.print(table)
 
 
 # --- benchmarks --------------------------------------------------------------------------------------

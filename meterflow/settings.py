@@ -8,6 +8,7 @@ so tests can construct their own.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,8 +94,13 @@ class IngestSettings(_Group):
     # Messages held between MQTT receipt and Kafka acknowledgement; beyond it the collector stops
     # acknowledging so the broker keeps the rest.
     max_inflight: int = 5000
-    dlq_payload_cap_bytes: int = 4096
+    # Dead letters keep the original payload up to the payload limit, so `meterflow dlq replay` can
+    # send what was rejected once its cause is fixed (an oversized payload is cut and not replayable).
+    dlq_payload_cap_bytes: int = 256 * 1024
     metrics_port: int = 19101
+    # Metrics outside the canonical set: kept and counted ("keep"), or dead-lettered ("reject").
+    unknown_metrics: Literal["keep", "reject"] = "keep"
+    registry_refresh_s: float = 60.0
 
 
 class ProcessingSettings(_Group):
