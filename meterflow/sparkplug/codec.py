@@ -185,6 +185,19 @@ def encode_ddeath(ts_ms: int, seq: int) -> bytes:
     return _payload(ts_ms, seq).SerializeToString()
 
 
+def encode_ncmd_rebirth(ts_ms: int) -> bytes:
+    """NCMD asking an edge node to rebirth: publish NBIRTH and every DBIRTH again.
+
+    A host application sends it when it cannot read what the node publishes (aliases it never saw
+    born, a seq gap). Commands come from the host, not the node, so they carry no seq.
+    """
+    payload = _payload(ts_ms, None)
+    payload.metrics.add(
+        name=REBIRTH_METRIC, timestamp=ts_ms, datatype=pb.DataType.Boolean, boolean_value=True
+    )
+    return payload.SerializeToString()
+
+
 # --- decoding ------------------------------------------------------------------------------------
 
 MetricValue = float | int | bool | str | None

@@ -16,6 +16,7 @@ from meterflow.sparkplug import (
     encode_ddata,
     encode_ddeath,
     encode_nbirth,
+    encode_ncmd_rebirth,
     encode_ndeath,
     next_seq,
     parse_topic,
@@ -171,6 +172,14 @@ def test_ddata_round_trip_by_name() -> None:
 def test_ddeath_round_trip() -> None:
     decoded = decode_payload(encode_ddeath(TS, seq=4))
     assert (decoded.ts_ms, decoded.seq, decoded.metrics) == (TS, 4, ())
+
+
+def test_ncmd_rebirth_round_trip() -> None:
+    decoded = decode_payload(encode_ncmd_rebirth(TS))
+    assert (decoded.ts_ms, decoded.seq) == (TS, None)
+    assert decoded.metrics == (
+        DecodedMetric(REBIRTH_METRIC, None, TS, True, pb.DataType.Boolean, False, False),
+    )
 
 
 # --- value decoding ------------------------------------------------------------------------------
