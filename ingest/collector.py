@@ -10,6 +10,7 @@ is acked, so the broker keeps the rest in the persistent session.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import signal
@@ -26,8 +27,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge, Histogram
 
-from ingest.payloads import Limits, Rejection, parse_message
+from ingest.payloads import Limits, ParseResult, Rejection, parse_message
 from ingest.registry import Registry, check_ownership, wait_loaded
+from ingest.sparkplug import SparkplugSessions
+from meterflow import sparkplug
 from meterflow.contract import DeadLetterReason, now_ms, parse_telemetry_topic
 from meterflow.settings import Settings
 
@@ -39,6 +42,10 @@ REJECTED = Counter("meterflow_ingest_rejected_total", "Messages or readings sent
 UNKNOWN_METRIC_READINGS = Counter(
     "meterflow_ingest_unknown_metric_readings_total", "Readings kept whose metric is not canonical"
 )
+SPARKPLUG_REBIRTHS = Counter(
+    "meterflow_ingest_sparkplug_rebirth_requests_total", "Rebirth commands sent to Sparkplug edge nodes"
+)
+SPARKPLUG_DEATHS = Counter("meterflow_ingest_sparkplug_deaths_total", "Sparkplug NDEATH/DDEATH honoured")
 INFLIGHT = Gauge("meterflow_ingest_inflight_messages", "Messages received but not yet acknowledged")
 PRODUCE_LATENCY = Histogram(
     "meterflow_ingest_produce_latency_seconds",
@@ -46,7 +53,16 @@ PRODUCE_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-SUBSCRIPTIONS = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
+# MQTT v5 subscription identifiers tell the two kinds of delivery apart. Readings subscriptions are
+# shared: each message goes to one collector of the group. Sparkplug births and deaths are also
+# subscribed unshared by every collector, because every collector needs every node's aliases to read
+# the data messages the group hands it; those copies only update state.
+READINGS_SUBSCRIPTION_ID = 1
+STATE_SUBSCRIPTION_ID = 2
+JSON_TOPICS = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
+SPARKPLUG_DATA_TOPICS = ("spBv1.0/+/NDATA/+", "spBv1.0/+/DDATA/+/+")
+SPARKPLUG_BIRTH_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/DBIRTH/+/+")
+SPARKPLUG_STATE_TOPICS = (*SPARKPLUG_BIRTH_TOPICS, "spBv1.0/+/NDEATH/+", "spBv1.0/+/DDEATH/+/+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +93,9 @@ class Collector:
         self._client: mqtt.Client | None = None
         self._completions: set[asyncio.Task[None]] = set()
         self.registry = Registry(settings.db.conninfo(), refresh_s=settings.ingest.registry_refresh_s)
+        # Seq continuity is meaningless when a shared subscription splits a node's messages.
+        self.sparkplug = SparkplugSessions(track_seq=shared_group is None)
+        self._subscriptions_pending = 0
 
     # --- MQTT side (paho thread) ---------------------------------------------------------------
 
@@ -102,17 +121,22 @@ class Collector:
         if getattr(reason, "is_failure", False):
             log.error("MQTT connect refused: %s", reason)
             return
-        topics = [
-            (f"$share/{self.shared_group}/{t}" if self.shared_group else t, self.settings.mqtt.qos)
-            for t in SUBSCRIPTIONS
-        ]
-        client.subscribe(topics)
+        qos = self.settings.mqtt.qos
+        shared = [*JSON_TOPICS, *SPARKPLUG_DATA_TOPICS]
+        if self.shared_group:
+            # Unshared, the birth copies only update state; the group's copy carries the readings.
+            shared += SPARKPLUG_BIRTH_TOPICS
+        readings = [(f"$share/{self.shared_group}/{t}" if self.shared_group else t, qos) for t in shared]
+        state = [(t, qos) for t in SPARKPLUG_STATE_TOPICS]
+        self._subscriptions_pending = 2
+        for topics, sub_id in ((readings, READINGS_SUBSCRIPTION_ID), (state, STATE_SUBSCRIPTION_ID)):
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = sub_id
+            client.subscribe(topics, properties=props)
         log.info(
-            "connected to MQTT %s:%d, subscribing to %s",
-            self.settings.mqtt.host,
-            self.settings.mqtt.port,
-            topics,
-        )
+            "connected to MQTT %s:%d, subscribing to %s and %s",
+            self.settings.mqtt.host, self.settings.mqtt.port, readings, state,
+        )  # fmt: skip
 
     def _on_subscribe(
         self,
@@ -126,8 +150,10 @@ class Collector:
         if failed:
             log.error("MQTT subscription refused: %s", failed)
             return
-        # Tests and operators wait for this line: from here on the broker queues messages for us.
-        log.info("subscriptions acknowledged; collecting")
+        self._subscriptions_pending -= 1
+        if self._subscriptions_pending == 0:
+            # Tests and operators wait for this line: from here on the broker queues messages for us.
+            log.info("subscriptions acknowledged; collecting")
 
     def _on_disconnect(self, *_args: object) -> None:
         log.warning("MQTT disconnected; paho reconnects with backoff")
@@ -207,31 +233,69 @@ class Collector:
         self._pending.append(pending)
         INFLIGHT.set(len(self._pending))
         received_ms = now_ms()
-        topic = parse_telemetry_topic(msg.topic)
+        payload = bytes(msg.payload)
         records: list[_Record] = []
         n_readings = 0
-        if topic is None:
+        json_topic = parse_telemetry_topic(msg.topic)
+        sp_topic = None if json_topic is not None else sparkplug.parse_topic(msg.topic)
+        result: ParseResult | None = None
+        if json_topic is not None:
+            tenant, gateway = json_topic.tenant, json_topic.gateway
+            result = parse_message(json_topic, payload, received_ms=received_ms, limits=self.limits)
+        elif sp_topic is not None:
+            tenant, gateway = sp_topic.group, sp_topic.edge_node
+            result = self._sparkplug(msg, sp_topic, payload, received_ms)
+        else:
             rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
             records.append(self._dead_letter(msg, rejection, received_ms))
-        else:
-            parsed = parse_message(topic, bytes(msg.payload), received_ms=received_ms, limits=self.limits)
+        if result is not None:
             await self.registry.refresh_if_due()
-            await self.registry.look_up(topic.tenant, topic.gateway, [d.device for d in parsed.accepted])
-            result, unknown_metric_readings = check_ownership(
-                parsed, topic.tenant, topic.gateway, self.registry,
+            await self.registry.look_up(tenant, gateway, [d.device for d in result.accepted])
+            checked, unknown_metric_readings = check_ownership(
+                result, tenant, gateway, self.registry,
                 reject_unknown_metrics=self.settings.ingest.unknown_metrics == "reject",
             )  # fmt: skip
             UNKNOWN_METRIC_READINGS.inc(unknown_metric_readings)
-            records += [self._dead_letter(msg, r, received_ms) for r in result.rejected]
+            records += [self._dead_letter(msg, r, received_ms) for r in checked.rejected]
             records += [
                 _Record(self.settings.kafka.readings_topic, d.kafka_key(), d.encode())
-                for d in result.accepted
+                for d in checked.accepted
             ]
-            n_readings = result.reading_count
+            n_readings = checked.reading_count
         sends = [(record, await self._send_retrying(record)) for record in records]
         task = asyncio.create_task(self._complete(pending, sends, n_readings))
         self._completions.add(task)
         task.add_done_callback(self._completions.discard)
+
+    def _sparkplug(
+        self, msg: mqtt.MQTTMessage, topic: sparkplug.SparkplugTopic, payload: bytes, received_ms: int
+    ) -> ParseResult | None:
+        """What a Sparkplug delivery yields: readings (None for a state-only copy), after its effect on
+        the node's session state."""
+        ids = set(getattr(msg.properties, "SubscriptionIdentifier", None) or [READINGS_SUBSCRIPTION_ID])
+        is_birth = topic.message_type in (sparkplug.MessageType.NBIRTH, sparkplug.MessageType.DBIRTH)
+        produced: ParseResult | None = None
+        if STATE_SUBSCRIPTION_ID in ids or not is_birth:
+            state = self.sparkplug.handle(topic, payload, received_ms=received_ms, limits=self.limits)
+            if state.rebirth is not None and self._client is not None:
+                SPARKPLUG_REBIRTHS.inc()
+                self._client.publish(*state.rebirth, qos=0)
+            for tenant, gateway, device in state.offline:
+                SPARKPLUG_DEATHS.inc()
+                log.info("sparkplug %s/%s%s is offline", tenant, gateway, f"/{device}" if device else "")
+            # Without a shared group there is no separate readings copy of a birth: this one counts.
+            if READINGS_SUBSCRIPTION_ID in ids or (is_birth and self.shared_group is None):
+                produced = state
+            elif not is_birth and state.rejected:
+                # A death carries no readings, but a malformed one is still dead-lettered.
+                produced = ParseResult(rejected=state.rejected)
+        elif READINGS_SUBSCRIPTION_ID in ids:
+            # The group's copy of a birth: its values are readings; the state copy sets the aliases.
+            produced = SparkplugSessions(track_seq=False).handle(
+                topic, payload, received_ms=received_ms, limits=self.limits
+            )
+            produced.rebirth = None
+        return produced
 
     async def _send_retrying(self, record: _Record) -> asyncio.Future[object]:
         """Enqueue a record; while Kafka refuses, wait and retry rather than lose or ack the message."""
@@ -252,17 +316,24 @@ class Collector:
         REJECTED.labels(rejection.reason.value).inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
         parts = msg.topic.split("/")
+        binary = parts[0] == sparkplug.NAMESPACE
+        tenant, gateway = (parts[1], parts[3]) if binary else (parts[2], parts[3])
+        kept = msg.payload[:cap]
         value = orjson.dumps(
             {
                 "v": 1,
                 "reason": rejection.reason.value,
                 "detail": rejection.detail,
                 "topic": msg.topic,
-                "tenant": parts[2] if len(parts) > 3 else None,
-                "gateway": parts[3] if len(parts) > 3 else None,
+                "tenant": tenant if len(parts) > 3 else None,
+                "gateway": gateway if len(parts) > 3 else None,
                 "device": rejection.device,
                 "received_ms": received_ms,
-                "payload": msg.payload[:cap].decode("utf-8", errors="replace"),
+                # Sparkplug payloads are protobuf: kept as base64 so they survive JSON intact.
+                "payload": base64.b64encode(kept).decode()
+                if binary
+                else kept.decode("utf-8", errors="replace"),
+                "payload_encoding": "base64" if binary else "utf-8",
                 "payload_bytes": len(msg.payload),
                 "payload_truncated": len(msg.payload) > cap,
             }

@@ -151,6 +151,7 @@ class Scheduler:
         tick_ms: int,
         gateway_topics: list[str],
         gateway_tenants: list[str],
+        gateway_formats: list[str],
         device_names: list[str],
         max_payload_bytes: int,
         wall_clock_ms: int,
@@ -161,6 +162,7 @@ class Scheduler:
         self._tick_ms = tick_ms
         self._topics = gateway_topics
         self._tenants = gateway_tenants
+        self._formats = gateway_formats
         self._devices = device_names
         self._max_payload = max_payload_bytes
         self._wall_clock_ms = wall_clock_ms
@@ -211,7 +213,10 @@ class Scheduler:
             device: [DevicePoint(p.ts_ms + skew, p.values) for p in pts]
             for device, pts in batch.points.items()
         }
-        self.expected.dead_letter(DeadLetterReason.FUTURE_TS, sum(len(p) for p in points.values()))
+        # JSON rejects a skewed point (all its values); Sparkplug rejects each metric on its own.
+        per_value = self._formats[batch.gateway] == "sparkplug"
+        rejected = sum(len(p.values) if per_value else 1 for pts in points.values() for p in pts)
+        self.expected.dead_letter(DeadLetterReason.FUTURE_TS, rejected)
         return Batch(batch.gateway, batch.ts_ms + skew, points)
 
     def _extras(self, batch: Batch) -> None:

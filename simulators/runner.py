@@ -180,6 +180,7 @@ def run(
         tick_ms=sim.tick_ms,
         gateway_topics=[enc.batch_topic for enc in encoders],
         gateway_tenants=[e.tenant for e, _, _ in gateways],
+        gateway_formats=[g.format for _, _, g in gateways],
         device_names=sim.device_names,
         max_payload_bytes=options.max_payload_bytes,
         wall_clock_ms=wall,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import psycopg
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from meterflow.contract import now_ms
@@ -27,9 +28,15 @@ FAULTS = FaultConfig(
 )  # fmt: skip
 
 
-def test_simulated_fleet_with_faults_lands_exactly(pipeline: Pipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("payload_format", ["json-batch", "json-single", "sparkplug"])
+def test_simulated_fleet_with_faults_lands_exactly(
+    payload_format: str, pipeline: Pipeline, tmp_path: Path
+) -> None:
     prefix = f"s{uuid.uuid4().hex[:6]}-"
-    spec = generate_fleet(enterprises=2, meters_per_site=3, vpp_resources=8, seed=11, tenant_prefix=prefix)
+    spec = generate_fleet(
+        enterprises=2, meters_per_site=3, vpp_resources=8, seed=11, tenant_prefix=prefix,
+        payload_format=payload_format,  # type: ignore[arg-type]
+    )  # fmt: skip
     spec, armed = arm_rollovers(spec, FAULTS.rollover, spec.seed)
     creds = register_fleet(pipeline.api_url, pipeline.admin_key, spec)
     start = now_ms() - 4 * 3_600_000
