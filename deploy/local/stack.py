@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +45,10 @@ def up(settings: Settings, step: Step, *, timeout_s: float = 180.0) -> list[Serv
     for svc in svcs:
         if svc.pid() is None:
             step(f"starting {svc.name} on port {svc.port}")
+            svc.start()
+        elif isinstance(svc, Mosquitto) and svc.config_changed():
+            step(f"restarting {svc.name}: its config or TLS certificate changed")
+            svc.stop()
             svc.start()
         if isinstance(svc, Postgres):
             # The broker's gateway accounts come from the registry, so the DB must answer first.
@@ -112,3 +117,17 @@ def start_app(settings: Settings, app: AppProcess) -> tuple[int, Path]:
 
 def app_status(settings: Settings) -> dict[str, int | None]:
     return {name: proc.running_pid(pid_file) for name, pid_file in app_pid_files(settings).items()}
+
+
+def admin_key(settings: Settings) -> str:
+    """The admin key of this installation: METERFLOW_BOOTSTRAP_ADMIN_KEY, else one generated once and
+    kept in the state dir. `make run`, the simulator and the tests all use it, so none of them
+    replaces the key the others hold."""
+    if settings.bootstrap_admin_key:
+        return settings.bootstrap_admin_key.get_secret_value()
+    path = app_dir(settings) / "admin-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"mf_admin_{secrets.token_urlsafe(32)}\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
