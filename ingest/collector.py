@@ -46,6 +46,11 @@ SPARKPLUG_REBIRTHS = Counter(
     "meterflow_ingest_sparkplug_rebirth_requests_total", "Rebirth commands sent to Sparkplug edge nodes"
 )
 SPARKPLUG_DEATHS = Counter("meterflow_ingest_sparkplug_deaths_total", "Sparkplug NDEATH/DDEATH honoured")
+BROKER_MESSAGES = Gauge(
+    "meterflow_broker_publish_messages",
+    "Mosquitto's own counters: messages dropped at queue limits (total) and messages stored now",
+    ["kind"],
+)
 INFLIGHT = Gauge("meterflow_ingest_inflight_messages", "Messages received but not yet acknowledged")
 PRODUCE_LATENCY = Histogram(
     "meterflow_ingest_produce_latency_seconds",
@@ -63,6 +68,13 @@ JSON_TOPICS = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
 SPARKPLUG_DATA_TOPICS = ("spBv1.0/+/NDATA/+", "spBv1.0/+/DDATA/+/+")
 SPARKPLUG_BIRTH_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/DBIRTH/+/+")
 SPARKPLUG_STATE_TOPICS = (*SPARKPLUG_BIRTH_TOPICS, "spBv1.0/+/NDEATH/+", "spBv1.0/+/DDEATH/+/+")
+# A retiring collector stops waiting for messages queued for it once none arrived for this long.
+LEAVE_QUIET_S = 2.0
+# Broker counters published every sys_interval: a dropped message must never go unnoticed.
+BROKER_GAUGES = {
+    "$SYS/broker/publish/messages/dropped": "dropped",
+    "$SYS/broker/store/messages/count": "stored",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +93,12 @@ class _Pending:
 
 
 class Collector:
-    def __init__(self, settings: Settings, *, shared_group: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, shared_group: str | None = None, leave_group_on_exit: bool = False
+    ) -> None:
         self.settings = settings
         self.shared_group = shared_group
+        self.leave_group_on_exit = leave_group_on_exit
         self.limits = Limits(settings.ingest.max_payload_bytes, settings.ingest.max_future_skew_s * 1000)
         self._queue: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
         self._pending: deque[_Pending] = deque()
@@ -96,6 +111,11 @@ class Collector:
         # Seq continuity is meaningless when a shared subscription splits a node's messages.
         self.sparkplug = SparkplugSessions(track_seq=shared_group is None)
         self._subscriptions_pending = 0
+        self.received = 0
+        self.produced = 0
+        self._last_dropped = b"0"
+        self._broker_gauges_mid: int | None = None
+        self._readings_topics: list[str] = []
 
     # --- MQTT side (paho thread) ---------------------------------------------------------------
 
@@ -127,8 +147,10 @@ class Collector:
             # Unshared, the birth copies only update state; the group's copy carries the readings.
             shared += SPARKPLUG_BIRTH_TOPICS
         readings = [(f"$share/{self.shared_group}/{t}" if self.shared_group else t, qos) for t in shared]
+        self._readings_topics = [t for t, _ in readings]
         state = [(t, qos) for t in SPARKPLUG_STATE_TOPICS]
-        self._subscriptions_pending = 2
+        self._subscriptions_pending = 3
+        self._broker_gauges_mid = client.subscribe([(t, 0) for t in BROKER_GAUGES])[1]
         for topics, sub_id in ((readings, READINGS_SUBSCRIPTION_ID), (state, STATE_SUBSCRIPTION_ID)):
             props = Properties(PacketTypes.SUBSCRIBE)
             props.SubscriptionIdentifier = sub_id
@@ -142,12 +164,16 @@ class Collector:
         self,
         _client: mqtt.Client,
         _userdata: object,
-        _mid: int,
+        mid: int,
         reasons: list[ReasonCode],
         _props: Properties,
     ) -> None:
         failed = [r for r in reasons if r.is_failure]
-        if failed:
+        if failed and mid == self._broker_gauges_mid:
+            log.warning(
+                "broker counters not readable (%s): the ACL predates them; queue drops unmonitored", failed
+            )
+        elif failed:
             log.error("MQTT subscription refused: %s", failed)
             return
         self._subscriptions_pending -= 1
@@ -159,6 +185,16 @@ class Collector:
         log.warning("MQTT disconnected; paho reconnects with backoff")
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        gauge = BROKER_GAUGES.get(msg.topic)
+        if gauge is not None:
+            with contextlib.suppress(ValueError):
+                BROKER_MESSAGES.labels(gauge).set(float(msg.payload))
+            if gauge == "dropped" and msg.payload not in (b"0", b"0.0") and msg.payload != self._last_dropped:
+                log.error(
+                    "the broker reports %s dropped messages: queue limits reached", msg.payload.decode()
+                )
+                self._last_dropped = bytes(msg.payload)
+            return
         # The loop is set before the client connects, so it is there for every message.
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
@@ -229,6 +265,7 @@ class Collector:
 
     async def _handle(self, msg: mqtt.MQTTMessage) -> None:
         RECEIVED.inc()
+        self.received += 1
         pending = _Pending(msg.mid, msg.qos)
         self._pending.append(pending)
         INFLIGHT.set(len(self._pending))
@@ -354,6 +391,7 @@ class Collector:
                     fut = await self._send_retrying(record)
         pending.done = True
         READINGS_PRODUCED.inc(n_readings)
+        self.produced += n_readings
         PRODUCE_LATENCY.observe(time.monotonic() - pending.received)
         self._ack_ready()
 
@@ -365,7 +403,23 @@ class Collector:
                 client.ack(head.mid, head.qos)
         INFLIGHT.set(len(self._pending))
 
+    async def _leave_group(self) -> None:
+        """Retire this collector: stop the group assigning it messages, then take in what the broker
+        already queued for it, so that nothing is left behind in a session about to end."""
+        if self._client is None or not self._readings_topics:
+            return
+        self._client.unsubscribe(self._readings_topics)
+        log.info("leaving the shared group: unsubscribed, taking in what is still queued for us")
+        while True:
+            try:
+                msg = await asyncio.wait_for(self._queue.get(), timeout=LEAVE_QUIET_S)
+            except TimeoutError:
+                return
+            await self._handle(msg)
+
     async def _shutdown(self) -> None:
+        if self.leave_group_on_exit:
+            await self._leave_group()
         log.info("stopping: draining %d in-flight messages", len(self._pending))
         if self._completions:
             await asyncio.wait(self._completions, timeout=30)
@@ -373,13 +427,22 @@ class Collector:
         if self._client is not None:
             # Give paho a moment to flush the last PUBACKs before the DISCONNECT.
             await asyncio.sleep(0.2)
-            self._client.disconnect()
+            if self.leave_group_on_exit:
+                # Ending the session removes this member from the group; kept, the broker would go on
+                # queueing a share of the messages for a collector that is never coming back.
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+                self._client.disconnect(properties=props)
+            else:
+                self._client.disconnect()
             self._client.loop_stop()
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
         await self.registry.close()
-        log.info("collector stopped")
+        log.info(
+            "collector stopped: %d messages received, %d readings produced", self.received, self.produced
+        )
 
     def stop(self) -> None:
         self._stop.set()

@@ -84,6 +84,8 @@ def render_acl(service_user: str, gateways: Iterable[GatewayAccount]) -> str:
         "topic read spBv1.0/#",
         "topic write meterflow/#",
         "topic write spBv1.0/#",
+        # The broker's own counters (queued and dropped messages) become collector metrics.
+        "topic read $SYS/broker/#",
         "",
     ]
     for g in gateways:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,8 +21,6 @@ import uvicorn
 from deploy.local import stack
 from meterflow.settings import Settings
 from processing.migrate import migrate
-
-ADMIN_KEY = "mf_test_admin_" + uuid.uuid4().hex
 
 
 def _free_port() -> int:
@@ -51,29 +50,42 @@ class Pipeline:
     admin_key: str
     procs: dict[str, subprocess.Popen[bytes]]
     log_dir: Path
+    shared_group: str
 
     def http(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.api_url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30
         )
 
-    def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *argv: str, client_id_suffix: str = "") -> subprocess.Popen[bytes]:
+        env = dict(self.env)
+        env["METERFLOW_MQTT__CLIENT_ID"] += client_id_suffix
         with (self.log_dir / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "meterflow", *argv], env=self.env, stdout=log, stderr=log
+                [sys.executable, "-m", "meterflow", *argv], env=env, stdout=log, stderr=log
             )
         self.procs[name] = proc
         return proc
 
-    def wait_for_log(self, name: str, needle: str, timeout_s: float = 60) -> None:
+    def wait_for_log(self, name: str, needle: str, timeout_s: float = 60, occurrence: int = 1) -> None:
+        """Wait until the process's log (appended across restarts) holds `needle` `occurrence` times."""
         deadline = time.monotonic() + timeout_s
         path = self.log_dir / f"{name}.log"
-        while needle not in path.read_text(errors="replace"):
+        while path.read_text(errors="replace").count(needle) < occurrence:
             if self.procs[name].poll() is not None:
                 pytest.fail(f"{name} exited: see {path}")
             if time.monotonic() > deadline:
                 pytest.fail(f"{name} did not log {needle!r} within {timeout_s:.0f} s: see {path}")
             time.sleep(0.2)
+
+    def log_counter(self, name: str, needle: str) -> int:
+        """The number logged just before `needle` in the process's last such line."""
+        found = re.findall(
+            rf"(\d+) {re.escape(needle)}", (self.log_dir / f"{name}.log").read_text(errors="replace")
+        )
+        if not found:
+            pytest.fail(f"{name} never logged {needle!r}")
+        return int(found[-1])
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -85,6 +97,8 @@ class Pipeline:
 def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     """API in-process, collector and processor as real processes, on topics and groups of this run only."""
     run_id = uuid.uuid4().hex[:8]
+    # The installation's own admin key: a test-only key would replace the one `make run` handed out.
+    admin_key = stack.admin_key(base_settings)
     overrides = {
         "METERFLOW_KAFKA__READINGS_TOPIC": f"test-{run_id}.readings",
         "METERFLOW_KAFKA__DLQ_TOPIC": f"test-{run_id}.dlq",
@@ -92,7 +106,7 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
         "METERFLOW_MQTT__CLIENT_ID": f"test-{run_id}-collector",
         "METERFLOW_INGEST__METRICS_PORT": "0",
         "METERFLOW_PROCESSING__METRICS_PORT": "0",
-        "METERFLOW_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+        "METERFLOW_BOOTSTRAP_ADMIN_KEY": admin_key,
     }
     env = {**os.environ, **overrides}
     saved = {k: os.environ.get(k) for k in overrides}
@@ -122,8 +136,10 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
             time.sleep(0.2)
     log_dir = Path(os.environ.get("METERFLOW_TEST_ARTIFACTS", "test-artifacts")) / run_id
     log_dir.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(settings, env, api_url, ADMIN_KEY, {}, log_dir)
-    p.start("collector", "collector", "--shared-group", f"test-{run_id}")
+    p = Pipeline(settings, env, api_url, admin_key, {}, log_dir, shared_group=f"test-{run_id}")
+    # Test collectors are ephemeral: on exit they leave their group rather than keep a broker session
+    # that would queue copies of every later message for a week.
+    p.start("collector", "collector", "--shared-group", p.shared_group, "--leave-group-on-exit")
     p.start("processor", "processor")
     p.wait_for_log("collector", "subscriptions acknowledged")
     yield p
