@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import OutOfOrderSequenceNumber, ProducerClosed
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -51,6 +52,9 @@ BROKER_MESSAGES = Gauge(
     "Mosquitto's own counters: messages dropped at queue limits (total) and messages stored now",
     ["kind"],
 )
+PRODUCER_RESTARTS = Counter(
+    "meterflow_ingest_kafka_producer_restarts_total", "Kafka producers replaced after a fatal delivery error"
+)
 INFLIGHT = Gauge("meterflow_ingest_inflight_messages", "Messages received but not yet acknowledged")
 PRODUCE_LATENCY = Histogram(
     "meterflow_ingest_produce_latency_seconds",
@@ -68,6 +72,8 @@ JSON_TOPICS = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
 SPARKPLUG_DATA_TOPICS = ("spBv1.0/+/NDATA/+", "spBv1.0/+/DDATA/+/+")
 SPARKPLUG_BIRTH_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/DBIRTH/+/+")
 SPARKPLUG_STATE_TOPICS = (*SPARKPLUG_BIRTH_TOPICS, "spBv1.0/+/NDEATH/+", "spBv1.0/+/DDEATH/+/+")
+# A record Kafka has not acknowledged in this long is sent again through a new producer.
+DELIVERY_TIMEOUT_S = 30.0
 # A retiring collector stops waiting for messages queued for it once none arrived for this long.
 LEAVE_QUIET_S = 2.0
 # Broker counters published every sys_interval: a dropped message must never go unnoticed.
@@ -75,6 +81,11 @@ BROKER_GAUGES = {
     "$SYS/broker/publish/messages/dropped": "dropped",
     "$SYS/broker/store/messages/count": "stored",
 }
+
+
+def _consume_outcome(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,7 @@ class Collector:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._producer_lock = asyncio.Lock()
         self._client: mqtt.Client | None = None
         self._completions: set[asyncio.Task[None]] = set()
         self.registry = Registry(settings.db.conninfo(), refresh_s=settings.ingest.registry_refresh_s)
@@ -206,14 +218,7 @@ class Collector:
         if install_signal_handlers:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_batch_size=256 * 1024,
-            request_timeout_ms=30_000,
-        )
+        self._producer = self._new_producer()
         await self._start_producer()
         await wait_loaded(self.registry, self._stop)
         self._client = self._make_client()
@@ -232,6 +237,31 @@ class Collector:
             await self._pump()
         finally:
             await self._shutdown()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=30_000,
+        )
+
+    async def _replace_producer(self, failed: AIOKafkaProducer) -> None:
+        """Start a fresh producer after `failed` gave up. An idempotent producer whose batches failed
+        while Kafka was away comes back out of sequence (OutOfOrderSequenceNumber) and closes for good;
+        only a new producer (new producer id) can send again. Many failures of one producer cause one
+        replacement."""
+        async with self._producer_lock:
+            if id(self._producer) != id(failed):  # already replaced by a concurrent failure
+                return
+            PRODUCER_RESTARTS.inc()
+            log.warning("replacing the Kafka producer after a delivery failure")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(failed.stop(), timeout=5)
+            self._producer = self._new_producer()
+            await self._start_producer()
 
     @property
     def producer(self) -> AIOKafkaProducer:
@@ -336,14 +366,16 @@ class Collector:
 
     async def _send_retrying(self, record: _Record) -> asyncio.Future[object]:
         """Enqueue a record; while Kafka refuses, wait and retry rather than lose or ack the message."""
-        producer = self.producer
         delay = 0.5
         while True:
+            producer = self.producer
             try:
                 fut: asyncio.Future[object] = await producer.send(
                     record.topic, value=record.value, key=record.key
                 )
                 return fut
+            except ProducerClosed:
+                await self._replace_producer(producer)
             except Exception as exc:  # noqa: BLE001 - broker errors are retried; the message stays unacked
                 log.warning("Kafka send failed (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
@@ -383,11 +415,22 @@ class Collector:
     ) -> None:
         for record, fut in sends:
             while True:
+                producer = self.producer
                 try:
-                    await fut
+                    await asyncio.wait_for(asyncio.shield(fut), timeout=DELIVERY_TIMEOUT_S)
                     break
+                except TimeoutError:
+                    # After a broker restart an idempotent producer can wait on a partition leader for
+                    # good; a fresh producer finds it.
+                    log.warning("no Kafka acknowledgement within %.0f s; sending again", DELIVERY_TIMEOUT_S)
+                    # The abandoned delivery may still fail later; its outcome no longer matters.
+                    fut.add_done_callback(_consume_outcome)
+                    await self._replace_producer(producer)
+                    fut = await self._send_retrying(record)
                 except Exception as exc:  # noqa: BLE001 - a failed delivery is sent again, never acked
                     log.warning("Kafka delivery failed (%s); sending again", exc)
+                    if isinstance(exc, OutOfOrderSequenceNumber | ProducerClosed):
+                        await self._replace_producer(producer)
                     fut = await self._send_retrying(record)
         pending.done = True
         READINGS_PRODUCED.inc(n_readings)

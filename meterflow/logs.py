@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import orjson
 
@@ -21,6 +22,26 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class _Repeats(logging.Filter):
+    """Lets a message template of the loggers under `prefix` through at most once per interval."""
+
+    def __init__(self, prefix: str, interval_s: float) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._interval_s = interval_s
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefix):
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval_s) < self._interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
 def configure(level: str = "INFO", *, json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json:
@@ -30,8 +51,10 @@ def configure(level: str = "INFO", *, json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiokafka logs every retry at ERROR; its own warnings are enough.
+    # aiokafka logs every retry at ERROR, thousands a second while a broker is down: keep one line
+    # per kind of message per interval.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    handler.addFilter(_Repeats("aiokafka", interval_s=10.0))
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # One line per HTTP request drowns what matters when a simulator registers thousands of devices.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

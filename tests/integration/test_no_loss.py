@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 
 import orjson
+import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer
 
 from deploy.local import stack
@@ -33,19 +34,10 @@ class Stream:
         creds = _register(p, self.tenant, gateway, self.devices)
         self.topic = gateway_telemetry_topic(self.tenant, gateway)
         self.client = _connect(p, creds)
-        self.acked: set[Key] = set()
-        self.sent: dict[int, Key] = {}
-        self._lock = threading.Lock()
+        self.published: list[tuple[mqtt.MQTTMessageInfo, Key]] = []
         self._stop = threading.Event()
         self._interval_s = interval_s
-        self.client.on_publish = self._on_publish
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _on_publish(self, _c: object, _u: object, mid: int, reason: object, _p: object) -> None:
-        with self._lock:
-            key = self.sent.pop(mid, None)
-            if key is not None and not getattr(reason, "is_failure", False):
-                self.acked.add(key)
 
     def _run(self) -> None:
         base = now_ms() - 3_600_000
@@ -54,11 +46,15 @@ class Stream:
             device = self.devices[i % len(self.devices)]
             ts = base + i
             body = orjson.dumps({device: [{"ts": ts, "values": {"power_kw": float(i)}}]})
-            with self._lock:
-                info = self.client.publish(self.topic, body, qos=1)
-                self.sent[info.mid] = (device, ts)
+            # No lock of ours around paho: it calls back from its network thread holding its own.
+            self.published.append((self.client.publish(self.topic, body, qos=1), (device, ts)))
             i += 1
             time.sleep(self._interval_s)
+
+    @property
+    def acked(self) -> set[Key]:
+        """Readings whose message the broker acknowledged (PUBACK) to the gateway."""
+        return {key for info, key in self.published if info.is_published()}
 
     def start(self) -> Stream:
         self._thread.start()
@@ -68,11 +64,12 @@ class Stream:
         self._stop.set()
         self._thread.join()
         deadline = time.monotonic() + settle_s
-        while self.sent and time.monotonic() < deadline:
+        while len(self.acked) < len(self.published) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.client.disconnect()
         self.client.loop_stop()
-        assert not self.sent, f"{len(self.sent)} publishes never acknowledged by the broker"
+        unacked = len(self.published) - len(self.acked)
+        assert not unacked, f"{unacked} publishes never acknowledged by the broker"
 
 
 async def _records(p: Pipeline, tenant: str, want: set[Key], timeout_s: float = 120) -> Counter[Key]:
