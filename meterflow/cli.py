@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -127,8 +126,14 @@ def collector(
     shared_group: Annotated[
         str | None, typer.Option(help="MQTT v5 shared-subscription group, so N collectors split the load")
     ] = "meterflow",
+    leave_group_on_exit: Annotated[
+        bool,
+        typer.Option(
+            help="on SIGTERM, leave the shared group and end the MQTT session (scaling down for good)"
+        ),
+    ] = False,
 ) -> None:
-    """Run an MQTT -> Kafka collector until SIGTERM."""
+    """Run an MQTT -> Kafka collector until SIGTERM (a restart with the same client id resumes its session)."""
     from prometheus_client import start_http_server
 
     from ingest.collector import Collector
@@ -136,7 +141,7 @@ def collector(
     settings = _settings()
     if settings.ingest.metrics_port:
         start_http_server(settings.ingest.metrics_port, addr="127.0.0.1")
-    asyncio.run(Collector(settings, shared_group=shared_group).run())
+    asyncio.run(Collector(settings, shared_group=shared_group, leave_group_on_exit=leave_group_on_exit).run())
 
 
 @app.command()
@@ -333,15 +338,9 @@ def _iso_ms(ts_ms: int) -> str:
 
 
 def _admin_key(settings: Settings) -> str:
-    """The admin key `meterflow run` uses: METERFLOW_BOOTSTRAP_ADMIN_KEY, else one kept in the state dir."""
-    if settings.bootstrap_admin_key:
-        return settings.bootstrap_admin_key.get_secret_value()
-    path = settings.state_path / "app" / "admin-key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"mf_admin_{secrets.token_urlsafe(32)}\n")
-        path.chmod(0o600)
-    return path.read_text().strip()
+    from deploy.local.stack import admin_key
+
+    return admin_key(settings)
 
 
 # --- the whole pipeline ----------------------------------------------------------------------------
@@ -481,6 +480,45 @@ def bench_simulator(
     console.print(
         f"simulator {result['value']:,} readings/s ({result['readings']:,} readings, {result['messages']:,} "
         f"messages); bare paho {result['peer_value']:,} readings/s; ratio {result['ratio']}; target >= 50,000"
+    )
+    if as_json:
+        typer.echo(orjson.dumps(result).decode())
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    batch_readings: Annotated[
+        int, typer.Option(help="readings sent in 100-reading gateway batches")
+    ] = 1_500_000,
+    singles: Annotated[
+        int, typer.Option(help="single-reading messages, through the collector and to bare paho")
+    ] = 150_000,
+    profile: Annotated[
+        Path | None, typer.Option(help="write a cProfile of the collector (its asyncio thread) here")
+    ] = None,
+    keep_topics: Annotated[bool, typer.Option(help="keep the run's Kafka topics")] = False,
+    ignore_other_collectors: Annotated[
+        bool, typer.Option(help="run beside other collectors (they ingest the bench's messages too)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="last line is one JSON object")] = False,
+) -> None:
+    """One collector process, MQTT to Kafka-acknowledged, beside a bare paho subscriber (needs the stack)."""
+    from bench.ingest import run_ingest_bench
+
+    settings = _settings()
+    result = run_ingest_bench(
+        settings,
+        batch_readings=batch_readings,
+        singles=singles,
+        profile=profile,
+        keep_topics=keep_topics,
+        ignore_other_collectors=ignore_other_collectors,
+        tick=_step,
+    )
+    console.print(
+        f"gateway batches {result['batch_readings_per_s']:,} readings/s (target >= 100,000); "
+        f"single-reading messages {result['value']:,} readings/s; bare paho {result['peer_value']:,} "
+        f"readings/s; ratio {result['ratio']} (target >= 0.5)"
     )
     if as_json:
         typer.echo(orjson.dumps(result).decode())
