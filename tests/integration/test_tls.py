@@ -17,9 +17,8 @@ from deploy.local import tls
 from meterflow.contract import gateway_telemetry_topic, now_ms
 from meterflow.settings import Settings
 from tests.integration.conftest import Pipeline
-from tests.integration.test_end_to_end import _register
+from tests.integration.test_end_to_end import _register, readings_back
 
-DEADLINE_S = 30
 
 
 def _client() -> mqtt.Client:
@@ -63,19 +62,8 @@ def test_batch_published_over_tls_comes_back_through_the_api(pipeline: Pipeline)
     client.disconnect()
     client.loop_stop()
 
-    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts / 1000 - 3600))
-    end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts / 1000 + 3600))
-    deadline = time.monotonic() + DEADLINE_S
-    with pipeline.http() as http:
-        while True:
-            resp = http.get(
-                "/v1/devices/m-001/readings", params={"tenant": tenant, "start": start, "end": end}
-            )
-            if resp.status_code == 200 and len(resp.json()["data"]) == 3:
-                break
-            assert time.monotonic() < deadline, f"batch not back within {DEADLINE_S} s: {resp.text}"
-            time.sleep(0.3)
-    assert sorted(r["value"] for r in resp.json()["data"]) == [10.0, 11.0, 12.0]
+    data = readings_back(pipeline, tenant, "m-001", ts, count=3)
+    assert sorted(float(str(r["value"])) for r in data) == [10.0, 11.0, 12.0]
 
 
 def _handshake(settings: Settings, context: ssl.SSLContext, host: str) -> None:
