@@ -20,7 +20,6 @@ from tests.integration.conftest import Pipeline
 from tests.integration.test_end_to_end import _register, readings_back
 
 
-
 def _client() -> mqtt.Client:
     return mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"gw-tls-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
