@@ -442,25 +442,34 @@ def dlq_replay(
 
 # --- benchmarks --------------------------------------------------------------------------------------
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="last line is one JSON object")]
+
+
+def _report(summary: str, result: dict[str, object], as_json: bool) -> None:
+    """The human summary, then (with --json) the result as the last line of standard output."""
+    console.print(summary)
+    if as_json:
+        typer.echo(orjson.dumps(result).decode())
+
 
 @bench_app.command("store")
 def bench_store(
     readings: Annotated[int, typer.Option(help="readings to write")] = 500_000,
     devices: int = 1000,
     batch: Annotated[int, typer.Option(help="readings per transaction")] = 10_000,
-    as_json: Annotated[bool, typer.Option("--json", help="last line is one JSON object")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """The processor's raw-reading write path beside a bare binary COPY of the same rows (needs the stack)."""
     from bench.store import run_store_bench
 
     settings = _settings()
     result = run_store_bench(settings, n_readings=readings, n_devices=devices, per_batch=batch, tick=_step)
-    console.print(
+    _report(
         f"write path {result['value']:,} readings/s; bare COPY {result['peer_value']:,} readings/s; "
-        f"ratio {result['ratio']}"
+        f"ratio {result['ratio']}",
+        result,
+        as_json,
     )
-    if as_json:
-        typer.echo(orjson.dumps(result).decode())
 
 
 @bench_app.command("simulator")
@@ -468,7 +477,7 @@ def bench_simulator(
     gateways: Annotated[int, typer.Option(help="gateways, one paho client each")] = 8,
     devices_per_gateway: int = 200,
     minutes: Annotated[int, typer.Option(help="simulated minutes to publish")] = 60,
-    as_json: Annotated[bool, typer.Option("--json", help="last line is one JSON object")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """One simulator process publishing gateway batches (QoS 1) beside bare paho (needs Mosquitto)."""
     from bench.simulator import run_simulator_bench
@@ -477,12 +486,12 @@ def bench_simulator(
     result = run_simulator_bench(
         settings, gateways=gateways, devices_per_gateway=devices_per_gateway, minutes=minutes, tick=_step
     )
-    console.print(
+    _report(
         f"simulator {result['value']:,} readings/s ({result['readings']:,} readings, {result['messages']:,} "
-        f"messages); bare paho {result['peer_value']:,} readings/s; ratio {result['ratio']}; target >= 50,000"
+        f"messages); bare paho {result['peer_value']:,} readings/s; ratio {result['ratio']}; target >= 50,000",
+        result,
+        as_json,
     )
-    if as_json:
-        typer.echo(orjson.dumps(result).decode())
 
 
 @bench_app.command("ingest")
@@ -500,7 +509,7 @@ def bench_ingest(
     ignore_other_collectors: Annotated[
         bool, typer.Option(help="run beside other collectors (they ingest the bench's messages too)")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="last line is one JSON object")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """One collector process, MQTT to Kafka-acknowledged, beside a bare paho subscriber (needs the stack)."""
     from bench.ingest import run_ingest_bench
@@ -515,13 +524,13 @@ def bench_ingest(
         ignore_other_collectors=ignore_other_collectors,
         tick=_step,
     )
-    console.print(
+    _report(
         f"gateway batches {result['batch_readings_per_s']:,} readings/s (target >= 100,000); "
         f"single-reading messages {result['value']:,} readings/s; bare paho {result['peer_value']:,} "
-        f"readings/s; ratio {result['ratio']} (target >= 0.5)"
+        f"readings/s; ratio {result['ratio']} (target >= 0.5)",
+        result,
+        as_json,
     )
-    if as_json:
-        typer.echo(orjson.dumps(result).decode())
 
 
 def main() -> None:
