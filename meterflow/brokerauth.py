@@ -124,8 +124,11 @@ def sync(
 ) -> bool:
     """Write password file and ACL, then SIGHUP the broker. True when a running broker was reloaded."""
     service_user = service[0].username
-    _write_atomically(passwd_file, render_passwd(service, gateways))
+    # Mosquitto reads the password file before the ACL when it reloads. Writing the ACL first means a
+    # reload racing these writes can never admit a new gateway whose topics it has not yet learned
+    # (such a gateway would connect and have every publish refused until the next reload).
     _write_atomically(acl_file, render_acl(service_user, gateways))
+    _write_atomically(passwd_file, render_passwd(service, gateways))
     if pid_file is None:
         return False
     if not reload(pid_file):
