@@ -34,4 +34,4 @@ def test_timescaledb_edition_is_detected(base_settings: Settings) -> None:
         }
     assert license_ is not None
     assert features["continuous_aggregates"] is (license_[0] == "timescale")
-    assert {"readings", "device_energy_1m"} <= hypertables
+    assert {"readings", "agg_1m", "agg_15m", "agg_1h"} <= hypertables
