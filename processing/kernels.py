@@ -1,0 +1,486 @@
+"""The processors' hot loops: pure numba kernels over numpy arrays, no I/O.
+
+Three steps turn a batch of readings into bucket aggregates:
+
+1. `registers_to_intervals`: cumulative register reads (sorted by series, then time) become intervals
+   ``(t0, t1]`` with the quantity consumed in them. Rollover wraps at the register's maximum, a registered
+   meter exchange re-anchors the register at its install read, and a read that would book a negative or
+   implausible quantity is flagged and not booked. A drop that the next read confirms (both reads
+   consistent with each other) is taken as an unregistered reset: the interval across it is booked as
+   unknown (bad) and counting resumes from the new level.
+2. `prorate`: each interval's quantity is spread over the buckets it overlaps in proportion to time
+   (linear interpolation of the register), so bucket sums equal register deltas exactly. An interval
+   inside one bucket is measured; one spread over several buckets is estimated, or substituted when it is
+   longer than the interpolation limit.
+3. `reduce_by_key`: contributions are summed per (series, bucket): total, count, maximum, and counts
+   per quality class.
+
+`processing.reference` holds slow, obviously correct versions of the same rules; property tests compare
+the two. State that outlives a batch (each series' anchor read) lives in arrays the caller owns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+I8 = NDArray[np.int8]
+I32 = NDArray[np.int32]
+I64 = NDArray[np.int64]
+F64 = NDArray[np.float64]
+
+NO_TS: Final = np.int64(-(2**62))
+
+# Quality of a bucket contribution, in order of increasing doubt (OpenADR DATA_QUALITY vocabulary).
+MEASURED: Final = 0
+ESTIMATED: Final = 1
+SUBSTITUTED: Final = 2
+NO_QUALITY: Final = -1
+
+# What happened to each register read.
+READ_OK: Final = 0
+READ_FIRST: Final = 1  # the series' first read: it anchors the register, books nothing
+READ_ROLLOVER: Final = 2
+READ_NEGATIVE: Final = 3
+READ_IMPLAUSIBLE: Final = 4
+READ_REBASELINE: Final = 5  # confirmed an unregistered reset at the previous (negative) read
+READ_FLAG_NAMES: Final = ("ok", "first", "rollover", "negative", "implausible", "rebaseline")
+
+# A drop from above this share of the register's maximum to a small value is a rollover.
+ROLLOVER_ZONE: Final = 0.9
+
+# Beyond this many cells a dense (series x bucket) grid would cost more than sorting the keys.
+DENSE_GRID_LIMIT: Final = 1 << 22
+
+
+@njit(cache=True, nogil=True)
+def _registers_to_intervals(
+    series: I32,
+    ts: I64,
+    value: F64,
+    install_after: F64,
+    multiplier: F64,
+    anchor_ts: I64,
+    anchor_val: F64,
+    pending_ts: I64,
+    pending_val: F64,
+    register_max: F64,
+    resolution: F64,
+    max_rate_per_ms: F64,
+    out_series: I32,
+    out_t0: I64,
+    out_t1: I64,
+    out_qty: F64,
+    out_bad: I8,
+    read_flag: I8,
+) -> int:
+    m = 0
+    for i in range(series.size):
+        s = series[i]
+        t = ts[i]
+        v = value[i]
+        anchor_next = v if math.isnan(install_after[i]) else install_after[i]
+        if anchor_ts[s] == NO_TS:
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            read_flag[i] = READ_FIRST
+            continue
+        d = v - anchor_val[s]
+        flag = READ_OK
+        if d < 0.0 and anchor_val[s] > ROLLOVER_ZONE * register_max[s]:
+            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
+            flag = READ_ROLLOVER
+        limit = max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]
+        if 0.0 <= d <= limit:
+            out_series[m] = s
+            out_t0[m] = anchor_ts[s]
+            out_t1[m] = t
+            out_qty[m] = d * multiplier[i]
+            out_bad[m] = 0
+            m += 1
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            pending_ts[s] = NO_TS
+            read_flag[i] = flag
+            continue
+        if pending_ts[s] != NO_TS:
+            dp = v - pending_val[s]
+            if 0.0 <= dp <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]:
+                out_series[m] = s
+                out_t0[m] = anchor_ts[s]
+                out_t1[m] = pending_ts[s]
+                out_qty[m] = 0.0
+                out_bad[m] = 1
+                m += 1
+                out_series[m] = s
+                out_t0[m] = pending_ts[s]
+                out_t1[m] = t
+                out_qty[m] = dp * multiplier[i]
+                out_bad[m] = 0
+                m += 1
+                anchor_ts[s] = t
+                anchor_val[s] = anchor_next
+                pending_ts[s] = NO_TS
+                read_flag[i] = READ_REBASELINE
+                continue
+        if v < anchor_val[s]:
+            # A drop may be a reset the next read confirms; an up-jump is a glitch and anchors nothing.
+            pending_ts[s] = t
+            pending_val[s] = v
+            read_flag[i] = READ_NEGATIVE
+        else:
+            read_flag[i] = READ_IMPLAUSIBLE
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _prorate_count(t0: I64, t1: I64, bad: I8, width_ms: int) -> int:
+    n = 0
+    for j in range(t0.size):
+        if bad[j] == 0 and t1[j] > t0[j]:
+            first = t0[j] - t0[j] % width_ms
+            last = (t1[j] - 1) - (t1[j] - 1) % width_ms
+            n += (last - first) // width_ms + 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _prorate(
+    t0: I64,
+    t1: I64,
+    qty: F64,
+    bad: I8,
+    width_ms: int,
+    max_interp_gap_ms: int,
+    out_interval: I64,
+    out_bucket: I64,
+    out_qty: F64,
+    out_quality: I8,
+) -> int:
+    k = 0
+    for j in range(t0.size):
+        if bad[j] != 0 or t1[j] <= t0[j]:
+            continue
+        span = t1[j] - t0[j]
+        first = t0[j] - t0[j] % width_ms
+        last = (t1[j] - 1) - (t1[j] - 1) % width_ms
+        if first == last:
+            out_interval[k] = j
+            out_bucket[k] = first
+            out_qty[k] = qty[j]
+            out_quality[k] = MEASURED
+            k += 1
+            continue
+        quality = ESTIMATED if span <= max_interp_gap_ms else SUBSTITUTED
+        booked = 0.0
+        b = first
+        while b <= last:
+            out_interval[k] = j
+            out_bucket[k] = b
+            out_quality[k] = quality
+            if b == last:
+                # The remainder, not a computed share, so the shares add up to the delta exactly.
+                out_qty[k] = qty[j] - booked
+            else:
+                overlap = min(t1[j], b + width_ms) - max(t0[j], b)
+                share = qty[j] * (overlap / span)
+                out_qty[k] = share
+                booked += share
+            k += 1
+            b += width_ms
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _reduce_dense(
+    series: I32,
+    bucket_index: I64,
+    qty: F64,
+    quality: I8,
+    flagged: I8,
+    first_bucket: int,
+    n_buckets: int,
+    slot_of_cell: I32,
+    out_series: I32,
+    out_bucket_index: I64,
+    out_total: F64,
+    out_n: I32,
+    out_max: F64,
+    out_quality_n: I32,
+    out_flagged: I32,
+) -> int:
+    groups = 0
+    for i in range(series.size):
+        cell = series[i] * n_buckets + (bucket_index[i] - first_bucket)
+        g = slot_of_cell[cell]
+        if g < 0:
+            g = groups
+            slot_of_cell[cell] = g
+            groups += 1
+            out_series[g] = series[i]
+            out_bucket_index[g] = bucket_index[i]
+            out_max[g] = np.nan
+        _accumulate(g, qty[i], quality[i], flagged[i], out_total, out_n, out_max, out_quality_n, out_flagged)
+    return groups
+
+
+@njit(cache=True, nogil=True)
+def _reduce_sorted(
+    series: I32,
+    bucket_index: I64,
+    qty: F64,
+    quality: I8,
+    flagged: I8,
+    order: I64,
+    out_series: I32,
+    out_bucket_index: I64,
+    out_total: F64,
+    out_n: I32,
+    out_max: F64,
+    out_quality_n: I32,
+    out_flagged: I32,
+) -> int:
+    groups = 0
+    for r in range(order.size):
+        i = order[r]
+        if (
+            groups == 0
+            or out_series[groups - 1] != series[i]
+            or out_bucket_index[groups - 1] != bucket_index[i]
+        ):
+            out_series[groups] = series[i]
+            out_bucket_index[groups] = bucket_index[i]
+            out_max[groups] = np.nan
+            groups += 1
+        g = groups - 1
+        _accumulate(g, qty[i], quality[i], flagged[i], out_total, out_n, out_max, out_quality_n, out_flagged)
+    return groups
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _accumulate(
+    g: int,
+    qty: float,
+    quality: int,
+    flagged: int,
+    out_total: F64,
+    out_n: I32,
+    out_max: F64,
+    out_quality_n: I32,
+    out_flagged: I32,
+) -> None:
+    if quality >= 0:
+        out_total[g] += qty
+        out_n[g] += 1
+        if math.isnan(out_max[g]) or qty > out_max[g]:
+            out_max[g] = qty
+        out_quality_n[g * 3 + quality] += 1
+    out_flagged[g] += flagged
+
+
+@njit(cache=True, nogil=True)
+def _instantaneous_flags(series: I32, value: F64, abs_limit: F64, out_quality: I8, out_flagged: I8) -> None:
+    for i in range(series.size):
+        if abs(value[i]) > abs_limit[series[i]]:
+            out_quality[i] = NO_QUALITY
+            out_flagged[i] = 1
+        else:
+            out_quality[i] = MEASURED
+            out_flagged[i] = 0
+
+
+# --- typed wrappers -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RegisterState:
+    """Each series' anchor read (the last read booked from) and a pending drop awaiting confirmation."""
+
+    anchor_ts: I64
+    anchor_val: F64
+    pending_ts: I64
+    pending_val: F64
+
+    @classmethod
+    def empty(cls, n_series: int) -> RegisterState:
+        return cls(
+            np.full(n_series, NO_TS, np.int64),
+            np.zeros(n_series, np.float64),
+            np.full(n_series, NO_TS, np.int64),
+            np.zeros(n_series, np.float64),
+        )
+
+    def grow(self, n_series: int) -> None:
+        extra = n_series - self.anchor_ts.size
+        if extra <= 0:
+            return
+        self.anchor_ts = np.concatenate([self.anchor_ts, np.full(extra, NO_TS, np.int64)])
+        self.anchor_val = np.concatenate([self.anchor_val, np.zeros(extra, np.float64)])
+        self.pending_ts = np.concatenate([self.pending_ts, np.full(extra, NO_TS, np.int64)])
+        self.pending_val = np.concatenate([self.pending_val, np.zeros(extra, np.float64)])
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterParams:
+    """Per series: register maximum (inf when it never rolls over), resolution, and the largest
+    plausible quantity per millisecond (rated rate x margin; inf when the rating is unknown)."""
+
+    register_max: F64
+    resolution: F64
+    max_rate_per_ms: F64
+
+
+@dataclass(frozen=True, slots=True)
+class Intervals:
+    series: I32
+    t0: I64
+    t1: I64
+    qty: F64
+    bad: I8  # 1: the quantity in this interval is unknown (across an unregistered reset)
+    read_flag: I8  # per input read, READ_*
+
+
+def registers_to_intervals(
+    series: I32,
+    ts: I64,
+    value: F64,
+    state: RegisterState,
+    params: RegisterParams,
+    *,
+    install_after: F64 | None = None,
+    multiplier: F64 | None = None,
+) -> Intervals:
+    """Reads must be sorted by (series, ts), free of duplicates, and newer than each series' anchor.
+    `install_after[i]` (NaN when none) is the install read of a meter exchanged right after read i;
+    `multiplier[i]` scales the quantity of the interval ending at read i. Updates `state` in place."""
+    n = series.size
+    if install_after is None:
+        install_after = np.full(n, np.nan)
+    if multiplier is None:
+        multiplier = np.ones(n)
+    out_series = np.empty(2 * n, np.int32)
+    out_t0 = np.empty(2 * n, np.int64)
+    out_t1 = np.empty(2 * n, np.int64)
+    out_qty = np.empty(2 * n, np.float64)
+    out_bad = np.empty(2 * n, np.int8)
+    read_flag = np.empty(n, np.int8)
+    m = _registers_to_intervals(
+        series, ts, value, install_after, multiplier,
+        state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
+        params.register_max, params.resolution, params.max_rate_per_ms,
+        out_series, out_t0, out_t1, out_qty, out_bad, read_flag,
+    )  # fmt: skip
+    return Intervals(out_series[:m], out_t0[:m], out_t1[:m], out_qty[:m], out_bad[:m], read_flag)
+
+
+@dataclass(frozen=True, slots=True)
+class Contributions:
+    interval: I64  # index into the intervals
+    bucket_ms: I64
+    qty: F64
+    quality: I8
+
+
+def prorate(intervals: Intervals, width_ms: int, max_interp_gap_ms: int) -> Contributions:
+    """Spread each booked interval over the `width_ms` buckets it overlaps."""
+    n = _prorate_count(intervals.t0, intervals.t1, intervals.bad, width_ms)
+    out_interval = np.empty(n, np.int64)
+    out_bucket = np.empty(n, np.int64)
+    out_qty = np.empty(n, np.float64)
+    out_quality = np.empty(n, np.int8)
+    k = _prorate(
+        intervals.t0, intervals.t1, intervals.qty, intervals.bad, width_ms, max_interp_gap_ms,
+        out_interval, out_bucket, out_qty, out_quality,
+    )  # fmt: skip
+    return Contributions(out_interval[:k], out_bucket[:k], out_qty[:k], out_quality[:k])
+
+
+@dataclass(frozen=True, slots=True)
+class Buckets:
+    """One row per (series, bucket): sums, counts and the maximum of what was added."""
+
+    series: I32
+    bucket_ms: I64
+    total: F64
+    n: I32
+    max_value: F64  # NaN when nothing but flags fell in the bucket
+    n_measured: I32
+    n_estimated: I32
+    n_substituted: I32
+    n_flagged: I32
+
+
+def reduce_by_key(series: I32, bucket_ms: I64, qty: F64, quality: I8, flagged: I8, width_ms: int) -> Buckets:
+    """Group contributions by (series, bucket). `quality` NO_QUALITY rows add only to `n_flagged`."""
+    n = series.size
+    out_series = np.empty(n, np.int32)
+    out_bucket_index = np.empty(n, np.int64)
+    out_total = np.zeros(n, np.float64)
+    out_n = np.zeros(n, np.int32)
+    out_max = np.empty(n, np.float64)
+    out_quality_n = np.zeros(3 * n, np.int32)
+    out_flagged = np.zeros(n, np.int32)
+    if n == 0:
+        groups = 0
+    else:
+        bucket_index = bucket_ms // width_ms
+        first, last = int(bucket_index.min()), int(bucket_index.max())
+        n_buckets = last - first + 1
+        n_series = int(series.max()) + 1
+        if n_series * n_buckets <= DENSE_GRID_LIMIT:
+            slot_of_cell = np.full(n_series * n_buckets, -1, np.int32)
+            groups = _reduce_dense(
+                series, bucket_index, qty, quality, flagged, first, n_buckets, slot_of_cell,
+                out_series, out_bucket_index, out_total, out_n, out_max, out_quality_n, out_flagged,
+            )  # fmt: skip
+        else:
+            order = np.lexsort((bucket_index, series)).astype(np.int64)
+            groups = _reduce_sorted(
+                series, bucket_index, qty, quality, flagged, order,
+                out_series, out_bucket_index, out_total, out_n, out_max, out_quality_n, out_flagged,
+            )  # fmt: skip
+    quality_n = out_quality_n[: 3 * groups].reshape(groups, 3)
+    return Buckets(
+        out_series[:groups],
+        out_bucket_index[:groups] * width_ms,
+        out_total[:groups],
+        out_n[:groups],
+        out_max[:groups],
+        np.ascontiguousarray(quality_n[:, MEASURED]),
+        np.ascontiguousarray(quality_n[:, ESTIMATED]),
+        np.ascontiguousarray(quality_n[:, SUBSTITUTED]),
+        out_flagged[:groups],
+    )
+
+
+def instantaneous_buckets(series: I32, ts: I64, value: F64, abs_limit: F64, width_ms: int) -> Buckets:
+    """Average and maximum inputs per bucket for instantaneous metrics (power, SOC): values beyond
+    `abs_limit[series]` (rated x margin; inf when unknown) are spikes, flagged and left out."""
+    quality = np.empty(series.size, np.int8)
+    flagged = np.empty(series.size, np.int8)
+    _instantaneous_flags(series, value, abs_limit, quality, flagged)
+    return reduce_by_key(series, ts - ts % width_ms, value, quality, flagged, width_ms)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, so the first batch is not slow."""
+    series = np.array([0, 0, 0], np.int32)
+    ts = np.array([0, 60_000, 120_000], np.int64)
+    state = RegisterState.empty(1)
+    params = RegisterParams(np.array([99_999.0]), np.array([0.01]), np.array([np.inf]))
+    intervals = registers_to_intervals(series, ts, np.array([1.0, 2.0, 3.0]), state, params)
+    contributions = prorate(intervals, 60_000, 3_600_000)
+    reduce_by_key(
+        intervals.series[contributions.interval], contributions.bucket_ms, contributions.qty,
+        contributions.quality, np.zeros(contributions.qty.size, np.int8), 60_000,
+    )  # fmt: skip
+    wide = np.array([0, 1 << 23], np.int64) * 60_000
+    reduce_by_key(
+        np.array([0, 0], np.int32), wide, np.ones(2), np.zeros(2, np.int8), np.zeros(2, np.int8), 60_000
+    )
+    instantaneous_buckets(series, ts, np.array([1.0, 2.0, 3.0]), np.array([np.inf]), 60_000)
