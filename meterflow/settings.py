@@ -113,6 +113,9 @@ class ProcessingSettings(_Group):
     max_batch_records: int = 5000
     poll_timeout_ms: int = 500
     metrics_port: int = 19102
+    # Raw readings older than this many days are dropped (whole chunks) and their audit entries
+    # retired. None keeps everything: carbon records must be kept for at least five years.
+    raw_retention_days: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
