@@ -141,6 +141,8 @@ WHERE NOT EXISTS (SELECT 1 FROM audit_chain WHERE audit_batch = %(batch)s AND da
           AND seq = %(seq)s::integer - 1 AND chain_sha256 = %(prev)s))
 """
 
+_BATCH_USED = "SELECT 1 FROM audit_chain WHERE audit_batch = %s AND day = %s"
+
 
 class AuditLog:
     """Appends batches to the audit chains of one Kafka topic, caching each chain's head."""
@@ -235,10 +237,11 @@ class AuditLog:
             },
         )
         if cur.rowcount != 1:
-            raise AuditError(
-                f"cannot append audit entry {self.topic}/{partition}/{day} seq {seq}: audit_batch "
-                f"{audit_batch} already has an entry on that day, or the cached chain head is stale"
-            )
+            where = f"audit entry {self.topic}/{partition}/{day} seq {seq}"
+            await cur.execute(_BATCH_USED, (audit_batch, day))
+            if await cur.fetchone() is not None:
+                raise AuditError(f"{where}: audit_batch {audit_batch} already has an entry on that day")
+            raise AuditError(f"{where}: the cached chain head (seq {head[0]}) is stale")
         self._heads[(partition, day)] = (seq, chain)
 
 

@@ -1,0 +1,114 @@
+"""Retention of raw readings, and retirement of the audit entries whose rows it removed.
+
+With ``processing.raw_retention_days`` unset nothing is ever dropped (carbon records must be kept for
+at least five years). Otherwise readings older than that many days, counted back from now to a UTC
+midnight, leave in whole chunks: through TimescaleDB's retention policy where the edition has it
+(``schema_features.retention_policy``), else by ``drop_chunks`` run here. The Apache-2 edition Debian
+ships has only the latter.
+
+Audit entries of days whose rows are gone are marked ``retired`` in the same transaction, so
+``meterflow audit verify`` skips them instead of reporting their rows deleted. A day is retired only
+when it lies wholly before both the cutoff and the oldest chunk left, so a chunk interval longer than a
+day (whose chunk straddling the cutoff survives) never retires a day that still has rows. With the
+policy API the background job drops chunks on its own schedule; their entries are retired by the
+next call here, and until then verify reports those days' rows deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import psycopg
+
+from meterflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_OLDEST_CHUNK = """
+SELECT min(range_start) FROM timescaledb_information.chunks
+WHERE hypertable_schema = current_schema() AND hypertable_name = 'readings'
+"""
+
+_RETIRE = """
+UPDATE audit_chain SET retired = true
+WHERE NOT retired AND ((day + 1)::timestamp AT TIME ZONE 'UTC') <= %s
+"""
+
+_POLICY_MATCHES = """
+SELECT (config->>'drop_after')::interval = make_interval(days => %s)
+FROM timescaledb_information.jobs
+WHERE proc_name = 'policy_retention' AND hypertable_schema = current_schema()
+  AND hypertable_name = 'readings'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    # keep: no retention configured; drop_chunks: run here; policy: TimescaleDB's policy registered.
+    mode: Literal["keep", "drop_chunks", "policy"]
+    cutoff: datetime | None
+    dropped_chunks: tuple[str, ...]
+    retired_entries: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "cutoff": self.cutoff.isoformat() if self.cutoff else None,
+            "dropped_chunks": list(self.dropped_chunks),
+            "retired_entries": self.retired_entries,
+        }
+
+
+def retention_cutoff(days: int, now: datetime) -> datetime:
+    """The UTC midnight ``days`` days before ``now``: chunks (UTC-day aligned) end on one."""
+    moment = now.astimezone(UTC) - timedelta(days=days)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def apply_retention(
+    conn: psycopg.AsyncConnection[Any], settings: Settings, *, now: datetime | None = None
+) -> RetentionResult:
+    """Drop (or have TimescaleDB drop) raw readings past retention; retire their audit entries.
+
+    One transaction on ``conn``, which must be idle.
+    """
+    days = settings.processing.raw_retention_days
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.execute("SELECT enabled FROM schema_features WHERE feature = 'retention_policy'")
+        row = await cur.fetchone()
+        policy_api = bool(row and row[0])
+        if days is None:
+            if policy_api:
+                await cur.execute("SELECT remove_retention_policy('readings', if_exists => true)")
+            return RetentionResult("keep", None, (), 0)
+        cutoff = retention_cutoff(days, now or datetime.now(UTC))
+        dropped: tuple[str, ...] = ()
+        if policy_api:
+            await cur.execute(_POLICY_MATCHES, (days,))
+            current = await cur.fetchone()
+            if not (current and current[0]):
+                await cur.execute("SELECT remove_retention_policy('readings', if_exists => true)")
+                await cur.execute(
+                    "SELECT add_retention_policy('readings', drop_after => make_interval(days => %s))",
+                    (days,),
+                )
+        else:
+            await cur.execute("SELECT drop_chunks('readings', older_than => %s)", (cutoff,))
+            dropped = tuple(str(name) for (name,) in await cur.fetchall())
+        await cur.execute(_OLDEST_CHUNK)
+        oldest = await cur.fetchone()
+        horizon = cutoff if oldest is None or oldest[0] is None else min(cutoff, oldest[0])
+        await cur.execute(_RETIRE, (horizon,))
+        retired = cur.rowcount
+    result = RetentionResult("policy" if policy_api else "drop_chunks", cutoff, dropped, retired)
+    if dropped or retired:
+        log.info(
+            "retention before %s: %d chunks dropped, %d audit entries retired",
+            cutoff.isoformat(),
+            len(dropped),
+            retired,
+        )
+    return result
