@@ -22,6 +22,7 @@ from meterflow.settings import Settings
 
 if TYPE_CHECKING:
     from deploy.local.services import ServiceStatus
+    from processing.audit import VerifyReport
     from simulators.publisher import MqttOutcome
     from simulators.runner import RunResult
     from simulators.spec import FleetSpec
@@ -37,6 +38,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
 dlq_app = typer.Typer(help="Dead letters.")
 app.add_typer(dlq_app, name="dlq")
+audit_app = typer.Typer(help="The audit chain over raw readings.")
+app.add_typer(audit_app, name="audit")
+retention_app = typer.Typer(help="Retention of raw readings.")
+app.add_typer(retention_app, name="retention")
 
 console = Console(stderr=True)
 log = logging.getLogger("meterflow")
@@ -438,6 +443,92 @@ def dlq_replay(
         "not replayable", ", ".join(f"{k}={v}" for k, v in summary.not_replayable.items()) or "none"
     )
     console.print(table)
+
+
+# --- audit and retention -------------------------------------------------------------------------------
+
+
+@audit_app.command("verify")
+def audit_verify(
+    topic: Annotated[str | None, typer.Option(help="only this Kafka topic's chains")] = None,
+    day: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="only this UTC day (YYYY-MM-DD)")
+    ] = None,
+    partition: Annotated[int | None, typer.Option(help="only this Kafka partition's chains")] = None,
+    allow_unaudited: Annotated[
+        bool, typer.Option(help="rows without an audit batch (e.g. from before the chain) do not fail")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Recompute the audit chain from the stored readings; exit 1 if any row or link was tampered with."""
+    import psycopg
+
+    from processing.audit import verify
+
+    settings = _settings()
+
+    async def run() -> VerifyReport:
+        async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
+            return await verify(conn, topic=topic, day=day.date() if day else None, partition=partition)
+
+    report = asyncio.run(run())
+    if report.broken:
+        broken = Table("topic", "partition", "day", "seq", "batch", "rows recorded", "rows found", "problems")
+        for b in report.broken:
+            broken.add_row(
+                b.topic,
+                str(b.partition),
+                b.day.isoformat(),
+                str(b.seq),
+                str(b.audit_batch),
+                f"{b.row_count:,}",
+                f"{b.rows_found:,}",
+                ", ".join(p.value for p in b.problems),
+            )
+        console.print(broken)
+    strays = Table("day", "rows without audit batch", "rows whose batch has no entry that day")
+    for stray_day in sorted(report.unaudited_rows.keys() | report.unchained_rows.keys()):
+        strays.add_row(
+            stray_day.isoformat(),
+            f"{report.unaudited_rows.get(stray_day, 0):,}",
+            f"{report.unchained_rows.get(stray_day, 0):,}",
+        )
+    if strays.row_count:
+        console.print(strays)
+    failed = bool(report.broken or report.unchained_rows or (report.unaudited_rows and not allow_unaudited))
+    verdict = "[bold red]FAILED[/]" if failed else "[bold green]OK[/]"
+    _report(
+        f"audit chain {verdict}: {report.entries_checked:,} entries and {report.rows_checked:,} rows checked, "
+        f"{len(report.broken):,} entries broken, {report.retired_skipped:,} retired entries skipped",
+        report.as_dict(),
+        as_json,
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+@retention_app.command("apply")
+def retention_apply(as_json: JsonFlag = False) -> None:
+    """Drop raw readings older than METERFLOW_PROCESSING__RAW_RETENTION_DAYS; retire their audit entries."""
+    import psycopg
+
+    from processing.retention import RetentionResult, apply_retention
+
+    settings = _settings()
+
+    async def run() -> RetentionResult:
+        async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
+            return await apply_retention(conn, settings)
+
+    result = asyncio.run(run())
+    if result.cutoff is None:
+        summary = "no retention configured (processing.raw_retention_days): every raw reading is kept"
+    else:
+        summary = (
+            f"retention ({result.mode}) before {result.cutoff.isoformat()}: "
+            f"{len(result.dropped_chunks):,} chunks dropped, {result.retired_entries:,} audit entries retired"
+        )
+    _report(summary, result.as_dict(), as_json)
 
 
 # --- benchmarks --------------------------------------------------------------------------------------
