@@ -92,7 +92,11 @@ def _registers_to_intervals(
             continue
         d = v - anchor_val[s]
         flag = READ_OK
-        if d < 0.0 and anchor_val[s] > ROLLOVER_ZONE * register_max[s]:
+        if (
+            d < 0.0
+            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
+            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
+        ):
             d = (register_max[s] + resolution[s] - anchor_val[s]) + v
             flag = READ_ROLLOVER
         limit = max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]
