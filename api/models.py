@@ -108,6 +108,38 @@ class GreenCertificate(GreenCertificateIn):
     created_at: datetime
 
 
+class MeterExchangeIn(_In):
+    """A meter replaced at `ts`: the old meter's last (removal) read and the new meter's first (install)
+    read. meterflow never differences a register across an exchange."""
+
+    tenant: TenantId
+    metric: Literal["energy_import_kwh", "energy_export_kwh", "gas_nm3", "heat_gj", "fuel_l"]
+    ts: datetime
+    removal_read: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    install_read: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class MeterExchange(MeterExchangeIn):
+    device: str
+    created_at: datetime
+
+
+class MultiplierIn(_In):
+    """Instrument transformer ratios and meter constant; the register advance times their product is the
+    energy, from `effective_from` until the next entry."""
+
+    tenant: TenantId
+    effective_from: datetime
+    ct_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    vt_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    meter_constant: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+
+
+class Multiplier(MultiplierIn):
+    device: str
+    created_at: datetime
+
+
 class Page(BaseModel, Generic[T]):
     data: list[T]
     next_cursor: str | None = None

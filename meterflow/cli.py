@@ -265,7 +265,7 @@ def simulate(
     import threading
 
     from simulators.faults import FaultConfig, arm_rollovers
-    from simulators.publisher import register_fleet, simulate_over_mqtt
+    from simulators.publisher import ExchangeReporter, register_fleet, simulate_over_mqtt
     from simulators.runner import RunOptions
     from simulators.spec import FleetSpec
 
@@ -303,15 +303,20 @@ def simulate(
         f"fleet: {len(spec.enterprises)} enterprises, {gateways} gateways, {spec.device_count} devices"
     )
     url = api_url or f"http://{settings.api.host}:{settings.api.port}"
-    creds = register_fleet(url, admin_key or _admin_key(settings), spec)
+    key = admin_key or _admin_key(settings)
+    creds = register_fleet(url, key, spec)
     console.print(f"registered through {url}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    result, outcome = simulate_over_mqtt(
-        spec, options, host=settings.mqtt.host, port=settings.mqtt.port, creds=creds, qos=qos, stop=stop,
-        armed_rollovers=armed,
-    )  # fmt: skip
+    exchanges = ExchangeReporter(url, key)
+    try:
+        result, outcome = simulate_over_mqtt(
+            spec, options, host=settings.mqtt.host, port=settings.mqtt.port, creds=creds, qos=qos, stop=stop,
+            armed_rollovers=armed, on_exchange=exchanges,
+        )  # fmt: skip
+    finally:
+        exchanges.close()
     _print_simulation_summary(result, outcome)
     if outcome.unanswered:
         raise typer.Exit(1)

@@ -113,6 +113,12 @@ class ProcessingSettings(_Group):
     max_batch_records: int = 5000
     poll_timeout_ms: int = 500
     metrics_port: int = 19102
+    # Register gaps up to this long are interpolated (estimated); longer ones are still pro-rated so that
+    # bucket sums equal register deltas, but flagged substituted.
+    max_interp_gap_s: int = Field(default=3600, gt=0)
+    # A register advance above rated power x elapsed time x this margin is implausible (flagged, not
+    # booked); instantaneous power beyond rated x margin is a spike.
+    plausibility_margin: float = Field(default=1.5, gt=1.0)
     # Raw readings older than this many days are dropped (whole chunks) and their audit entries
     # retired. None keeps everything: carbon records must be kept for at least five years.
     raw_retention_days: int | None = Field(default=None, ge=1)

@@ -1,8 +1,10 @@
 """Kafka -> TimescaleDB processor.
 
-Consumes ``meterflow.readings.v1`` in a consumer group, writes each poll's readings and the next offsets
-of its partitions in one database transaction, and on every partition assignment seeks to the offsets
-stored in the database. Kafka's own committed offsets are updated too, for lag monitoring only.
+Consumes ``meterflow.readings.v1`` in a consumer group. Each poll is decoded into columns and written by
+`processing.writer.BatchWriter` in one database transaction together with the next offsets of its
+partitions; on every partition assignment the consumer seeks to the offsets stored in the database, so
+a crash or a replay never double counts. Kafka's own committed offsets are updated too, for lag
+monitoring only.
 """
 
 from __future__ import annotations
@@ -11,25 +13,42 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 
 import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
-from meterflow.contract import DeviceReadings, RecordError, decode_record, now_ms
+from meterflow.contract import now_ms
 from meterflow.settings import Settings
-from processing import store
+from processing import kernels, store
+from processing.audit import AuditError, AuditLog
+from processing.columns import ColumnBuilder, UndecodableRecord
+from processing.registry import RegistryView
+from processing.series import SeriesTable
+from processing.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
 RECORDS = Counter("meterflow_processor_records_total", "Kafka records consumed")
+READINGS = Counter("meterflow_processor_readings_total", "Readings decoded from Kafka records")
 ROWS_WRITTEN = Counter("meterflow_processor_readings_written_total", "Raw readings inserted")
 DUPLICATES = Counter(
     "meterflow_processor_duplicate_readings_total", "Readings already stored, not added again"
 )
+LATE = Counter(
+    "meterflow_processor_late_readings_total", "Readings older than their series' newest stored reading"
+)
+FLAGS = Counter("meterflow_processor_quality_flags_total", "Readings flagged by VEE, by kind", ["kind"])
+AGG_ROWS = Counter("meterflow_processor_aggregate_rows_total", "Aggregate rows added to or corrected")
 BAD_RECORDS = Counter("meterflow_processor_bad_records_total", "Records sent to the DLQ", ["reason"])
 LAG = Gauge("meterflow_processor_lag_records", "Records behind the partition end", ["partition"])
+BATCH_SECONDS = Histogram(
+    "meterflow_processor_batch_seconds",
+    "Decode, compute and commit of one poll",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -37,7 +56,9 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.processor = processor
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        return None
+        # Another processor may write these partitions next: forget what we cached about them.
+        self.processor.audit.forget(tp.partition for tp in revoked)
+        self.processor.series.forget_all()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.processor.seek_to_stored(assigned)
@@ -49,6 +70,12 @@ class Processor:
         self.group = settings.kafka.processor_group
         self.topic = settings.kafka.readings_topic
         self._stop = asyncio.Event()
+        self.series = SeriesTable()
+        self.registry = RegistryView()
+        self.audit = AuditLog(self.topic)
+        self.writer = BatchWriter(
+            settings, self.series, self.registry, self.audit, group=self.group, topic=self.topic
+        )
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -93,8 +120,12 @@ class Processor:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
         k = self.settings.kafka
+        started = time.monotonic()
+        await asyncio.to_thread(kernels.warm_up)
+        log.info("kernels ready in %.1f s", time.monotonic() - started)
         self._conn = await psycopg.AsyncConnection.connect(self.settings.db.conninfo())
         await store.prepare(self._conn)
+        await self.registry.refresh(self._conn, refresh_s=self.settings.ingest.registry_refresh_s)
         self._producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap,
@@ -118,21 +149,36 @@ class Processor:
         batches = await self.consumer.getmany(timeout_ms=p.poll_timeout_ms, max_records=p.max_batch_records)
         if not batches:
             return
-        decoded: list[DeviceReadings] = []
+        started = time.perf_counter()
+        builder = ColumnBuilder.start(self.series)
         next_offsets: dict[int, int] = {}
         for tp, records in batches.items():
             for rec in records:
                 RECORDS.inc()
                 try:
-                    decoded.append(decode_record(rec.value or b""))
-                except RecordError as exc:
+                    builder.add(tp.partition, rec.value or b"")
+                except UndecodableRecord as exc:
                     await self._dead_letter(tp, rec.offset, rec.value or b"", str(exc))
             next_offsets[tp.partition] = records[-1].offset + 1
-        result = await store.write_batch(
-            self.conn, decoded, group=self.group, topic=self.topic, next_offsets=next_offsets
-        )
-        ROWS_WRITTEN.inc(result.inserted)
-        DUPLICATES.inc(result.duplicates)
+        columns = builder.finish()
+        await self.registry.refresh(self.conn, refresh_s=self.settings.ingest.registry_refresh_s)
+        try:
+            outcome = await self.writer.write(self.conn, columns, next_offsets)
+        except (psycopg.errors.UniqueViolation, AuditError) as exc:
+            # What we knew of some series or audit chains was stale (another processor wrote them
+            # during a rebalance): forget it, reload from the database and write the poll again.
+            log.warning("stale state (%s); reloading it and writing the poll again", exc)
+            self.audit.forget()
+            self.series.forget_all()
+            outcome = await self.writer.write(self.conn, columns, next_offsets)
+        READINGS.inc(outcome.readings)
+        ROWS_WRITTEN.inc(outcome.inserted)
+        DUPLICATES.inc(outcome.duplicates)
+        LATE.inc(outcome.late)
+        AGG_ROWS.inc(outcome.aggregate_rows)
+        for kind, count in outcome.flags.items():
+            FLAGS.labels(kind).inc(count)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
         with contextlib.suppress(Exception):
             await self.consumer.commit({tp: next_offsets[tp.partition] for tp in batches})
         for tp in batches:

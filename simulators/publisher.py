@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -15,6 +16,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from simulators.encoding import GatewayEncoder
+from simulators.engine import MeterExchange
 from simulators.runner import RunOptions, RunResult, run
 from simulators.spec import FleetSpec
 
@@ -196,6 +198,36 @@ class GatewayClient:
         self._client.loop_stop()
 
 
+class ExchangeReporter:
+    """Registers each simulated meter exchange through the API, as a site crew would report it."""
+
+    def __init__(self, api_url: str, admin_key: str) -> None:
+        self._http = httpx.Client(
+            base_url=api_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+        )
+        self.reported = 0
+
+    def __call__(self, exchange: MeterExchange) -> None:
+        resp = self._http.post(
+            f"/v1/devices/{exchange.device}/meter-exchanges",
+            json={
+                "tenant": exchange.tenant,
+                "metric": exchange.metric,
+                "ts": datetime.fromtimestamp(exchange.ts / 1000, UTC).isoformat(),
+                "removal_read": exchange.old_final,
+                "install_read": exchange.new_initial,
+            },
+        )
+        if resp.status_code not in (201, 409):
+            raise RegistrationError(
+                f"meter exchange of {exchange.device} refused: {resp.status_code} {resp.text}"
+            )
+        self.reported += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+
 @dataclass(slots=True)
 class MqttOutcome:
     acked: int
@@ -213,6 +245,7 @@ def simulate_over_mqtt(
     qos: int,
     stop: threading.Event | None = None,
     armed_rollovers: list[tuple[str, str]] | None = None,
+    on_exchange: Callable[[MeterExchange], None] | None = None,
 ) -> tuple[RunResult, MqttOutcome]:
     """Run the simulation with one paho client per gateway, then wait for the broker's answers."""
     gateways = [g for _, _, g in spec.gateways()]
@@ -239,7 +272,10 @@ def simulate_over_mqtt(
         clients[gateway].publish(topic, payload)
 
     try:
-        result = run(spec, options, sink, stop=stop, on_start=connect, armed_rollovers=armed_rollovers)
+        result = run(
+            spec, options, sink, stop=stop, on_start=connect, armed_rollovers=armed_rollovers,
+            on_exchange=on_exchange,
+        )  # fmt: skip
         unanswered = 0
         for client in clients:
             if not client.wait_answered(60):

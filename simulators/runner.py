@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from meterflow.contract import TOPIC_ROOT, now_ms
 from simulators.encoding import GatewayEncoder, Publish
-from simulators.engine import MINUTE_MS, Batch, ReadingFaults, Simulation
+from simulators.engine import MINUTE_MS, Batch, MeterExchange, ReadingFaults, Simulation
 from simulators.faults import FaultConfig, Outgoing, Scheduler
 from simulators.spec import FleetSpec
 from simulators.truth import TruthRecorder
@@ -152,9 +152,11 @@ def run(
     stop: threading.Event | None = None,
     on_start: Callable[[list[GatewayEncoder], int], None] | None = None,
     armed_rollovers: list[tuple[str, str]] | None = None,
+    on_exchange: Callable[[MeterExchange], None] | None = None,
 ) -> RunResult:
     """Simulate the fleet over the planned window, sending every publish to `sink(gateway, topic,
-    payload)`; writes ground truth when `options.truth_dir` is set.
+    payload)`; writes ground truth when `options.truth_dir` is set. `on_exchange` hears of each meter
+    exchange before any reading taken at or after it is published, as a site crew would report it.
 
     `spec` is the fleet as registered: register faults (see `faults.arm_rollovers`) are applied before
     registration, since a register's maximum is part of what meterflow is told about a meter."""
@@ -209,9 +211,14 @@ def run(
     total_ticks = None if window.end_ms is None else (window.end_ms - window.start_ms) // sim.tick_ms + 1
     with _ProgressBar(options.progress, total_ticks) as (progress, task):
         last_update = 0.0
+        reported_exchanges = 0
         for batches, snapshot, ts in sim.run(window.end_ms if window.end_ms is not None else 2**62):
             if truth is not None and snapshot is not None:
                 truth.snapshot(ts, snapshot)
+            if on_exchange is not None:
+                while reported_exchanges < len(sim.log.exchanges):
+                    on_exchange(sim.log.exchanges[reported_exchanges])
+                    reported_exchanges += 1
             for batch in batches:
                 result.true_readings += batch.reading_count
                 for ready in uploads.add(batch):

@@ -61,3 +61,33 @@ def assert_counts_match(truth: dict[ReadingKey, int], got: dict[ReadingKey, int]
     assert not missing and not extra, f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
     mismatches = {k: (truth[k], got[k]) for k in truth if truth[k] != got[k]}
     assert not mismatches, f"{len(mismatches)} buckets differ, e.g. {list(mismatches.items())[:3]}"
+
+
+def truth_quantities(truth_dir: Path, width: str) -> dict[ReadingKey, float]:
+    """Expected quantity per (tenant, device, metric, bucket) for 1-minute or complete 15-minute buckets."""
+    path = truth_dir / "energy_1m" / "*.parquet" if width == "1m" else truth_dir / "energy_15m.parquet"
+    frame = pl.read_parquet(path)
+    return {
+        (t, d, m, int(b.timestamp() * 1000)): q
+        for t, d, m, b, q in frame.select(
+            "tenant", "device", "metric", "bucket_start", "quantity"
+        ).iter_rows()
+    }
+
+
+def assert_quantities_match(
+    truth: dict[ReadingKey, float],
+    got: dict[ReadingKey, float],
+    *,
+    complete: bool = True,
+    tolerance: float = 1e-6,
+) -> None:
+    """Every true bucket has the same quantity (to `tolerance`); when the truth is `complete`, buckets
+    outside it hold nothing."""
+    assert truth, "no ground truth written"
+    wrong = {k: (q, got.get(k, 0.0)) for k, q in truth.items() if abs(got.get(k, 0.0) - q) > tolerance}
+    assert not wrong, (
+        f"{len(wrong)} of {len(truth)} buckets differ (truth, got), e.g. {sorted(wrong.items())[:4]}"
+    )
+    extra = {k: v for k, v in got.items() if complete and k not in truth and abs(v) > tolerance}
+    assert not extra, f"{len(extra)} buckets booked outside the truth, e.g. {sorted(extra.items())[:4]}"

@@ -24,7 +24,11 @@ from api.models import (
     GatewayIn,
     GreenCertificate,
     GreenCertificateIn,
+    MeterExchange,
+    MeterExchangeIn,
     MqttCredentials,
+    Multiplier,
+    MultiplierIn,
     Page,
     Site,
     SiteIn,
@@ -298,6 +302,42 @@ async def list_devices(
         {"tenant": _scope(who, tenant), "site": site, "limit": limit},
     )
     return Page[Device](data=[Device.model_validate(r) for r in rows])
+
+
+# --- meter exchanges and multipliers ---------------------------------------------------------------
+
+
+@router.post("/devices/{device}/meter-exchanges", status_code=201)
+async def create_meter_exchange(
+    device: str, body: MeterExchangeIn, who: PrincipalDep, request: Request
+) -> MeterExchange:
+    """Register a meter exchange (removal and install reads at one timestamp). Admin only."""
+    require_admin(who)
+    row = await _insert(
+        request,
+        "INSERT INTO meter_exchanges (tenant_id, device_id, metric, ts, removal_read, install_read) "
+        "VALUES (%(tenant)s, %(device)s, %(metric)s, %(ts)s, %(removal_read)s, %(install_read)s) "
+        "RETURNING tenant_id AS tenant, device_id AS device, metric, ts, removal_read, install_read, created_at",
+        {**body.model_dump(), "device": device},
+    )
+    return MeterExchange.model_validate(row)
+
+
+@router.post("/devices/{device}/multipliers", status_code=201)
+async def create_multiplier(
+    device: str, body: MultiplierIn, who: PrincipalDep, request: Request
+) -> Multiplier:
+    """Set a device's CT x VT ratios and meter constant from a point in time. Admin only."""
+    require_admin(who)
+    row = await _insert(
+        request,
+        "INSERT INTO meter_multipliers (tenant_id, device_id, effective_from, ct_ratio, vt_ratio, meter_constant) "
+        "VALUES (%(tenant)s, %(device)s, %(effective_from)s, %(ct_ratio)s, %(vt_ratio)s, %(meter_constant)s) "
+        "RETURNING tenant_id AS tenant, device_id AS device, effective_from, ct_ratio, vt_ratio, meter_constant, "
+        "created_at",
+        {**body.model_dump(), "device": device},
+    )
+    return Multiplier.model_validate(row)
 
 
 # --- green certificates ----------------------------------------------------------------------------

@@ -16,11 +16,19 @@ from aiokafka import AIOKafkaConsumer
 
 from meterflow.contract import now_ms
 from simulators.faults import FaultConfig, arm_rollovers
-from simulators.publisher import register_fleet, simulate_over_mqtt
+from simulators.publisher import ExchangeReporter, register_fleet, simulate_over_mqtt
 from simulators.runner import RunOptions
 from simulators.spec import generate_fleet
 from tests.integration.conftest import Pipeline
-from tests.truthcheck import assert_counts_match, fleet_devices, register_minute_counts, truth_minute_counts
+from tests.truthcheck import (
+    REGISTER_METRICS,
+    assert_counts_match,
+    assert_quantities_match,
+    fleet_devices,
+    register_minute_counts,
+    truth_minute_counts,
+    truth_quantities,
+)
 
 FAULTS = FaultConfig(
     duplicate=0.2, reorder=0.2, offline=1.0, clock_skew=1.0, malformed=0.1, wrong_tenant=0.05,
@@ -48,6 +56,7 @@ def test_simulated_fleet_with_faults_lands_exactly(
         truth_dir=tmp_path,
         max_payload_bytes=pipeline.settings.ingest.max_payload_bytes,
     )
+    exchanges = ExchangeReporter(pipeline.api_url, pipeline.admin_key)
     result, outcome = simulate_over_mqtt(
         spec,
         options,
@@ -56,7 +65,10 @@ def test_simulated_fleet_with_faults_lands_exactly(
         creds=creds,
         qos=1,
         armed_rollovers=armed,
+        on_exchange=exchanges,
     )
+    exchanges.close()
+    assert exchanges.reported > 0
     assert result.manifest is not None
     expected = result.manifest["expected"]
     assert outcome.unanswered == 0
@@ -66,6 +78,11 @@ def test_simulated_fleet_with_faults_lands_exactly(
     readings = _wait_for_readings(pipeline, tenants, result.true_readings)
     got = register_minute_counts(readings, fleet_devices(spec), tmp_path)
     assert_counts_match(truth_minute_counts(tmp_path), got)
+    # The processor's interval aggregates (committed with the raw readings) equal the ground truth.
+    assert_quantities_match(truth_quantities(tmp_path, "1m"), _aggregates(pipeline, tenants, "agg_1m"))
+    assert_quantities_match(
+        truth_quantities(tmp_path, "15m"), _aggregates(pipeline, tenants, "agg_15m"), complete=False
+    )
 
     dead_letters = asyncio.run(_dead_letters(pipeline, prefix, sum(expected["dead_letters"].values())))
     assert dict(dead_letters) == expected["dead_letters"]
@@ -85,6 +102,16 @@ def _wait_for_readings(p: Pipeline, tenants: list[str], count: int) -> dict[tupl
             time.sleep(1)
     assert len(rows) == count, f"{len(rows)} readings stored, expected {count}"
     return {(t, d, m, ts): v for t, d, m, ts, v in rows}
+
+
+def _aggregates(p: Pipeline, tenants: list[str], table: str) -> dict[tuple[str, str, str, int], float]:
+    with psycopg.connect(p.settings.db.conninfo()) as conn:
+        rows = conn.execute(
+            f"SELECT tenant_id, entity_id, metric, (extract(epoch FROM bucket) * 1000)::bigint, total "
+            f"FROM {table} WHERE scope = 'device' AND tenant_id = ANY(%s) AND metric = ANY(%s)",
+            (tenants, list(REGISTER_METRICS)),
+        ).fetchall()
+    return {(t, d, m, b): v for t, d, m, b, v in rows}
 
 
 async def _dead_letters(p: Pipeline, prefix: str, count: int) -> Counter[str]:

@@ -1,0 +1,451 @@
+"""One poll of decoded readings -> one database transaction.
+
+In order: de-duplicate within the poll; readings newer than anything stored for their series are copied
+straight into ``readings``, older ones are inserted unless already stored (those are the duplicates);
+registers become intervals (kernels) and intervals become bucket deltas; a late register read corrects
+the stretch between its stored neighbours (bounded recomputation: only that stretch); instantaneous
+readings add to sums, counts and maxima; deltas roll up to sites, enterprises and VPPs by the membership
+valid at each bucket; then the audit entry and the Kafka offsets. Per-series state changes only after
+the commit, so a failed transaction leaves nothing half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from meterflow.settings import Settings
+from processing import kernels, store
+from processing.columns import Columns
+from processing.kernels import F64, I8, I32, I64, NO_TS, Buckets, RegisterState
+from processing.registry import RegistryView, SeriesKey
+from processing.series import KIND_INSTANTANEOUS, KIND_REGISTER, SeriesTable
+
+log = logging.getLogger(__name__)
+
+WIDTHS: tuple[tuple[str, int], ...] = (("agg_1m", 60_000), ("agg_15m", 900_000), ("agg_1h", 3_600_000))
+
+# Roll-up scopes by device role: the boundary (grid) meters make a site's and an enterprise's energy;
+# resources make their VPP's. Sub-meters stay at device level, so nothing is counted twice.
+_ROLLUP_ROLES = {"grid": ("site", "enterprise"), "resource": ("vpp",)}
+
+
+class AuditAppender(Protocol):
+    async def append(
+        self,
+        cur: store.Cur,
+        *,
+        partition: int,
+        audit_batch: int,
+        keys: Sequence[SeriesKey],
+        series: I32,
+        ts_ms: I64,
+        values: F64,
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    readings: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    late: int = 0
+    flags: Counter[str] = field(default_factory=Counter)
+    aggregate_rows: int = 0
+
+
+@dataclass(slots=True)
+class _Delta:
+    """Accumulated change of one aggregate row."""
+
+    total: float = 0.0
+    n: int = 0
+    max_value: float | None = None
+    n_measured: int = 0
+    n_estimated: int = 0
+    n_substituted: int = 0
+    n_flagged: int = 0
+    n_uncalibrated: int = 0
+    late: int = 0
+
+    def add(self, b: Buckets, i: int, sign: int = 1, uncalibrated: bool = False, late: bool = False) -> None:
+        self.total += sign * float(b.total[i])
+        self.n += sign * int(b.n[i])
+        m = float(b.max_value[i])
+        if sign > 0 and m == m and (self.max_value is None or m > self.max_value):
+            self.max_value = m
+        self.n_measured += sign * int(b.n_measured[i])
+        self.n_estimated += sign * int(b.n_estimated[i])
+        self.n_substituted += sign * int(b.n_substituted[i])
+        self.n_flagged += sign * int(b.n_flagged[i])
+        if uncalibrated:
+            self.n_uncalibrated += sign * int(b.n[i])
+        if late:
+            self.late = 1
+
+
+AggKey = tuple[str, str, str, str, int]  # scope, tenant, entity, metric, bucket_ms
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        settings: Settings,
+        series: SeriesTable,
+        registry: RegistryView,
+        audit: AuditAppender | None,
+        *,
+        group: str,
+        topic: str,
+    ) -> None:
+        self.settings = settings
+        self.series = series
+        self.registry = registry
+        self.audit = audit
+        self.group = group
+        self.topic = topic
+        p = settings.processing
+        self.max_gap_ms = int(p.max_interp_gap_s * 1000)
+        self.margin = p.plausibility_margin
+
+    async def load_unknown_series(self, conn: store.Conn, series: I32) -> None:
+        t = self.series
+        unknown = np.unique(series[~t.known[series]])
+        if unknown.size == 0:
+            return
+        keys = [t.keys[i] for i in unknown.tolist()]
+        await self.registry.ensure(conn, {(k[0], k[1]) for k in keys})
+        states = await store.load_series_state(conn, keys)
+        for i, key, (newest, anchor_ts, anchor_value) in zip(unknown.tolist(), keys, states, strict=True):
+            t.last_ts[i] = NO_TS if newest is None else newest
+            if anchor_ts is not None and anchor_value is not None and t.kind[i] == KIND_REGISTER:
+                install = self.registry.install_read_at(key, anchor_ts)
+                t.state.anchor_ts[i] = anchor_ts
+                t.state.anchor_val[i] = anchor_value if install is None else install
+            t.known[i] = True
+
+    async def write(self, conn: store.Conn, cols: Columns, next_offsets: Mapping[int, int]) -> BatchOutcome:
+        t = self.series
+        out = BatchOutcome(readings=int(cols.series.size))
+        await self.load_unknown_series(conn, cols.series)
+        t.refresh_params(self.registry, margin=self.margin)
+        self._apply_new_exchanges()
+
+        order = np.lexsort((cols.ts, cols.series))
+        s, ts, value, rec = cols.series[order], cols.ts[order], cols.value[order], cols.record[order]
+        first = np.ones(s.size, np.bool_)
+        first[1:] = (s[1:] != s[:-1]) | (ts[1:] != ts[:-1])
+        out.duplicates += int(s.size - first.sum())
+        s, ts, value, rec = s[first], ts[first], value[first], rec[first]
+        fresh = ts > t.last_ts[s]
+
+        part = cols.record_partition[rec]
+        async with conn.transaction(), conn.cursor() as cur:
+            # One audit batch per partition: each partition's chain verifies its own rows.
+            partitions = np.unique(part).tolist()
+            audit_batches = {p: await store.next_audit_batch(cur) for p in partitions}
+            audit_ids = np.zeros(s.size, np.int64)
+            for p, batch_id in audit_batches.items():
+                audit_ids[part == p] = batch_id
+            await store.copy_readings(cur, self._rows(cols, s, ts, value, rec, fresh, audit_ids))
+            maybe = np.flatnonzero(~fresh)
+            inserted_old = await store.insert_unless_stored(
+                cur, list(self._rows(cols, s, ts, value, rec, ~fresh, audit_ids))
+            )
+            late = np.zeros(s.size, np.bool_)
+            if inserted_old:
+                new_keys = set(inserted_old)
+                for i in maybe.tolist():
+                    key = t.keys[s[i]]
+                    if (key[0], key[1], key[2], int(ts[i])) in new_keys:
+                        late[i] = True
+            inserted = fresh | late
+            out.late = int(late.sum())
+            out.inserted = int(inserted.sum())
+            out.duplicates += int((~inserted).sum())
+
+            state = RegisterState(
+                t.state.anchor_ts.copy(), t.state.anchor_val.copy(), t.state.pending_ts.copy(),
+                t.state.pending_val.copy(),
+            )  # fmt: skip
+            deltas: dict[str, dict[AggKey, _Delta]] = {table: defaultdict(_Delta) for table, _ in WIDTHS}
+            flag_rows: list[tuple[str, str, str, int, str]] = []
+
+            is_register = t.kind[s] == KIND_REGISTER
+            in_order = inserted & is_register & (ts > state.anchor_ts[s])
+            self._registers(s[in_order], ts[in_order], value[in_order], state, deltas, flag_rows, out)
+            behind = inserted & is_register & ~in_order
+            unflag: set[tuple[str, str, str, int]] = set()
+            if behind.any():
+                await self._late_registers(cur, s[behind], ts[behind], state, deltas, flag_rows, unflag, out)
+            inst = inserted & (t.kind[s] == KIND_INSTANTANEOUS)
+            if inst.any():
+                self._instantaneous(s[inst], ts[inst], value[inst], late[inst], deltas, flag_rows, out)
+
+            await store.insert_flags(cur, [f for f in flag_rows if f[:4] not in unflag])
+            await store.clear_flags(cur, sorted(unflag))
+            for table, _ in WIDTHS:
+                out.aggregate_rows += await store.upsert_aggregates(cur, table, _agg_rows(deltas[table]))
+            if self.audit is not None:
+                for p in np.unique(part[inserted]).tolist():
+                    sel = inserted & (part == p)
+                    await self.audit.append(
+                        cur, partition=int(p), audit_batch=audit_batches[p], keys=t.keys,
+                        series=s[sel], ts_ms=ts[sel], values=value[sel],
+                    )  # fmt: skip
+            await store.save_offsets(cur, group=self.group, topic=self.topic, next_offsets=next_offsets)
+
+        t.state = state
+        if out.inserted:
+            np.maximum.at(t.last_ts, s[inserted], ts[inserted])
+        return out
+
+    def _apply_new_exchanges(self) -> None:
+        t = self.series
+        for key, ts_ms, install in self.registry.new_exchanges:
+            i = t.index.get(key)
+            if i is not None and t.known[i] and t.state.anchor_ts[i] == ts_ms:
+                t.state.anchor_val[i] = install
+        self.registry.new_exchanges.clear()
+
+    def _rows(
+        self, cols: Columns, s: I32, ts: I64, value: F64, rec: I32, mask: np.ndarray, audit_ids: I64
+    ) -> Iterator[store.ReadingRow]:
+        keys = self.series.keys
+        gateways = cols.record_gateway
+        received = cols.record_received_ms
+        for si, t_ms, v, r, batch_id in zip(
+            s[mask].tolist(), ts[mask].tolist(), value[mask].tolist(), rec[mask].tolist(),
+            audit_ids[mask].tolist(), strict=True,
+        ):  # fmt: skip
+            tenant, device, metric = keys[si]
+            yield (
+                tenant, device, metric, store.pg_us(t_ms), v, gateways[r], store.pg_us(int(received[r])),
+                batch_id,
+            )  # fmt: skip
+
+    def _schedules(self, s: I32, ts: I64) -> tuple[F64 | None, F64 | None]:
+        """Install reads of registered meter exchanges and multipliers, per read (None when no series in
+        the poll has any)."""
+        keys = self.series.keys
+        install: F64 | None = None
+        multiplier: F64 | None = None
+        for si in np.unique(s).tolist():
+            key = keys[si]
+            exchanges = self.registry.exchanges.get(key)
+            schedule = self.registry.multipliers.get((key[0], key[1]))
+            if not exchanges and not schedule:
+                continue
+            rows = np.flatnonzero(s == si)
+            if exchanges:
+                if install is None:
+                    install = np.full(s.size, np.nan)
+                at = dict(exchanges)
+                for i in rows.tolist():
+                    read = at.get(int(ts[i]))
+                    if read is not None:
+                        install[i] = read
+            if schedule:
+                if multiplier is None:
+                    multiplier = np.ones(s.size)
+                for i in rows.tolist():
+                    multiplier[i] = self.registry.multiplier_at((key[0], key[1]), int(ts[i]))
+        return install, multiplier
+
+    def _book_intervals(
+        self,
+        intervals: kernels.Intervals,
+        deltas: dict[str, dict[AggKey, _Delta]],
+        *,
+        series_map: I32 | None = None,
+        sign: int = 1,
+        late: bool = False,
+        flag_series: I32 | None = None,
+        flag_ts: I64 | None = None,
+    ) -> None:
+        series = intervals.series if series_map is None else series_map[intervals.series]
+        for table, width in WIDTHS:
+            c = kernels.prorate(intervals, width, self.max_gap_ms)
+            fs = flag_series if flag_series is not None else np.empty(0, np.int32)
+            ft = flag_ts if flag_ts is not None else np.empty(0, np.int64)
+            b = kernels.reduce_by_key(
+                np.concatenate([series[c.interval], fs]).astype(np.int32),
+                np.concatenate([c.bucket_ms, ft - ft % width]),
+                np.concatenate([c.qty, np.zeros(fs.size)]),
+                np.concatenate([c.quality, np.full(fs.size, kernels.NO_QUALITY, np.int8)]),
+                np.concatenate([np.zeros(c.qty.size, np.int8), np.ones(fs.size, np.int8)]),
+                width,
+            )
+            self._add(b, deltas[table], width, sign=sign, late=late)
+
+    def _registers(
+        self,
+        s: I32,
+        ts: I64,
+        value: F64,
+        state: RegisterState,
+        deltas: dict[str, dict[AggKey, _Delta]],
+        flag_rows: list[tuple[str, str, str, int, str]],
+        out: BatchOutcome,
+    ) -> None:
+        if s.size == 0:
+            return
+        install, multiplier = self._schedules(s, ts)
+        intervals = kernels.registers_to_intervals(
+            s, ts, value, state, self.series.params, install_after=install, multiplier=multiplier
+        )
+        flagged = self._flags(s, ts, intervals.read_flag, flag_rows, out)
+        self._book_intervals(intervals, deltas, flag_series=s[flagged], flag_ts=ts[flagged])
+
+    def _flags(
+        self,
+        s: I32,
+        ts: I64,
+        read_flag: I8,
+        flag_rows: list[tuple[str, str, str, int, str]],
+        out: BatchOutcome,
+    ) -> np.ndarray:
+        flagged: np.ndarray = (read_flag == kernels.READ_NEGATIVE) | (read_flag == kernels.READ_IMPLAUSIBLE)
+        for i in np.flatnonzero(flagged).tolist():
+            name = kernels.READ_FLAG_NAMES[int(read_flag[i])]
+            flag_rows.append((*self.series.keys[s[i]], int(ts[i]), name))
+            out.flags[name] += 1
+        for code in (kernels.READ_ROLLOVER, kernels.READ_REBASELINE):
+            hits = int((read_flag == code).sum())
+            if hits:
+                out.flags[kernels.READ_FLAG_NAMES[code]] += hits
+        return flagged
+
+    async def _late_registers(
+        self,
+        cur: store.Cur,
+        s: I32,
+        ts: I64,
+        state: RegisterState,
+        deltas: dict[str, dict[AggKey, _Delta]],
+        flag_rows: list[tuple[str, str, str, int, str]],
+        unflag: set[tuple[str, str, str, int]],
+        out: BatchOutcome,
+    ) -> None:
+        """A read older than its register's anchor changes only the stretch from the anchor before it
+        to the current anchor: book that stretch again with the read, and subtract it as it was booked
+        without (the kernels are deterministic, so that is exactly what was added before)."""
+        for si in np.unique(s).tolist():
+            key = self.series.keys[si]
+            late_ts = ts[s == si]
+            window = await store.register_window(cur, key, int(late_ts.min()), int(state.anchor_ts[si]))
+            is_late = np.isin(np.array([r[0] for r in window], np.int64), late_ts)
+            before = self._replay(
+                si, [r for r, late in zip(window, is_late.tolist(), strict=True) if not late]
+            )
+            after = self._replay(si, window)
+            for (r_ts, intervals), sign in ((before, -1), (after, 1)):
+                flagged = (intervals.read_flag == kernels.READ_NEGATIVE) | (
+                    intervals.read_flag == kernels.READ_IMPLAUSIBLE
+                )
+                self._book_intervals(
+                    intervals, deltas, series_map=np.array([si], np.int32), sign=sign, late=True,
+                    flag_series=np.full(int(flagged.sum()), si, np.int32), flag_ts=r_ts[flagged],
+                )  # fmt: skip
+            was = {int(t_ms) for t_ms, f in zip(before[0], before[1].read_flag, strict=True) if _is_flag(f)}
+            now = {
+                int(t_ms): int(f) for t_ms, f in zip(after[0], after[1].read_flag, strict=True) if _is_flag(f)
+            }
+            for t_ms in was - now.keys():
+                unflag.add((*key, t_ms))
+            for t_ms, f in now.items():
+                if t_ms not in was:
+                    name = kernels.READ_FLAG_NAMES[f]
+                    flag_rows.append((*key, t_ms, name))
+                    out.flags[name] += 1
+
+    def _replay(self, si: int, reads: list[tuple[int, float]]) -> tuple[I64, kernels.Intervals]:
+        """Run one register's reads through the kernel from a fresh anchor at the first of them."""
+        key = self.series.keys[si]
+        r_ts = np.array([r[0] for r in reads], np.int64)
+        params = kernels.RegisterParams(
+            self.series.params.register_max[si : si + 1],
+            self.series.params.resolution[si : si + 1],
+            self.series.params.max_rate_per_ms[si : si + 1],
+        )
+        install = np.array(
+            [np.nan if (x := self.registry.install_read_at(key, t)) is None else x for t in r_ts]
+        )
+        multiplier = np.array([self.registry.multiplier_at((key[0], key[1]), int(t)) for t in r_ts])
+        intervals = kernels.registers_to_intervals(
+            np.zeros(r_ts.size, np.int32), r_ts, np.array([r[1] for r in reads], np.float64),
+            RegisterState.empty(1), params, install_after=install, multiplier=multiplier,
+        )  # fmt: skip
+        return r_ts, intervals
+
+    def _instantaneous(
+        self,
+        s: I32,
+        ts: I64,
+        value: F64,
+        late: np.ndarray,
+        deltas: dict[str, dict[AggKey, _Delta]],
+        flag_rows: list[tuple[str, str, str, int, str]],
+        out: BatchOutcome,
+    ) -> None:
+        limit = self.series.abs_limit
+        spikes = np.abs(value) > limit[s]
+        for i in np.flatnonzero(spikes).tolist():
+            flag_rows.append((*self.series.keys[s[i]], int(ts[i]), "spike"))
+        if spikes.any():
+            out.flags["spike"] += int(spikes.sum())
+        for table, width in WIDTHS:
+            for part in (late, ~late):
+                if part.any():
+                    b = kernels.instantaneous_buckets(s[part], ts[part], value[part], limit, width)
+                    self._add(b, deltas[table], width, late=bool(part is late), rollup=False)
+
+    def _add(
+        self,
+        b: Buckets,
+        into: dict[AggKey, _Delta],
+        width: int,
+        *,
+        sign: int = 1,
+        late: bool = False,
+        rollup: bool = True,
+    ) -> None:
+        keys = self.series.keys
+        registry = self.registry
+        for i in range(b.series.size):
+            tenant, device, metric = keys[int(b.series[i])]
+            bucket = int(b.bucket_ms[i])
+            info = registry.devices.get((tenant, device))
+            uncalibrated = bool(
+                info is not None and info.calibration_due_ms is not None and bucket >= info.calibration_due_ms
+            )
+            into[("device", tenant, device, metric, bucket)].add(b, i, sign, uncalibrated, late)
+            if not rollup or info is None or info.role not in _ROLLUP_ROLES:
+                continue
+            member = registry.member_at((tenant, device), bucket)
+            if member is None:
+                continue
+            for scope in _ROLLUP_ROLES[info.role]:
+                if scope == "site" and member.site:
+                    into[("site", tenant, member.site, metric, bucket)].add(b, i, sign, uncalibrated, late)
+                elif scope == "enterprise":
+                    into[("enterprise", tenant, tenant, metric, bucket)].add(b, i, sign, uncalibrated, late)
+                elif scope == "vpp" and member.vpp:
+                    into[("vpp", "", member.vpp, metric, bucket)].add(b, i, sign, uncalibrated, late)
+
+
+def _is_flag(code: int) -> bool:
+    return code in (kernels.READ_NEGATIVE, kernels.READ_IMPLAUSIBLE)
+
+
+def _agg_rows(deltas: dict[AggKey, _Delta]) -> Iterator[store.AggRow]:
+    for (scope, tenant, entity, metric, bucket), d in deltas.items():
+        yield (
+            scope, tenant, entity, metric, store.pg_us(bucket), d.total, d.n, d.max_value, d.n_measured,
+            d.n_estimated, d.n_substituted, d.n_flagged, d.n_uncalibrated, d.late,
+        )  # fmt: skip
