@@ -118,12 +118,19 @@ def is_valid_device_id(device: str) -> bool:
     return _DEVICE_RE.match(device) is not None
 
 
-# --- Kafka record, version 1 -------------------------------------------------------------------
-# One record carries all readings of one device from one MQTT message, keyed by tenant/device so a
-# device's readings stay in order in one partition. JSON (orjson) keeps records inspectable with any
-# Kafka tool; readings are positional triples to keep records small.
+# --- Kafka records ------------------------------------------------------------------------------
+# JSON (orjson) keeps records inspectable with any Kafka tool; readings are positional to keep them
+# small. Every record carries its version in "v", so consumers read old and new records side by side.
+#
+# v1: all readings of one device from one MQTT message, keyed tenant/device so that a device's
+#     readings stay in order in one partition.
+# v2: readings of many devices of one tenant and one gateway that all map to the same partition, each
+#     reading naming its device by index into "devices". Keyed by tenant/<first device> and sent to the
+#     partition the default partitioner gives every one of its devices' tenant/device keys, so the
+#     device -> partition mapping and per-device order are those of v1, with far fewer records.
 
-RECORD_VERSION: Final = 1
+RECORD_V1: Final = 1
+RECORD_V2: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,17 +149,57 @@ class DeviceReadings:
     readings: tuple[Reading, ...]
 
     def kafka_key(self) -> bytes:
-        return f"{self.tenant}/{self.device}".encode()
+        return device_key(self.tenant, self.device)
 
     def encode(self) -> bytes:
+        """This device's readings as a v1 record."""
         return orjson.dumps(
             {
-                "v": RECORD_VERSION,
+                "v": RECORD_V1,
                 "tenant": self.tenant,
                 "gateway": self.gateway,
                 "device": self.device,
                 "received_ms": self.received_ms,
                 "readings": [(r.ts_ms, r.metric, r.value) for r in self.readings],
+            }
+        )
+
+
+def device_key(tenant: str, device: str) -> bytes:
+    """The Kafka key that places a device in its partition (v1 key; v2 partitions by it too)."""
+    return f"{tenant}/{device}".encode()
+
+
+# (index into GatewayRecord.devices, ts_ms, metric, value)
+ReadingRow = tuple[int, int, str, float]
+
+
+@dataclass(slots=True)
+class GatewayRecord:
+    """A v2 record: readings of devices of one tenant and gateway that share one partition.
+
+    The caller keeps the partition invariant; this only encodes. Readings of one device keep their
+    order; readings of different devices may interleave.
+    """
+
+    tenant: str
+    gateway: str
+    received_ms: int
+    devices: list[str]
+    readings: list[ReadingRow]
+
+    def kafka_key(self) -> bytes:
+        return device_key(self.tenant, self.devices[0])
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": RECORD_V2,
+                "tenant": self.tenant,
+                "gateway": self.gateway,
+                "received_ms": self.received_ms,
+                "devices": self.devices,
+                "readings": self.readings,
             }
         )
 
@@ -171,13 +218,46 @@ class _RecordV1(BaseModel):
     readings: list[tuple[int, str, float]]
 
 
+class _RecordV2(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    v: int
+    tenant: str
+    gateway: str
+    received_ms: int
+    devices: list[str] = Field(min_length=1)
+    readings: list[tuple[int, int, str, float]]
+
+
 def decode_record(raw: bytes) -> DeviceReadings:
+    """A v1 record. Readers of both versions use `decode_records`."""
     try:
         doc = _RecordV1.model_validate_json(raw)
     except ValueError as exc:
         raise RecordError(f"undecodable record: {exc}") from exc
-    if doc.v != RECORD_VERSION:
+    if doc.v != RECORD_V1:
         raise RecordError(f"unsupported record version {doc.v}")
+    return _v1_readings(doc)
+
+
+def decode_records(raw: bytes) -> list[DeviceReadings]:
+    """A v1 or v2 record as per-device readings: one entry per device that has readings, in the order
+    of each device's first reading, each device's readings in record order."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(f"undecodable record: {exc}") from exc
+    version = doc.get("v") if isinstance(doc, dict) else None
+    try:
+        if version == RECORD_V1:
+            return [_v1_readings(_RecordV1.model_validate(doc))]
+        if version == RECORD_V2:
+            return _v2_readings(_RecordV2.model_validate(doc))
+    except ValueError as exc:
+        raise RecordError(f"undecodable record: {exc}") from exc
+    raise RecordError(f"unsupported record version {version!r}")
+
+
+def _v1_readings(doc: _RecordV1) -> DeviceReadings:
     return DeviceReadings(
         tenant=doc.tenant,
         gateway=doc.gateway,
@@ -185,6 +265,19 @@ def decode_record(raw: bytes) -> DeviceReadings:
         received_ms=doc.received_ms,
         readings=tuple(Reading(ts, metric, value) for ts, metric, value in doc.readings),
     )
+
+
+def _v2_readings(doc: _RecordV2) -> list[DeviceReadings]:
+    per_device: dict[int, list[Reading]] = {}
+    n_devices = len(doc.devices)
+    for index, ts, metric, value in doc.readings:
+        if not 0 <= index < n_devices:
+            raise RecordError(f"a reading names device index {index} of {n_devices}")
+        per_device.setdefault(index, []).append(Reading(ts, metric, value))
+    return [
+        DeviceReadings(doc.tenant, doc.gateway, doc.devices[index], doc.received_ms, tuple(readings))
+        for index, readings in per_device.items()
+    ]
 
 
 def now_ms() -> int:

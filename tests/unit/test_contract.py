@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
 from meterflow.contract import (
     DeviceReadings,
+    GatewayRecord,
     Reading,
     RecordError,
     TelemetryPoint,
     decode_record,
+    decode_records,
     parse_telemetry_topic,
 )
 
@@ -59,7 +62,38 @@ def test_record_round_trip() -> None:
         "acme", "gw-1", "m-1", 5, (Reading(1, "power_kw", 2.5), Reading(1, "energy_import_kwh", 7.0))
     )
     assert decode_record(rec.encode()) == rec
+    assert decode_records(rec.encode()) == [rec]
     assert rec.kafka_key() == b"acme/m-1"
+
+
+def test_v2_record_matches_the_spec_and_decodes_per_device() -> None:
+    record = GatewayRecord(
+        "acme",
+        "gw-1",
+        5,
+        ["m-001", "bat-7"],
+        [(0, 10, "power_kw", 1.5), (1, 10, "soc_pct", 63.2), (0, 20, "power_kw", 1.75)],
+    )
+    assert record.kafka_key() == b"acme/m-001"
+    assert orjson.loads(record.encode()) == {
+        "v": 2,
+        "tenant": "acme",
+        "gateway": "gw-1",
+        "received_ms": 5,
+        "devices": ["m-001", "bat-7"],
+        "readings": [[0, 10, "power_kw", 1.5], [1, 10, "soc_pct", 63.2], [0, 20, "power_kw", 1.75]],
+    }
+    assert decode_records(record.encode()) == [
+        DeviceReadings(
+            "acme", "gw-1", "m-001", 5, (Reading(10, "power_kw", 1.5), Reading(20, "power_kw", 1.75))
+        ),
+        DeviceReadings("acme", "gw-1", "bat-7", 5, (Reading(10, "soc_pct", 63.2),)),
+    ]
+
+
+def test_v2_device_without_readings_yields_nothing() -> None:
+    record = GatewayRecord("acme", "gw-1", 5, ["m-001", "idle"], [(0, 10, "power_kw", 1.0)])
+    assert [d.device for d in decode_records(record.encode())] == ["m-001"]
 
 
 @pytest.mark.parametrize(
@@ -73,3 +107,21 @@ def test_record_round_trip() -> None:
 def test_bad_records_raise_record_error(raw: bytes) -> None:
     with pytest.raises(RecordError):
         decode_record(raw)
+    with pytest.raises(RecordError):
+        decode_records(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[]",
+        b'{"v": 2, "tenant": "a", "gateway": "g", "received_ms": 1, "devices": ["d"], '
+        b'"readings": [[1, 10, "power_kw", 1.0]]}',  # device index out of range
+        b'{"v": 2, "tenant": "a", "gateway": "g", "received_ms": 1, "devices": [], "readings": []}',
+        b'{"v": 2, "tenant": "a", "gateway": "g", "received_ms": 1, "devices": ["d"], '
+        b'"readings": [[0, 10, "power_kw"]]}',
+    ],
+)
+def test_bad_v2_records_raise_record_error(raw: bytes) -> None:
+    with pytest.raises(RecordError):
+        decode_records(raw)
