@@ -229,7 +229,15 @@ def _reduce_dense(
             out_series[g] = series[i]
             out_bucket_index[g] = bucket_index[i]
             out_max[g] = np.nan
-        _accumulate(g, qty[i], quality[i], flagged[i], out_total, out_n, out_max, out_quality_n, out_flagged)
+        # Written out here, not in a shared helper: numba's inlined helper kept reference counting
+        # on the output arrays per row and ran 8x slower.
+        if quality[i] >= 0:
+            out_total[g] += qty[i]
+            out_n[g] += 1
+            if math.isnan(out_max[g]) or qty[i] > out_max[g]:
+                out_max[g] = qty[i]
+            out_quality_n[g * 3 + quality[i]] += 1
+        out_flagged[g] += flagged[i]
     return groups
 
 
@@ -262,29 +270,16 @@ def _reduce_sorted(
             out_max[groups] = np.nan
             groups += 1
         g = groups - 1
-        _accumulate(g, qty[i], quality[i], flagged[i], out_total, out_n, out_max, out_quality_n, out_flagged)
+        # Written out here, not in a shared helper: numba's inlined helper kept reference counting
+        # on the output arrays per row and ran 8x slower.
+        if quality[i] >= 0:
+            out_total[g] += qty[i]
+            out_n[g] += 1
+            if math.isnan(out_max[g]) or qty[i] > out_max[g]:
+                out_max[g] = qty[i]
+            out_quality_n[g * 3 + quality[i]] += 1
+        out_flagged[g] += flagged[i]
     return groups
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _accumulate(
-    g: int,
-    qty: float,
-    quality: int,
-    flagged: int,
-    out_total: F64,
-    out_n: I32,
-    out_max: F64,
-    out_quality_n: I32,
-    out_flagged: I32,
-) -> None:
-    if quality >= 0:
-        out_total[g] += qty
-        out_n[g] += 1
-        if math.isnan(out_max[g]) or qty > out_max[g]:
-            out_max[g] = qty
-        out_quality_n[g * 3 + quality] += 1
-    out_flagged[g] += flagged
 
 
 @njit(cache=True, nogil=True)
@@ -296,6 +291,20 @@ def _instantaneous_flags(series: I32, value: F64, abs_limit: F64, out_quality: I
         else:
             out_quality[i] = MEASURED
             out_flagged[i] = 0
+
+
+@njit(cache=True, nogil=True)
+def _order_by_series(series: I32, n_series: int, out: I64) -> None:
+    # Counting sort: each series' reads land in its own slice, in the order they came.
+    next_slot = np.zeros(n_series + 1, np.int64)
+    for i in range(series.size):
+        next_slot[series[i] + 1] += 1
+    for s in range(n_series):
+        next_slot[s + 1] += next_slot[s]
+    for i in range(series.size):
+        s = series[i]
+        out[next_slot[s]] = i
+        next_slot[s] += 1
 
 
 # --- typed wrappers -------------------------------------------------------------------------------
@@ -347,6 +356,15 @@ class Intervals:
     qty: F64
     bad: I8  # 1: the quantity in this interval is unknown (across an unregistered reset)
     read_flag: I8  # per input read, READ_*
+
+
+def order_by_series(series: I32, n_series: int) -> I64:
+    """Positions that sort reads by series, stably (series in ``[0, n_series)``). Reads that arrive in
+    time order come out sorted by (series, ts) in linear time, where a lexsort over the two keys would
+    pay for a comparison sort."""
+    out = np.empty(series.size, np.int64)
+    _order_by_series(series, n_series, out)
+    return out
 
 
 def registers_to_intervals(
@@ -488,3 +506,4 @@ def warm_up() -> None:
         np.array([0, 0], np.int32), wide, np.ones(2), np.zeros(2, np.int8), np.zeros(2, np.int8), 60_000
     )
     instantaneous_buckets(series, ts, np.array([1.0, 2.0, 3.0]), np.array([np.inf]), 60_000)
+    order_by_series(series, 1)

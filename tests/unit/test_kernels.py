@@ -380,3 +380,12 @@ def test_a_read_on_the_minute_closes_that_minute():
     parts = k.prorate(result, WIDTH, INTERP_LIMIT)
     assert parts.bucket_ms.tolist() == [T0]
     assert parts.quality.tolist() == [k.MEASURED]
+
+
+@PROPERTY
+@given(st.lists(st.integers(0, 30), max_size=300), st.integers(0, 5))
+def test_order_by_series_is_the_lexsort_of_time_ordered_reads(series_list, spare):
+    series = np.array(series_list, np.int32)
+    ts = np.arange(series.size, dtype=np.int64) * 1_000  # arrival order is time order
+    order = k.order_by_series(series, int(series.max(initial=-1)) + 1 + spare)
+    assert order.tolist() == np.lexsort((ts, series)).tolist()
