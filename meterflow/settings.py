@@ -110,7 +110,7 @@ class IngestSettings(_Group):
 
 
 class ProcessingSettings(_Group):
-    max_batch_records: int = 5000
+    max_batch_records: int = 1000
     poll_timeout_ms: int = 500
     metrics_port: int = 19102
     # Register gaps up to this long are interpolated (estimated); longer ones are still pro-rated so that

@@ -24,10 +24,10 @@ from meterflow.contract import now_ms
 from meterflow.settings import Settings
 from processing import kernels, store
 from processing.audit import AuditError, AuditLog
-from processing.columns import ColumnBuilder, UndecodableRecord
+from processing.columns import ColumnBuilder, Columns, UndecodableRecord
 from processing.registry import RegistryView
 from processing.series import SeriesTable
-from processing.writer import BatchWriter
+from processing.writer import BatchOutcome, BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,18 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, processor: Processor) -> None:
         self.processor = processor
 
+    # A rebalance can run while a poll is being written: both callbacks wait for that transaction, so
+    # the offsets they read are committed ones and the connection is idle.
+
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Another processor may write these partitions next: forget what we cached about them.
-        self.processor.audit.forget(tp.partition for tp in revoked)
-        self.processor.series.forget_all()
+        async with self.processor.write_lock:
+            # Another processor may write these partitions next: forget what we cached about them.
+            self.processor.audit.forget(tp.partition for tp in revoked)
+            self.processor.series.forget_all()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.processor.seek_to_stored(assigned)
+        async with self.processor.write_lock:
+            await self.processor.seek_to_stored(assigned)
 
 
 class Processor:
@@ -70,6 +75,9 @@ class Processor:
         self.group = settings.kafka.processor_group
         self.topic = settings.kafka.readings_topic
         self._stop = asyncio.Event()
+        self.write_lock = asyncio.Lock()
+        self.readings_done = 0  # readings in committed polls (benchmarks watch it)
+        self.polls = 0
         self.series = SeriesTable()
         self.registry = RegistryView()
         self.audit = AuditLog(self.topic)
@@ -161,16 +169,10 @@ class Processor:
                     await self._dead_letter(tp, rec.offset, rec.value or b"", str(exc))
             next_offsets[tp.partition] = records[-1].offset + 1
         columns = builder.finish()
-        await self.registry.refresh(self.conn, refresh_s=self.settings.ingest.registry_refresh_s)
-        try:
-            outcome = await self.writer.write(self.conn, columns, next_offsets)
-        except (psycopg.errors.UniqueViolation, AuditError) as exc:
-            # What we knew of some series or audit chains was stale (another processor wrote them
-            # during a rebalance): forget it, reload from the database and write the poll again.
-            log.warning("stale state (%s); reloading it and writing the poll again", exc)
-            self.audit.forget()
-            self.series.forget_all()
-            outcome = await self.writer.write(self.conn, columns, next_offsets)
+        async with self.write_lock:
+            outcome = await self._write(columns, next_offsets)
+        self.readings_done += outcome.readings
+        self.polls += 1
         READINGS.inc(outcome.readings)
         ROWS_WRITTEN.inc(outcome.inserted)
         DUPLICATES.inc(outcome.duplicates)
@@ -185,6 +187,21 @@ class Processor:
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 LAG.labels(str(tp.partition)).set(max(0, highwater - next_offsets[tp.partition]))
+
+    async def _write(self, columns: Columns, next_offsets: dict[int, int]) -> BatchOutcome:
+        await self.registry.refresh(self.conn, refresh_s=self.settings.ingest.registry_refresh_s)
+        try:
+            return await self.writer.write(self.conn, columns, next_offsets)
+        except (psycopg.errors.UniqueViolation, AuditError) as exc:
+            # What we knew of some series or audit chains was stale (another processor wrote them
+            # during a rebalance): forget it, reload from the database and write the poll again.
+            log.warning("stale state (%s); reloading it and writing the poll again", exc)
+            self.audit.forget()
+            self.series.forget_all()
+            return await self.writer.write(self.conn, columns, next_offsets)
+        except BaseException:
+            self.audit.forget()
+            raise
 
     async def _dead_letter(self, tp: TopicPartition, offset: int, value: bytes, detail: str) -> None:
         BAD_RECORDS.labels("undecodable_record").inc()

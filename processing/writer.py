@@ -12,7 +12,7 @@ the commit, so a failed transaction leaves nothing half-applied.
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from meterflow.settings import Settings
-from processing import kernels, store
+from processing import kernels, rollup, store
 from processing.columns import Columns
 from processing.kernels import F64, I8, I32, I64, NO_TS, Buckets, RegisterState
 from processing.registry import RegistryView, SeriesKey
@@ -59,37 +59,7 @@ class BatchOutcome:
     aggregate_rows: int = 0
 
 
-@dataclass(slots=True)
-class _Delta:
-    """Accumulated change of one aggregate row."""
-
-    total: float = 0.0
-    n: int = 0
-    max_value: float | None = None
-    n_measured: int = 0
-    n_estimated: int = 0
-    n_substituted: int = 0
-    n_flagged: int = 0
-    n_uncalibrated: int = 0
-    late: int = 0
-
-    def add(self, b: Buckets, i: int, sign: int = 1, uncalibrated: bool = False, late: bool = False) -> None:
-        self.total += sign * float(b.total[i])
-        self.n += sign * int(b.n[i])
-        m = float(b.max_value[i])
-        if sign > 0 and m == m and (self.max_value is None or m > self.max_value):
-            self.max_value = m
-        self.n_measured += sign * int(b.n_measured[i])
-        self.n_estimated += sign * int(b.n_estimated[i])
-        self.n_substituted += sign * int(b.n_substituted[i])
-        self.n_flagged += sign * int(b.n_flagged[i])
-        if uncalibrated:
-            self.n_uncalibrated += sign * int(b.n[i])
-        if late:
-            self.late = 1
-
-
-AggKey = tuple[str, str, str, str, int]  # scope, tenant, entity, metric, bucket_ms
+Parts = dict[str, list[rollup.Part]]  # per aggregate table
 
 
 class BatchWriter:
@@ -112,6 +82,7 @@ class BatchWriter:
         p = settings.processing
         self.max_gap_ms = int(p.max_interp_gap_s * 1000)
         self.margin = p.plausibility_margin
+        self.entities = rollup.EntityIndex()
 
     async def load_unknown_series(self, conn: store.Conn, series: I32) -> None:
         t = self.series
@@ -173,7 +144,7 @@ class BatchWriter:
                 t.state.anchor_ts.copy(), t.state.anchor_val.copy(), t.state.pending_ts.copy(),
                 t.state.pending_val.copy(),
             )  # fmt: skip
-            deltas: dict[str, dict[AggKey, _Delta]] = {table: defaultdict(_Delta) for table, _ in WIDTHS}
+            deltas: Parts = {table: [] for table, _ in WIDTHS}
             flag_rows: list[tuple[str, str, str, int, str]] = []
 
             is_register = t.kind[s] == KIND_REGISTER
@@ -190,7 +161,7 @@ class BatchWriter:
             await store.insert_flags(cur, [f for f in flag_rows if f[:4] not in unflag])
             await store.clear_flags(cur, sorted(unflag))
             for table, _ in WIDTHS:
-                out.aggregate_rows += await store.upsert_aggregates(cur, table, _agg_rows(deltas[table]))
+                out.aggregate_rows += await self._upsert(cur, table, deltas[table])
             if self.audit is not None:
                 for p in np.unique(part[inserted]).tolist():
                     sel = inserted & (part == p)
@@ -260,7 +231,7 @@ class BatchWriter:
     def _book_intervals(
         self,
         intervals: kernels.Intervals,
-        deltas: dict[str, dict[AggKey, _Delta]],
+        deltas: Parts,
         *,
         series_map: I32 | None = None,
         sign: int = 1,
@@ -281,7 +252,7 @@ class BatchWriter:
                 np.concatenate([np.zeros(c.qty.size, np.int8), np.ones(fs.size, np.int8)]),
                 width,
             )
-            self._add(b, deltas[table], width, sign=sign, late=late)
+            self._add(b, deltas[table], sign=sign, late=late)
 
     def _registers(
         self,
@@ -289,7 +260,7 @@ class BatchWriter:
         ts: I64,
         value: F64,
         state: RegisterState,
-        deltas: dict[str, dict[AggKey, _Delta]],
+        deltas: Parts,
         flag_rows: list[tuple[str, str, str, int, str]],
         out: BatchOutcome,
     ) -> None:
@@ -327,7 +298,7 @@ class BatchWriter:
         s: I32,
         ts: I64,
         state: RegisterState,
-        deltas: dict[str, dict[AggKey, _Delta]],
+        deltas: Parts,
         flag_rows: list[tuple[str, str, str, int, str]],
         unflag: set[tuple[str, str, str, int]],
         out: BatchOutcome,
@@ -389,7 +360,7 @@ class BatchWriter:
         ts: I64,
         value: F64,
         late: np.ndarray,
-        deltas: dict[str, dict[AggKey, _Delta]],
+        deltas: Parts,
         flag_rows: list[tuple[str, str, str, int, str]],
         out: BatchOutcome,
     ) -> None:
@@ -399,53 +370,38 @@ class BatchWriter:
             flag_rows.append((*self.series.keys[s[i]], int(ts[i]), "spike"))
         if spikes.any():
             out.flags["spike"] += int(spikes.sum())
-        for table, width in WIDTHS:
+        # From 15 minutes up: a 1-minute average of readings that come every minute or less often is
+        # the reading itself, which the raw table already answers.
+        for table, width in WIDTHS[1:]:
             for part in (late, ~late):
                 if part.any():
                     b = kernels.instantaneous_buckets(s[part], ts[part], value[part], limit, width)
-                    self._add(b, deltas[table], width, late=bool(part is late), rollup=False)
+                    self._add(b, deltas[table], late=bool(part is late), rollup_=False)
 
     def _add(
-        self,
-        b: Buckets,
-        into: dict[AggKey, _Delta],
-        width: int,
-        *,
-        sign: int = 1,
-        late: bool = False,
-        rollup: bool = True,
+        self, b: Buckets, into: list[rollup.Part], *, sign: int = 1, late: bool = False, rollup_: bool = True
     ) -> None:
-        keys = self.series.keys
-        registry = self.registry
-        for i in range(b.series.size):
-            tenant, device, metric = keys[int(b.series[i])]
-            bucket = int(b.bucket_ms[i])
-            info = registry.devices.get((tenant, device))
-            uncalibrated = bool(
-                info is not None and info.calibration_due_ms is not None and bucket >= info.calibration_due_ms
+        into.append(rollup.Part(b, sign, late, rollup_))
+
+    async def _upsert(self, cur: store.Cur, table: str, parts: list[rollup.Part]) -> int:
+        device = rollup.merge_parts(parts)
+        if device is None:
+            return 0
+        rollup.mark_uncalibrated(device, self.series, self.registry)
+        rows = await store.upsert_aggregates(
+            cur, table, rollup.agg_rows(device, self.series.keys, device_scope=True)
+        )
+        sel = np.flatnonzero(device.rollup)
+        targets = rollup.rollup_targets(
+            self.series, self.registry, self.entities, device.key[sel], device.bucket_ms[sel]
+        )
+        rolled = rollup.roll_up(device, [(sel[r], e) for r, e in targets])
+        if rolled is not None:
+            rows += await store.upsert_aggregates(
+                cur, table, rollup.agg_rows(rolled, self.entities.keys, device_scope=False)
             )
-            into[("device", tenant, device, metric, bucket)].add(b, i, sign, uncalibrated, late)
-            if not rollup or info is None or info.role not in _ROLLUP_ROLES:
-                continue
-            member = registry.member_at((tenant, device), bucket)
-            if member is None:
-                continue
-            for scope in _ROLLUP_ROLES[info.role]:
-                if scope == "site" and member.site:
-                    into[("site", tenant, member.site, metric, bucket)].add(b, i, sign, uncalibrated, late)
-                elif scope == "enterprise":
-                    into[("enterprise", tenant, tenant, metric, bucket)].add(b, i, sign, uncalibrated, late)
-                elif scope == "vpp" and member.vpp:
-                    into[("vpp", "", member.vpp, metric, bucket)].add(b, i, sign, uncalibrated, late)
+        return rows
 
 
 def _is_flag(code: int) -> bool:
     return code in (kernels.READ_NEGATIVE, kernels.READ_IMPLAUSIBLE)
-
-
-def _agg_rows(deltas: dict[AggKey, _Delta]) -> Iterator[store.AggRow]:
-    for (scope, tenant, entity, metric, bucket), d in deltas.items():
-        yield (
-            scope, tenant, entity, metric, store.pg_us(bucket), d.total, d.n, d.max_value, d.n_measured,
-            d.n_estimated, d.n_substituted, d.n_flagged, d.n_uncalibrated, d.late,
-        )  # fmt: skip

@@ -1,0 +1,210 @@
+"""`meterflow bench processor`: readings/s from Kafka to committed rows in TimescaleDB, beside a bare
+binary COPY of the same raw rows into the same hypertable in the same run.
+
+A fleet of registered meters (an energy register and active power every minute, a grid meter per site
+so site and enterprise roll-ups are written too) is produced to a topic of its own as the collector
+produces it (v2 records). One processor, in this process, consumes it with its real write path: raw
+readings, 1-minute / 15-minute / 1-hour aggregates per device, site and enterprise, audit entries and
+offsets per transaction. The rate is measured from its first committed poll to its last, so consumer
+group start-up is left out. The peer then copies the same raw rows, in polls of the same size, with
+nothing else: the ceiling of the raw write alone.
+
+Readings are dated in 2001 under a tenant of their own (`bench-<id>`), so they never mix with live data;
+raw readings are append-only, so they stay until retention removes 2001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import numpy as np
+import psycopg
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from psycopg import sql
+
+from ingest.records import Partitioner, RecordBatch
+from meterflow.contract import DeviceReadings, Reading
+from meterflow.settings import Settings
+from processing import kernels, processor, store
+
+T0_MS = int(datetime(2001, 6, 1, tzinfo=UTC).timestamp() * 1000)
+METERS_PER_SITE = 50
+DEVICES_PER_GATEWAY = 200
+
+
+def fleet_readings(n_readings: int, n_devices: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per-minute ticks of (energy register, power) for every device: (ticks, registers, powers)."""
+    ticks = max(2, n_readings // (2 * n_devices))
+    rng = np.random.default_rng(42)
+    power = rng.uniform(5.0, 80.0, (ticks, n_devices)).round(1)
+    registers = (1000.0 + np.cumsum(power / 60.0, axis=0)).round(2)
+    return ticks, registers, power
+
+
+async def _register(conn: psycopg.AsyncConnection[tuple[object, ...]], tenant: str, n_devices: int) -> None:
+    await conn.execute("INSERT INTO tenants (tenant_id, name) VALUES (%s, %s)", (tenant, f"bench {tenant}"))
+    sites = [
+        (tenant, f"site-{s:03d}", f"site {s}")
+        for s in range((n_devices + METERS_PER_SITE - 1) // METERS_PER_SITE)
+    ]
+    async with conn.cursor() as cur:
+        await cur.executemany("INSERT INTO sites (tenant_id, site_id, name) VALUES (%s, %s, %s)", sites)
+        await cur.executemany(
+            "INSERT INTO devices (tenant_id, device_id, site_id, role, rated_power_kw, register_max) "
+            "VALUES (%s, %s, %s, %s, 200, 99999999.99)",
+            [
+                (
+                    tenant,
+                    f"m-{d:05d}",
+                    f"site-{d // METERS_PER_SITE:03d}",
+                    "grid" if d % METERS_PER_SITE == 0 else "submeter",
+                )
+                for d in range(n_devices)
+            ],
+        )
+    await conn.commit()
+
+
+async def _produce(
+    settings: Settings, topic: str, tenant: str, registers: np.ndarray, power: np.ndarray
+) -> int:
+    k = settings.kafka
+    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=k.partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=k.bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20
+    )
+    await producer.start()
+    partitioner = Partitioner()
+    partitions = sorted(await producer.partitions_for(topic))
+    records = 0
+    try:
+        ticks, n_devices = registers.shape
+        pending = []
+        for tick in range(ticks):
+            ts = T0_MS + tick * 60_000
+            for first in range(0, n_devices, DEVICES_PER_GATEWAY):
+                batch = RecordBatch(ts + 500, partitions, partitioner)
+                for d in range(first, min(first + DEVICES_PER_GATEWAY, n_devices)):
+                    batch.add(
+                        DeviceReadings(
+                            tenant, f"gw-{first // DEVICES_PER_GATEWAY:03d}", f"m-{d:05d}", ts + 500,
+                            (Reading(ts, "energy_import_kwh", float(registers[tick, d])),
+                             Reading(ts, "power_kw", float(power[tick, d]))),
+                        )
+                    )  # fmt: skip
+                for partition, record in batch.records():
+                    pending.append(
+                        await producer.send(
+                            topic, record.encode(), key=record.kafka_key(), partition=partition
+                        )
+                    )
+                    records += 1
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return records
+
+
+async def _bare_copy(
+    settings: Settings, tenant: str, registers: np.ndarray, power: np.ndarray, per_poll: int
+) -> float:
+    """Seconds to COPY the same raw rows into a fresh hypertable shaped like ``readings``."""
+    table = f"bench_copy_{tenant.replace('-', '_')}"
+    ticks, n_devices = registers.shape
+    async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
+        await conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE readings INCLUDING ALL)").format(sql.Identifier(table))
+        )
+        await conn.execute(
+            "SELECT create_hypertable(%s, by_range('ts', INTERVAL '1 day'), create_default_indexes => false)",
+            (table,),
+        )
+        await conn.commit()
+        rows = [
+            (tenant, f"m-{d:05d}", metric, store.pg_us(T0_MS + tick * 60_000), float(value),
+             f"gw-{d // DEVICES_PER_GATEWAY:03d}", store.pg_us(T0_MS + tick * 60_000 + 500), 0)
+            for tick in range(ticks) for d in range(n_devices)
+            for metric, value in (("energy_import_kwh", registers[tick, d]), ("power_kw", power[tick, d]))
+        ]  # fmt: skip
+        try:
+            started = time.perf_counter()
+            for first in range(0, len(rows), per_poll):
+                async with conn.transaction(), conn.cursor() as cur:
+                    await store.copy_readings(cur, rows[first : first + per_poll], table)
+            return time.perf_counter() - started
+        finally:
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+            await conn.commit()
+
+
+async def _run(
+    settings: Settings, n_readings: int, n_devices: int, tick: Callable[[str], None]
+) -> dict[str, object]:
+    suffix = uuid.uuid4().hex[:8]
+    tenant, topic, group = f"bench-{suffix}", f"bench.processor.{suffix}", f"bench-processor-{suffix}"
+    ticks, registers, power = fleet_readings(n_readings, n_devices)
+    total = 2 * registers.size
+    tick(f"registering {n_devices:,} meters; producing {total:,} readings ({ticks} minutes) to {topic}")
+    async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
+        await _register(conn, tenant, n_devices)
+    records = await _produce(settings, topic, tenant, registers, power)
+    tick("compiling kernels")
+    await asyncio.to_thread(kernels.warm_up)
+
+    bench_settings = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(update={"readings_topic": topic, "processor_group": group})
+        }
+    )
+    proc = processor.Processor(bench_settings)
+    tick(f"processor consuming {records:,} records")
+    task = asyncio.create_task(proc.run(install_signal_handlers=False))
+    first_at, first_count = None, 0.0
+    try:
+        while True:
+            await asyncio.sleep(0.05)
+            if task.done():
+                task.result()
+                raise RuntimeError("processor stopped before consuming the bench topic")
+            done = proc.readings_done
+            if first_at is None and done > 0:
+                first_at, first_count = time.perf_counter(), done
+            if done >= total:
+                finished_at = time.perf_counter()
+                break
+    finally:
+        proc.stop()
+        with contextlib.suppress(Exception):
+            await task
+    value = (total - first_count) / (finished_at - (first_at or finished_at))
+    per_poll = max(1, round(total / max(proc.polls, 1)))
+    tick(f"bare binary COPY of the same {total:,} rows, {per_poll:,} per transaction")
+    peer_value = total / await _bare_copy(settings, tenant, registers, power, per_poll)
+    return {
+        "bench": "processor",
+        "metric": "readings_per_s",
+        "value": round(value),
+        "unit": "readings/s",
+        "peer": "bare binary COPY of the same rows into the same hypertable",
+        "peer_value": round(peer_value),
+        "ratio": round(value / peer_value, 3),
+        "readings": total,
+        "polls": proc.polls,
+    }
+
+
+def run_processor_bench(
+    settings: Settings, *, n_readings: int, n_devices: int, tick: Callable[[str], None]
+) -> dict[str, object]:
+    return asyncio.run(_run(settings, n_readings, n_devices, tick))
