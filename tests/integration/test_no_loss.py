@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer
 
 from deploy.local import stack
 from deploy.local.services import Kafka
-from meterflow.contract import decode_record, gateway_telemetry_topic, now_ms
+from meterflow.contract import decode_records, gateway_telemetry_topic, now_ms
 from tests.integration.conftest import Pipeline
 from tests.integration.test_end_to_end import _connect, _register
 
@@ -88,9 +88,9 @@ async def _records(p: Pipeline, tenant: str, want: set[Key], timeout_s: float = 
             batches = await consumer.getmany(timeout_ms=1000)
             for records in batches.values():
                 for record in records:
-                    readings = decode_record(record.value or b"")
-                    if readings.tenant == tenant:
-                        seen.update((readings.device, r.ts_ms) for r in readings.readings)
+                    for readings in decode_records(record.value or b""):
+                        if readings.tenant == tenant:
+                            seen.update((readings.device, r.ts_ms) for r in readings.readings)
             if want <= set(seen):
                 # Everything is there; linger briefly so that late duplicates would be seen too.
                 idle_until = idle_until or time.monotonic() + 3

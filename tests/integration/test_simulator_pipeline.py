@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -20,8 +19,8 @@ from simulators.publisher import ExchangeReporter, register_fleet, simulate_over
 from simulators.runner import RunOptions
 from simulators.spec import generate_fleet
 from tests.integration.conftest import Pipeline
+from tests.integration.fleet import device_aggregates, wait_for_readings
 from tests.truthcheck import (
-    REGISTER_METRICS,
     assert_counts_match,
     assert_quantities_match,
     fleet_devices,
@@ -75,43 +74,17 @@ def test_simulated_fleet_with_faults_lands_exactly(
     assert outcome.refused == expected["broker_refused"] > 0
 
     tenants = [e.tenant for e in spec.enterprises]
-    readings = _wait_for_readings(pipeline, tenants, result.true_readings)
+    readings = wait_for_readings(pipeline, tenants, result.true_readings)
     got = register_minute_counts(readings, fleet_devices(spec), tmp_path)
     assert_counts_match(truth_minute_counts(tmp_path), got)
     # The processor's interval aggregates (committed with the raw readings) equal the ground truth.
-    assert_quantities_match(truth_quantities(tmp_path, "1m"), _aggregates(pipeline, tenants, "agg_1m"))
+    assert_quantities_match(truth_quantities(tmp_path, "1m"), device_aggregates(pipeline, tenants, "agg_1m"))
     assert_quantities_match(
-        truth_quantities(tmp_path, "15m"), _aggregates(pipeline, tenants, "agg_15m"), complete=False
+        truth_quantities(tmp_path, "15m"), device_aggregates(pipeline, tenants, "agg_15m"), complete=False
     )
 
     dead_letters = asyncio.run(_dead_letters(pipeline, prefix, sum(expected["dead_letters"].values())))
     assert dict(dead_letters) == expected["dead_letters"]
-
-
-def _wait_for_readings(p: Pipeline, tenants: list[str], count: int) -> dict[tuple[str, str, str, int], float]:
-    deadline = time.monotonic() + 120
-    with psycopg.connect(p.settings.db.conninfo()) as conn:
-        while True:
-            rows = conn.execute(
-                "SELECT tenant_id, device_id, metric, (extract(epoch FROM ts) * 1000)::bigint, value "
-                "FROM readings WHERE tenant_id = ANY(%s)",
-                (tenants,),
-            ).fetchall()
-            if len(rows) >= count or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-    assert len(rows) == count, f"{len(rows)} readings stored, expected {count}"
-    return {(t, d, m, ts): v for t, d, m, ts, v in rows}
-
-
-def _aggregates(p: Pipeline, tenants: list[str], table: str) -> dict[tuple[str, str, str, int], float]:
-    with psycopg.connect(p.settings.db.conninfo()) as conn:
-        rows = conn.execute(
-            f"SELECT tenant_id, entity_id, metric, (extract(epoch FROM bucket) * 1000)::bigint, total "
-            f"FROM {table} WHERE scope = 'device' AND tenant_id = ANY(%s) AND metric = ANY(%s)",
-            (tenants, list(REGISTER_METRICS)),
-        ).fetchall()
-    return {(t, d, m, b): v for t, d, m, b, v in rows}
 
 
 async def _dead_letters(p: Pipeline, prefix: str, count: int) -> Counter[str]:
