@@ -19,29 +19,26 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from meterflow.carbon import EnergyQuantities, emissions_kg
+from meterflow.carbon.accounting import (
+    QUANTITY_OF_METRIC,
+    CertificateBalance,
+    CertificateBlock,
+    day_emissions,
+)
 from simulators.engine import I64, MINUTE_MS, FaultLog, Simulation
 from simulators.faults import Expected, FaultConfig
-from simulators.spec import EnterpriseSpec
 
 log = logging.getLogger(__name__)
 
 FLUSH_MINUTES = 360
-_CARRIER_OF_METRIC = {
-    "energy_import_kwh": "electricity_import_kwh",
-    "energy_export_kwh": "electricity_export_kwh",
-    "gas_nm3": "gas_nm3",
-    "heat_gj": "heat_gj",
-    "fuel_l": "diesel_l",
-}
 
 
 class TruthRecorder:
@@ -176,9 +173,27 @@ class TruthRecorder:
                 .agg(pl.col("counts").sum(), pl.col("decimals").first(), pl.len().alias("minutes"))
                 .sort("day", "site", "metric")
             )
-            certificates = CertificateBalance(enterprise)
+            certificates = CertificateBalance(
+                [
+                    CertificateBlock(c.period_start, c.period_end, c.certificates)
+                    for c in enterprise.green_certificates
+                ]
+            )
+            site_provinces: dict[str, str | None] = {
+                site: province
+                for (tenant, site), province in provinces.items()
+                if tenant == enterprise.tenant
+            }
             for (day,), day_frame in per_site.group_by("day", maintain_order=True):
-                rows.append(_day(enterprise.tenant, day, day_frame, provinces, certificates))
+                quantities: dict[str, dict[str, float]] = {}
+                minutes = 0
+                for site, metric, counts, decimals, n in day_frame.select(
+                    "site", "metric", "counts", "decimals", "minutes"
+                ).iter_rows():
+                    quantities.setdefault(site, {})[QUANTITY_OF_METRIC[metric]] = counts / 10**decimals
+                    minutes = max(minutes, n)
+                row = day_emissions(enterprise.tenant, day, quantities, site_provinces, certificates)
+                rows.append({**row, "complete": minutes == 1440})
         return pl.DataFrame(rows)
 
     def _write_faults(self, fault_log: FaultLog, armed: list[tuple[str, str]]) -> None:
@@ -191,91 +206,6 @@ class TruthRecorder:
                 out.write(json.dumps({"fault": "rollover_armed", "tenant": tenant, "device": device}) + "\n")
 
 
-@dataclass(slots=True)
-class _CertificateBlock:
-    start: date
-    end: date
-    left_kwh: float
-
-
-class CertificateBalance:
-    """An enterprise's green certificates (1 GEC = 1,000 kWh), retired against consumption day by day
-    in time order within each block's validity, the block that expires first used first."""
-
-    def __init__(self, enterprise: EnterpriseSpec) -> None:
-        self._blocks = sorted(
-            (
-                _CertificateBlock(c.period_start, c.period_end, float(c.certificates * GEC_KWH))
-                for c in enterprise.green_certificates
-            ),
-            key=lambda block: (block.end, block.start),
-        )
-
-    def retire(self, day: date, consumption_kwh: float) -> float:
-        """kWh of `day`'s consumption covered by certificates (clamped to the consumption)."""
-        wanted = consumption_kwh
-        for block in self._blocks:
-            if wanted <= 0:
-                break
-            if block.start <= day < block.end and block.left_kwh > 0:
-                used = min(block.left_kwh, wanted)
-                block.left_kwh -= used
-                wanted -= used
-        return consumption_kwh - wanted
-
-
-def _day(
-    tenant: str,
-    day: date,
-    frame: pl.DataFrame,
-    provinces: dict[tuple[str, str], str],
-    certificates: CertificateBalance,
-) -> dict[str, Any]:
-    quantities: dict[str, dict[str, float]] = {}
-    minutes = 0
-    for site, metric, counts, decimals, n in frame.select(
-        "site", "metric", "counts", "decimals", "minutes"
-    ).iter_rows():
-        quantities.setdefault(site, {})[_CARRIER_OF_METRIC[metric]] = counts / 10**decimals
-        minutes = max(minutes, n)
-    day_import = sum(q.get("electricity_import_kwh", 0.0) for q in quantities.values())
-    green = certificates.retire(day, day_import)
-    totals: dict[str, float] = {}
-    factor_ids: set[str] = set()
-    provisional = False
-    for site, site_quantities in quantities.items():
-        share = site_quantities.get("electricity_import_kwh", 0.0) / day_import if day_import else 0.0
-        result = emissions_kg(
-            EnergyQuantities(green_traced_kwh=green * share, **site_quantities),
-            year=day.year,
-            province=provinces[(tenant, site)],
-        )
-        provisional |= result.provisional
-        location, market = result.location_based, result.market_based
-        figures = {
-            "scope1_kg": location.by_scope[1],
-            "scope2_location_kg": location.by_scope[2],
-            "scope2_market_kg": market.by_scope[2],
-        }
-        for name, figure in figures.items():
-            totals[name] = totals.get(name, 0.0) + figure.co2e_kg
-            factor_ids.update(figure.factor_ids)
-        totals["co2e_location_kg"] = totals.get("co2e_location_kg", 0.0) + location.co2e_kg
-        totals["co2e_market_kg"] = totals.get("co2e_market_kg", 0.0) + market.co2e_kg
-        for name, quantity in site_quantities.items():
-            totals[name] = totals.get(name, 0.0) + quantity
-    row: dict[str, Any] = {"tenant": tenant, "day": day, "complete": minutes == 1440}
-    for name in ("electricity_import_kwh", "electricity_export_kwh", "gas_nm3", "heat_gj", "diesel_l"):
-        row[name] = round(totals.get(name, 0.0), 6)
-    row["green_traced_kwh"] = round(green, 6)
-    for name in ("scope1_kg", "scope2_location_kg", "scope2_market_kg", "co2e_location_kg", "co2e_market_kg"):
-        row[name] = round(totals.get(name, 0.0), 3)
-    row["provisional"] = provisional
-    row["factor_ids"] = ",".join(sorted(factor_ids))
-    return row
-
-
-GEC_KWH = 1000
 _COLUMNS = ["tenant", "site", "device", "role", "metric", "bucket_start", "counts", "decimals"]
 _QUANTITY = (pl.col("counts") / pl.lit(10.0).pow(pl.col("decimals"))).alias("quantity")
 

@@ -7,13 +7,19 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import orjson
+import polars as pl
+import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from meterflow.carbon.accounting import EMISSION_FIELDS
 from meterflow.contract import now_ms
+from processing.carbon import daily_emissions
 from simulators.faults import FaultConfig, arm_rollovers
 from simulators.publisher import ExchangeReporter, register_fleet, simulate_over_mqtt
 from simulators.runner import RunOptions
@@ -83,8 +89,29 @@ def test_simulated_fleet_with_faults_lands_exactly(
         truth_quantities(tmp_path, "15m"), device_aggregates(pipeline, tenants, "agg_15m"), complete=False
     )
 
+    # Daily carbon from the processor's site aggregates equals the hand calculation on true quantities.
+    truth_days = pl.read_parquet(tmp_path / "emissions_daily.parquet")
+    for tenant in tenants:
+        got_days = {r["day"]: r for r in asyncio.run(_emissions(pipeline, tenant))}
+        expected_days = truth_days.filter(pl.col("tenant") == tenant).to_dicts()
+        assert expected_days and {r["day"] for r in expected_days} == set(got_days)
+        for expected_day in expected_days:
+            got_day = got_days[expected_day["day"]]
+            for name in (*EMISSION_FIELDS, "electricity_import_kwh", "green_traced_kwh"):
+                assert got_day[name] == pytest.approx(expected_day[name], abs=2e-3), (
+                    tenant,
+                    expected_day["day"],
+                    name,
+                )
+            assert got_day["factor_ids"] == expected_day["factor_ids"]
+
     dead_letters = asyncio.run(_dead_letters(pipeline, prefix, sum(expected["dead_letters"].values())))
     assert dict(dead_letters) == expected["dead_letters"]
+
+
+async def _emissions(p: Pipeline, tenant: str) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(p.settings.db.conninfo()) as conn:
+        return await daily_emissions(conn, tenant, date(2000, 1, 1), date(2100, 1, 1))
 
 
 async def _dead_letters(p: Pipeline, prefix: str, count: int) -> Counter[str]:
