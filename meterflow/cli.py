@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import httpx
 import orjson
@@ -623,6 +623,29 @@ def bench_ingest(
         f"gateway batches {result['batch_readings_per_s']:,} readings/s (target >= 100,000); "
         f"single-reading messages {result['value']:,} readings/s; bare paho {result['peer_value']:,} "
         f"readings/s; ratio {result['ratio']} (target >= 0.5)",
+        result,
+        as_json,
+    )
+
+
+@bench_app.command("kernel")
+def bench_kernel(
+    readings: Annotated[int, typer.Option(help="register reads in the large case")] = 10_000_000,
+    devices: int = 10_000,
+    batch: Annotated[int, typer.Option(help="rows per micro-batch")] = 1_000,
+    batches: Annotated[int, typer.Option(help="micro-batches timed (the first of the readings)")] = 1_000,
+    as_json: JsonFlag = False,
+) -> None:
+    """Registers into 1-minute buckets per device: numba kernels beside polars (one thread) and pandas."""
+    from bench.kernel import run_kernel_bench
+
+    result = run_kernel_bench(readings=readings, devices=devices, batch=batch, batches=batches, tick=_step)
+    micro = cast("dict[str, object]", result["micro_batch"])
+    _report(
+        f"large: numba {result['value']:,} readings/s; polars {result['peer_value']:,}; pandas "
+        f"{result['pandas_value']:,}; ratio {result['ratio']} (target >= 3). micro-batches of {batch:,}: numba "
+        f"{micro['value']:,} readings/s; polars {micro['peer_value']:,}; pandas {micro['pandas_value']:,}; "
+        f"ratio {micro['ratio']} (target >= 30)",
         result,
         as_json,
     )
