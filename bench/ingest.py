@@ -8,7 +8,7 @@ phase is timed from the first publish until a Kafka consumer of the run's readin
 from the start, has counted every reading of the phase (a consumer sees only records under the high
 watermark, which with acks=all are acknowledged by every in-sync replica). Duplicates (a message the
 broker delivered again after a reconnect is produced again) do not count towards a phase. Afterwards
-every record is read back and decoded (`decode_record`) to check that every reading arrived.
+every record is read back and decoded (`decode_records`) to check that every reading arrived.
 
 The peer, the ceiling for a Python MQTT subscriber, is a bare paho subscriber process (QoS 1, automatic
 acknowledgement, messages discarded) receiving the same single-reading messages from the same publisher,
@@ -38,11 +38,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -57,13 +57,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from deploy.local import proc
 from deploy.local.services import ensure_topics
 from meterflow.brokerauth import hash_password
-from meterflow.contract import TOPIC_ROOT, decode_record, now_ms
+from meterflow.contract import RECORD_V1, TOPIC_ROOT, decode_records, now_ms
 from meterflow.settings import Settings
 
 TENANT = "bench-ingest"
 GATEWAY = "gw-bench-ingest"
 METRICS = ("energy_import_kwh", "power_kw")
-BATCH_DEVICES = 50  # x 2 metrics = 100 readings per gateway batch, one Kafka record per device
+BATCH_DEVICES = 50  # x 2 metrics = 100 readings per gateway batch
 SINGLE_DEVICES = 50
 BATCH_TARGET = 100_000  # readings/s, gateway batches
 SINGLE_TARGET_RATIO = 0.5  # single-reading messages against the bare paho ceiling
@@ -320,6 +320,20 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def reading_keys(doc: dict[str, Any]) -> Iterator[int]:
+    """A hash of (device, metric, ts) for each reading of a decoded v1 or v2 record: the tally runs
+    beside the collector on the same cores, so it reads the JSON directly, not through
+    `decode_records`."""
+    if doc["v"] == RECORD_V1:
+        device = doc["device"]
+        for ts, metric, _ in doc["readings"]:
+            yield hash((device, metric, ts))
+    else:
+        devices = doc["devices"]
+        for index, ts, metric, _ in doc["readings"]:
+            yield hash((devices[index], metric, ts))
+
+
 class KafkaTally:
     """Counts the distinct readings of the bench tenant as they reach the run's readings topic, the
     duplicates (a message the broker delivered again after a reconnect is produced again: at least
@@ -372,9 +386,7 @@ class KafkaTally:
                     ours = doc.get("tenant") == TENANT and doc.get("gateway") == GATEWAY
                     if tp.topic == self._readings_topic:
                         if ours:
-                            device = doc["device"]
-                            for ts, metric, _ in doc["readings"]:
-                                key = hash((device, metric, ts))
+                            for key in reading_keys(doc):
                                 if key in self._seen:
                                     self.duplicates += 1
                                 else:
@@ -687,12 +699,12 @@ class IngestBench:
                 batches = await consumer.getmany(timeout_ms=1000)
                 for records in batches.values():
                     for record in records:
-                        dev = decode_record(bytes(record.value or b""))
-                        if (dev.tenant, dev.gateway) != (TENANT, GATEWAY):
-                            continue  # a copy of another publisher's message
-                        for r in dev.readings:
-                            seen.add(hash((dev.device, r.metric, r.ts_ms)))
-                        readings += len(dev.readings)
+                        for dev in decode_records(bytes(record.value or b"")):
+                            if (dev.tenant, dev.gateway) != (TENANT, GATEWAY):
+                                continue  # a copy of another publisher's message
+                            for r in dev.readings:
+                                seen.add(hash((dev.device, r.metric, r.ts_ms)))
+                            readings += len(dev.readings)
                 for tp in list(remaining):
                     if await consumer.position(tp) >= remaining[tp]:
                         del remaining[tp]

@@ -1,10 +1,13 @@
 """MQTT -> Kafka collector.
 
-paho-mqtt runs its network loop in its own thread and hands each message to the asyncio loop. A QoS 1
-message is acknowledged to the broker (manual ack) only after Kafka acknowledged every record made
-from it (acks=all, idempotent producer), and acks leave in the order the messages arrived. The broker's
-receive-maximum window bounds how many messages are held unacknowledged; while Kafka is down nothing
-is acked, so the broker keeps the rest in the persistent session.
+Everything runs on one asyncio loop: paho-mqtt through its external-loop API (the socket is watched
+with add_reader/add_writer, no network thread), the parsing, and aiokafka. Messages are taken in
+batches, as many as have arrived: a batch's accepted readings become few v2 Kafka records (one per
+tenant, gateway and partition, ingest.records), and one task waits for Kafka to acknowledge them all.
+A QoS 1 message is acknowledged to the broker (manual ack) only after Kafka acknowledged every record
+made from it (acks=all, idempotent producer), and acks leave in the order the messages arrived. The
+broker's receive-maximum window bounds how many messages are held unacknowledged; while Kafka is down
+nothing is acked, so the broker keeps the rest in the persistent session.
 """
 
 from __future__ import annotations
@@ -16,24 +19,29 @@ import logging
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import OutOfOrderSequenceNumber, ProducerClosed
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.payloads import Limits, ParseResult, Rejection, parse_message
+from ingest.records import Partitioner, RecordBatch
 from ingest.registry import Registry, check_ownership, wait_loaded
 from ingest.sparkplug import SparkplugSessions
 from meterflow import sparkplug
-from meterflow.contract import DeadLetterReason, now_ms, parse_telemetry_topic
+from meterflow.contract import DeadLetterReason, TelemetryTopic, now_ms, parse_telemetry_topic
 from meterflow.settings import Settings
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +70,36 @@ PRODUCE_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-# MQTT v5 subscription identifiers tell the two kinds of delivery apart. Readings subscriptions are
-# shared: each message goes to one collector of the group. Sparkplug births and deaths are also
-# subscribed unshared by every collector, because every collector needs every node's aliases to read
-# the data messages the group hands it; those copies only update state.
-READINGS_SUBSCRIPTION_ID = 1
-STATE_SUBSCRIPTION_ID = 2
-JSON_TOPICS = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
-SPARKPLUG_DATA_TOPICS = ("spBv1.0/+/NDATA/+", "spBv1.0/+/DDATA/+/+")
-SPARKPLUG_BIRTH_TOPICS = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/DBIRTH/+/+")
-SPARKPLUG_STATE_TOPICS = (*SPARKPLUG_BIRTH_TOPICS, "spBv1.0/+/NDEATH/+", "spBv1.0/+/DDEATH/+/+")
+# MQTT v5 subscription identifiers tell the two kinds of Sparkplug delivery apart. Readings
+# subscriptions are shared: each message goes to one collector of the group. Sparkplug births and
+# deaths are also subscribed unshared by every collector, because every collector needs every node's
+# aliases to read the data messages the group hands it; those copies only update state. JSON topics
+# carry no identifier: a message without one is a readings delivery, and paho parses one property
+# less for each of them.
+READINGS_SUBSCRIPTION_ID: Final = 1
+STATE_SUBSCRIPTION_ID: Final = 2
+JSON_TOPICS: Final = ("meterflow/v1/+/+/telemetry", "meterflow/v1/+/+/+/telemetry")
+SPARKPLUG_DATA_TOPICS: Final = ("spBv1.0/+/NDATA/+", "spBv1.0/+/DDATA/+/+")
+SPARKPLUG_BIRTH_TOPICS: Final = ("spBv1.0/+/NBIRTH/+", "spBv1.0/+/DBIRTH/+/+")
+SPARKPLUG_STATE_TOPICS: Final = (*SPARKPLUG_BIRTH_TOPICS, "spBv1.0/+/NDEATH/+", "spBv1.0/+/DDEATH/+/+")
 # A record Kafka has not acknowledged in this long is sent again through a new producer.
-DELIVERY_TIMEOUT_S = 30.0
+DELIVERY_TIMEOUT_S: Final = 30.0
 # A retiring collector stops waiting for messages queued for it once none arrived for this long.
-LEAVE_QUIET_S = 2.0
+LEAVE_QUIET_S: Final = 2.0
 # Broker counters published every sys_interval: a dropped message must never go unnoticed.
-BROKER_GAUGES = {
+BROKER_GAUGES: Final = {
     "$SYS/broker/publish/messages/dropped": "dropped",
     "$SYS/broker/store/messages/count": "stored",
 }
+# Packets read in one go before the loop serves Kafka and the batch pump again.
+READ_BURST_PACKETS: Final = 1000
+RECV_BYTES: Final = 256 * 1024
+RECONNECT_MIN_S: Final = 1.0
+RECONNECT_MAX_S: Final = 30.0
+# paho's keepalive and ping checks; they only need to run a few times per keepalive interval.
+MISC_INTERVAL_S: Final = 1.0
+# Topics parsed once: a fleet publishes on a bounded set of them, parsed again after this many.
+MAX_CACHED_TOPICS: Final = 100_000
 
 
 def _consume_outcome(fut: asyncio.Future[object]) -> None:
@@ -88,19 +107,64 @@ def _consume_outcome(fut: asyncio.Future[object]) -> None:
         fut.exception()
 
 
+def _fatal(fut: asyncio.Future[object]) -> bool:
+    """A delivery failure that only a new producer (a new producer id) gets past."""
+    return not fut.cancelled() and isinstance(fut.exception(), OutOfOrderSequenceNumber | ProducerClosed)
+
+
+class _Client(mqtt.Client):
+    """paho's client with buffered socket reads. paho reads each packet with at least three recv
+    calls (type, length, body); reading up to RECV_BYTES at once serves hundreds of small packets per
+    system call, and tells the reader whether a packet is already waiting without another recv.
+
+    `_sock_recv` is paho's one hook for socket reads (paho-mqtt is pinned in constraints.txt)."""
+
+    _rbuf = b""
+    _rpos = 0
+
+    def reset_buffer(self) -> None:
+        """A new socket: what the old one left unread belongs to a closed connection."""
+        self._rbuf, self._rpos = b"", 0
+
+    @property
+    def buffered(self) -> bool:
+        return self._rpos < len(self._rbuf)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(RECV_BYTES)
+            if len(data) <= bufsize:
+                return data  # also b"" at end of stream
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start : self._rpos]
+
+
 @dataclass(frozen=True, slots=True)
 class _Record:
     topic: str
     key: bytes
     value: bytes
+    # None: the default partitioner places it by key.
+    partition: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    msg: mqtt.MQTTMessage
+    topic: str
+    # The connection that delivered it: a message is acknowledged only on that connection.
+    connection: int
 
 
 @dataclass(slots=True)
-class _Pending:
-    mid: int
-    qos: int
+class _Batch:
+    """Messages handled together; acknowledged together once Kafka holds all their records."""
+
+    messages: list[_Incoming]
+    readings: int
     done: bool = False
-    received: float = field(default_factory=time.monotonic)
 
 
 class Collector:
@@ -111,14 +175,25 @@ class Collector:
         self.shared_group = shared_group
         self.leave_group_on_exit = leave_group_on_exit
         self.limits = Limits(settings.ingest.max_payload_bytes, settings.ingest.max_future_skew_s * 1000)
-        self._queue: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
-        self._pending: deque[_Pending] = deque()
+        self._incoming: list[_Incoming] = []
+        self._arrived = asyncio.Event()
+        self._batches: deque[_Batch] = deque()
+        self._inflight = 0
         self._stop = asyncio.Event()
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: AIOKafkaProducer | None = None
         self._producer_lock = asyncio.Lock()
-        self._client: mqtt.Client | None = None
-        self._completions: set[asyncio.Task[None]] = set()
+        self._client: _Client | None = None
+        self._sock: SocketLike | None = None
+        self._reading = False
+        self._connection = 0
+        self._disconnected = asyncio.Event()
+        self._reconnect_delay = RECONNECT_MIN_S
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._partitioner = Partitioner()
+        self._topics: dict[str, TelemetryTopic | None] = {}
         self.registry = Registry(settings.db.conninfo(), refresh_s=settings.ingest.registry_refresh_s)
         # Seq continuity is meaningless when a shared subscription splits a node's messages.
         self.sparkplug = SparkplugSessions(track_seq=shared_group is None)
@@ -129,11 +204,17 @@ class Collector:
         self._broker_gauges_mid: int | None = None
         self._readings_topics: list[str] = []
 
-    # --- MQTT side (paho thread) ---------------------------------------------------------------
+    # --- MQTT side: paho driven by the asyncio loop --------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("collector not started")
+        return self._loop
+
+    def _make_client(self) -> _Client:
         m = self.settings.mqtt
-        client = mqtt.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=m.client_id,
             protocol=mqtt.MQTTv5,
@@ -144,32 +225,110 @@ class Collector:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 24 * 3600
+        props.ReceiveMaximum = min(self.settings.ingest.max_inflight, 65535)
+        client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props)
         return client
 
+    def _on_socket_open(self, _client: mqtt.Client, _userdata: object, sock: SocketLike) -> None:
+        if self._client is not None:
+            self._client.reset_buffer()
+        self._sock = sock
+        self._resume_reading()
+
+    def _on_socket_close(self, _client: mqtt.Client, _userdata: object, sock: SocketLike) -> None:
+        self._pause_reading()
+        self._sock = None
+
+    def _on_socket_register_write(self, client: mqtt.Client, _userdata: object, sock: SocketLike) -> None:
+        self.loop.add_writer(sock, client.loop_write)
+
+    def _on_socket_unregister_write(self, _client: mqtt.Client, _userdata: object, sock: SocketLike) -> None:
+        self.loop.remove_writer(sock)
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._sock is not None:
+            self.loop.remove_reader(self._sock)
+        self._reading = False
+
+    def _resume_reading(self) -> None:
+        if self._reading or self._sock is None or self._closing:
+            return
+        self._reading = True
+        self.loop.add_reader(self._sock, self._read_ready)
+        if self._client is not None and self._client.buffered:
+            # Packets already read from the socket: no readiness event will announce them.
+            self.loop.call_soon(self._read_ready)
+
+    def _read_ready(self) -> None:
+        client = self._client
+        if client is None or not self._reading:
+            return
+        for _ in range(READ_BURST_PACKETS):
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not client.buffered:
+                break
+        else:
+            self.loop.call_soon(self._read_ready)
+        # Bounded intake: QoS 1 is bounded by the broker's receive maximum, QoS 0 is not.
+        if len(self._incoming) >= self.settings.ingest.max_inflight:
+            self._pause_reading()
+
+    async def _keep_connected(self, client: _Client) -> None:
+        """Connect, and connect again with backoff whenever the connection drops, until closing."""
+        while not self._closing:
+            self._disconnected.clear()
+            try:
+                # A blocking TCP connect, bounded by paho's connect timeout; the broker is near.
+                client.reconnect()
+            except OSError as exc:
+                log.warning("MQTT broker not reachable (%s); retrying in %.0f s", exc, self._reconnect_delay)
+                self._disconnected.set()
+            await self._disconnected.wait()
+            if self._closing:
+                return
+            await asyncio.sleep(self._reconnect_delay)
+            self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX_S)
+
+    async def _misc(self, client: _Client) -> None:
+        while True:
+            client.loop_misc()
+            await asyncio.sleep(MISC_INTERVAL_S)
+
     def _on_connect(
-        self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _props: object
+        self, client: mqtt.Client, _userdata: object, _flags: object, reason: ReasonCode, _props: object
     ) -> None:
-        if getattr(reason, "is_failure", False):
+        if reason.is_failure:
             log.error("MQTT connect refused: %s", reason)
             return
+        self._connection += 1
+        self._reconnect_delay = RECONNECT_MIN_S
         qos = self.settings.mqtt.qos
-        shared = [*JSON_TOPICS, *SPARKPLUG_DATA_TOPICS]
-        if self.shared_group:
-            # Unshared, the birth copies only update state; the group's copy carries the readings.
-            shared += SPARKPLUG_BIRTH_TOPICS
-        readings = [(f"$share/{self.shared_group}/{t}" if self.shared_group else t, qos) for t in shared]
-        self._readings_topics = [t for t, _ in readings]
+
+        def share(topics: tuple[str, ...]) -> list[tuple[str, int]]:
+            return [(f"$share/{self.shared_group}/{t}" if self.shared_group else t, qos) for t in topics]
+
+        json_topics = share(JSON_TOPICS)
+        # Unshared, the birth copies only update state; the group's copy carries the readings.
+        sparkplug_topics = share(
+            (*SPARKPLUG_DATA_TOPICS, *SPARKPLUG_BIRTH_TOPICS) if self.shared_group else SPARKPLUG_DATA_TOPICS
+        )
+        self._readings_topics = [t for t, _ in (*json_topics, *sparkplug_topics)]
         state = [(t, qos) for t in SPARKPLUG_STATE_TOPICS]
-        self._subscriptions_pending = 3
+        self._subscriptions_pending = 4
         self._broker_gauges_mid = client.subscribe([(t, 0) for t in BROKER_GAUGES])[1]
-        for topics, sub_id in ((readings, READINGS_SUBSCRIPTION_ID), (state, STATE_SUBSCRIPTION_ID)):
+        client.subscribe(json_topics)
+        for topics, sub_id in ((sparkplug_topics, READINGS_SUBSCRIPTION_ID), (state, STATE_SUBSCRIPTION_ID)):
             props = Properties(PacketTypes.SUBSCRIBE)
             props.SubscriptionIdentifier = sub_id
             client.subscribe(topics, properties=props)
         log.info(
-            "connected to MQTT %s:%d, subscribing to %s and %s",
-            self.settings.mqtt.host, self.settings.mqtt.port, readings, state,
+            "connected to MQTT %s:%d, subscribing to %s, %s and %s",
+            self.settings.mqtt.host, self.settings.mqtt.port, json_topics, sparkplug_topics, state,
         )  # fmt: skip
 
     def _on_subscribe(
@@ -194,10 +353,13 @@ class Collector:
             log.info("subscriptions acknowledged; collecting")
 
     def _on_disconnect(self, *_args: object) -> None:
-        log.warning("MQTT disconnected; paho reconnects with backoff")
+        if not self._closing:
+            log.warning("MQTT disconnected; reconnecting with backoff")
+        self._disconnected.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        gauge = BROKER_GAUGES.get(msg.topic)
+        topic = msg.topic
+        gauge = BROKER_GAUGES.get(topic)
         if gauge is not None:
             with contextlib.suppress(ValueError):
                 BROKER_MESSAGES.labels(gauge).set(float(msg.payload))
@@ -207,9 +369,8 @@ class Collector:
                 )
                 self._last_dropped = bytes(msg.payload)
             return
-        # The loop is set before the client connects, so it is there for every message.
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, msg)
+        self._incoming.append(_Incoming(msg, topic, self._connection))
+        self._arrived.set()
 
     # --- asyncio side --------------------------------------------------------------------------
 
@@ -217,22 +378,14 @@ class Collector:
         self._loop = asyncio.get_running_loop()
         if install_signal_handlers:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._loop.add_signal_handler(sig, self._stop.set)
+                self._loop.add_signal_handler(sig, self.stop)
         self._producer = self._new_producer()
         await self._start_producer()
         await wait_loaded(self.registry, self._stop)
-        self._client = self._make_client()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 7 * 24 * 3600
-        props.ReceiveMaximum = min(self.settings.ingest.max_inflight, 65535)
-        self._client.connect_async(
-            self.settings.mqtt.host,
-            self.settings.mqtt.port,
-            keepalive=self.settings.mqtt.keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
-        self._client.loop_start()
+        client = self._client = self._make_client()
+        for job in (self._keep_connected(client), self._misc(client)):
+            task = asyncio.create_task(job)
+            self._tasks.add(task)
         try:
             await self._pump()
         finally:
@@ -280,59 +433,91 @@ class Collector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30)
 
-    async def _pump(self) -> None:
-        stop_wait = asyncio.create_task(self._stop.wait())
-        try:
-            while not self._stop.is_set():
-                get = asyncio.create_task(self._queue.get())
-                done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    get.cancel()
-                    break
-                await self._handle(get.result())
-        finally:
-            stop_wait.cancel()
+    def _take(self) -> list[_Incoming]:
+        """Everything that arrived since the last batch (intake resumes if it was paused)."""
+        self._arrived.clear()
+        batch, self._incoming = self._incoming, []
+        self._resume_reading()
+        return batch
 
-    async def _handle(self, msg: mqtt.MQTTMessage) -> None:
-        RECEIVED.inc()
-        self.received += 1
-        pending = _Pending(msg.mid, msg.qos)
-        self._pending.append(pending)
-        INFLIGHT.set(len(self._pending))
+    async def _pump(self) -> None:
+        while True:
+            await self._arrived.wait()
+            if self._stop.is_set():
+                # What arrived is left to _leave_group, or to the broker to deliver again.
+                return
+            await self._handle(self._take())
+
+    async def _readings_partitions(self) -> list[int]:
+        """The readings topic's partitions, sorted as the default partitioner sees them."""
+        topic = self.settings.kafka.readings_topic
+        delay = 0.5
+        while True:
+            producer = self.producer
+            known = producer.client.cluster.partitions_for_topic(topic)
+            if known:
+                return sorted(known)
+            try:
+                return sorted(await producer.partitions_for(topic))
+            except Exception as exc:  # noqa: BLE001 - metadata errors are retried; nothing is acked
+                log.warning("no metadata for %s (%s); retrying in %.1f s", topic, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    async def _handle(self, messages: list[_Incoming]) -> None:
+        RECEIVED.inc(len(messages))
+        self.received += len(messages)
+        self._inflight += len(messages)
+        INFLIGHT.set(self._inflight)
         received_ms = now_ms()
-        payload = bytes(msg.payload)
-        records: list[_Record] = []
-        n_readings = 0
-        json_topic = parse_telemetry_topic(msg.topic)
-        sp_topic = None if json_topic is not None else sparkplug.parse_topic(msg.topic)
-        result: ParseResult | None = None
-        if json_topic is not None:
-            tenant, gateway = json_topic.tenant, json_topic.gateway
-            result = parse_message(json_topic, payload, received_ms=received_ms, limits=self.limits)
-        elif sp_topic is not None:
-            tenant, gateway = sp_topic.group, sp_topic.edge_node
-            result = self._sparkplug(msg, sp_topic, payload, received_ms)
-        else:
-            rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
-            records.append(self._dead_letter(msg, rejection, received_ms))
-        if result is not None:
-            await self.registry.refresh_if_due()
-            await self.registry.look_up(tenant, gateway, [d.device for d in result.accepted])
-            checked, unknown_metric_readings = check_ownership(
-                result, tenant, gateway, self.registry,
-                reject_unknown_metrics=self.settings.ingest.unknown_metrics == "reject",
-            )  # fmt: skip
-            UNKNOWN_METRIC_READINGS.inc(unknown_metric_readings)
-            records += [self._dead_letter(msg, r, received_ms) for r in checked.rejected]
-            records += [
-                _Record(self.settings.kafka.readings_topic, d.kafka_key(), d.encode())
-                for d in checked.accepted
-            ]
-            n_readings = checked.reading_count
-        sends = [(record, await self._send_retrying(record)) for record in records]
-        task = asyncio.create_task(self._complete(pending, sends, n_readings))
-        self._completions.add(task)
-        task.add_done_callback(self._completions.discard)
+        await self.registry.refresh_if_due()
+        records = RecordBatch(received_ms, await self._readings_partitions(), self._partitioner)
+        dead_letters: list[_Record] = []
+        reject_unknown_metrics = self.settings.ingest.unknown_metrics == "reject"
+        unknown_metric_readings = 0
+        for item in messages:
+            json_topic = self._json_topic(item.topic)
+            payload = bytes(item.msg.payload)
+            result: ParseResult | None = None
+            if json_topic is not None:
+                tenant, gateway = json_topic.tenant, json_topic.gateway
+                result = parse_message(json_topic, payload, received_ms=received_ms, limits=self.limits)
+            elif (sp_topic := sparkplug.parse_topic(item.topic)) is not None:
+                tenant, gateway = sp_topic.group, sp_topic.edge_node
+                result = self._sparkplug(item.msg, sp_topic, payload, received_ms)
+            else:
+                rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
+                dead_letters.append(self._dead_letter(item, rejection, received_ms))
+            if result is None:
+                continue
+            if result.accepted:
+                await self.registry.look_up(tenant, gateway, [d.device for d in result.accepted])
+            checked, unknown = check_ownership(
+                result, tenant, gateway, self.registry, reject_unknown_metrics=reject_unknown_metrics
+            )
+            unknown_metric_readings += unknown
+            dead_letters += [self._dead_letter(item, r, received_ms) for r in checked.rejected]
+            for device in checked.accepted:
+                records.add(device)
+        UNKNOWN_METRIC_READINGS.inc(unknown_metric_readings)
+        topic = self.settings.kafka.readings_topic
+        outgoing = [_Record(topic, r.kafka_key(), r.encode(), p) for p, r in records.records()]
+        outgoing += dead_letters
+        sends = [(record, await self._send_retrying(record)) for record in outgoing]
+        batch = _Batch(messages, records.readings)
+        self._batches.append(batch)
+        task = asyncio.create_task(self._deliver(batch, sends))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    def _json_topic(self, topic: str) -> TelemetryTopic | None:
+        try:
+            return self._topics[topic]
+        except KeyError:
+            if len(self._topics) >= MAX_CACHED_TOPICS:
+                self._topics.clear()
+            parsed = self._topics[topic] = parse_telemetry_topic(topic)
+            return parsed
 
     def _sparkplug(
         self, msg: mqtt.MQTTMessage, topic: sparkplug.SparkplugTopic, payload: bytes, received_ms: int
@@ -371,7 +556,7 @@ class Collector:
             producer = self.producer
             try:
                 fut: asyncio.Future[object] = await producer.send(
-                    record.topic, value=record.value, key=record.key
+                    record.topic, value=record.value, key=record.key, partition=record.partition
                 )
                 return fut
             except ProducerClosed:
@@ -381,19 +566,20 @@ class Collector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
 
-    def _dead_letter(self, msg: mqtt.MQTTMessage, rejection: Rejection, received_ms: int) -> _Record:
+    def _dead_letter(self, item: _Incoming, rejection: Rejection, received_ms: int) -> _Record:
         REJECTED.labels(rejection.reason.value).inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
-        parts = msg.topic.split("/")
+        payload = item.msg.payload
+        parts = item.topic.split("/")
         binary = parts[0] == sparkplug.NAMESPACE
         tenant, gateway = (parts[1], parts[3]) if binary else (parts[2], parts[3])
-        kept = msg.payload[:cap]
+        kept = payload[:cap]
         value = orjson.dumps(
             {
                 "v": 1,
                 "reason": rejection.reason.value,
                 "detail": rejection.detail,
-                "topic": msg.topic,
+                "topic": item.topic,
                 "tenant": tenant if len(parts) > 3 else None,
                 "gateway": gateway if len(parts) > 3 else None,
                 "device": rejection.device,
@@ -403,48 +589,61 @@ class Collector:
                 if binary
                 else kept.decode("utf-8", errors="replace"),
                 "payload_encoding": "base64" if binary else "utf-8",
-                "payload_bytes": len(msg.payload),
-                "payload_truncated": len(msg.payload) > cap,
+                "payload_bytes": len(payload),
+                "payload_truncated": len(payload) > cap,
             }
         )
-        log.debug("dead letter %s on %s: %s", rejection.reason.value, msg.topic, rejection.detail)
-        return _Record(self.settings.kafka.dlq_topic, msg.topic.encode(), value)
+        log.debug("dead letter %s on %s: %s", rejection.reason.value, item.topic, rejection.detail)
+        return _Record(self.settings.kafka.dlq_topic, item.topic.encode(), value)
 
-    async def _complete(
-        self, pending: _Pending, sends: list[tuple[_Record, asyncio.Future[object]]], n_readings: int
-    ) -> None:
-        for record, fut in sends:
-            while True:
-                producer = self.producer
-                try:
-                    await asyncio.wait_for(asyncio.shield(fut), timeout=DELIVERY_TIMEOUT_S)
-                    break
-                except TimeoutError:
-                    # After a broker restart an idempotent producer can wait on a partition leader for
-                    # good; a fresh producer finds it.
-                    log.warning("no Kafka acknowledgement within %.0f s; sending again", DELIVERY_TIMEOUT_S)
+    async def _deliver(self, batch: _Batch, sends: list[tuple[_Record, asyncio.Future[object]]]) -> None:
+        """Wait until Kafka acknowledged every record of the batch, sending again what failed or
+        stalled, then acknowledge what is ready."""
+        while sends:
+            producer = self.producer
+            done, stalled = await asyncio.wait({fut for _, fut in sends}, timeout=DELIVERY_TIMEOUT_S)
+            if stalled:
+                # After a broker restart an idempotent producer can wait on a partition leader for
+                # good; a fresh producer finds it.
+                log.warning(
+                    "no Kafka acknowledgement within %.0f s for %d records", DELIVERY_TIMEOUT_S, len(stalled)
+                )
+            if stalled or any(_fatal(fut) for fut in done):
+                # Stopping the old producer settles what it still holds, delivered or failed, so that
+                # only what it did not deliver is sent again (Kafka recovering just as the timeout
+                # expires would otherwise get those records twice).
+                await self._replace_producer(producer)
+            failed: list[_Record] = []
+            for record, fut in sends:
+                if not fut.done():
                     # The abandoned delivery may still fail later; its outcome no longer matters.
                     fut.add_done_callback(_consume_outcome)
-                    await self._replace_producer(producer)
-                    fut = await self._send_retrying(record)
-                except Exception as exc:  # noqa: BLE001 - a failed delivery is sent again, never acked
-                    log.warning("Kafka delivery failed (%s); sending again", exc)
-                    if isinstance(exc, OutOfOrderSequenceNumber | ProducerClosed):
-                        await self._replace_producer(producer)
-                    fut = await self._send_retrying(record)
-        pending.done = True
-        READINGS_PRODUCED.inc(n_readings)
-        self.produced += n_readings
-        PRODUCE_LATENCY.observe(time.monotonic() - pending.received)
+                    failed.append(record)
+                elif fut.cancelled() or (exc := fut.exception()) is not None:
+                    reason = "cancelled" if fut.cancelled() else exc
+                    log.warning("Kafka delivery failed (%s); sending again", reason)
+                    failed.append(record)
+            sends = [(record, await self._send_retrying(record)) for record in failed]
+        batch.done = True
+        READINGS_PRODUCED.inc(batch.readings)
+        self.produced += batch.readings
         self._ack_ready()
 
     def _ack_ready(self) -> None:
         client = self._client
-        while self._pending and self._pending[0].done:
-            head = self._pending.popleft()
-            if head.qos > 0 and client is not None:
-                client.ack(head.mid, head.qos)
-        INFLIGHT.set(len(self._pending))
+        now = time.monotonic()
+        connection = self._connection
+        while self._batches and self._batches[0].done:
+            batch = self._batches.popleft()
+            self._inflight -= len(batch.messages)
+            for item in batch.messages:
+                msg = item.msg
+                PRODUCE_LATENCY.observe(now - msg.timestamp)
+                # A message delivered on an earlier connection is delivered again on this one, maybe
+                # under the same packet id as another message: acking the old one could ack that.
+                if msg.qos > 0 and client is not None and item.connection == connection:
+                    client.ack(msg.mid, msg.qos)
+        INFLIGHT.set(self._inflight)
 
     async def _leave_group(self) -> None:
         """Retire this collector: stop the group assigning it messages, then take in what the broker
@@ -454,31 +653,49 @@ class Collector:
         self._client.unsubscribe(self._readings_topics)
         log.info("leaving the shared group: unsubscribed, taking in what is still queued for us")
         while True:
+            if batch := self._take():
+                await self._handle(batch)
+                continue
             try:
-                msg = await asyncio.wait_for(self._queue.get(), timeout=LEAVE_QUIET_S)
+                await asyncio.wait_for(self._arrived.wait(), LEAVE_QUIET_S)
             except TimeoutError:
                 return
-            await self._handle(msg)
+
+    async def _flushed(self, timeout_s: float) -> None:
+        """Wait until paho has written what it queued (acks, the DISCONNECT) or the socket closed."""
+        deadline = time.monotonic() + timeout_s
+        client = self._client
+        while client is not None and self._sock is not None and client.want_write():
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.01)
 
     async def _shutdown(self) -> None:
         if self.leave_group_on_exit:
             await self._leave_group()
-        log.info("stopping: draining %d in-flight messages", len(self._pending))
-        if self._completions:
-            await asyncio.wait(self._completions, timeout=30)
+        # Stop intake and stay on this connection: what the broker sends from now on, or what would
+        # need a new connection to be acknowledged, it delivers again to the next session.
+        self._closing = True
+        self._pause_reading()
+        log.info("stopping: draining %d in-flight messages", self._inflight)
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=30)
         self._ack_ready()
-        if self._client is not None:
-            # Give paho a moment to flush the last PUBACKs before the DISCONNECT.
-            await asyncio.sleep(0.2)
+        client = self._client
+        if client is not None:
+            await self._flushed(5)
             if self.leave_group_on_exit:
                 # Ending the session removes this member from the group; kept, the broker would go on
                 # queueing a share of the messages for a collector that is never coming back.
                 props = Properties(PacketTypes.DISCONNECT)
                 props.SessionExpiryInterval = 0
-                self._client.disconnect(properties=props)
+                client.disconnect(properties=props)
             else:
-                self._client.disconnect()
-            self._client.loop_stop()
+                client.disconnect()
+            await self._flushed(5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
@@ -489,3 +706,4 @@ class Collector:
 
     def stop(self) -> None:
         self._stop.set()
+        self._arrived.set()
