@@ -501,7 +501,7 @@ class Collector:
                 records.add(device)
         UNKNOWN_METRIC_READINGS.inc(unknown_metric_readings)
         topic = self.settings.kafka.readings_topic
-        outgoing = [_Record(topic, r.kafka_key(), r.encode(), p) for p, r in records.records()]
+        outgoing = [_Record(topic, key, value, partition) for partition, key, value in records.encoded()]
         outgoing += dead_letters
         sends = [(record, await self._send_retrying(record)) for record in outgoing]
         batch = _Batch(messages, records.readings)

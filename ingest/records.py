@@ -16,10 +16,9 @@ from aiokafka.partitioner import murmur2
 
 from meterflow.contract import DeviceReadings, GatewayRecord, ReadingRow, device_key
 
-# A record stays well under Kafka's default 1 MB message limit and within one producer batch. The size
-# is estimated from the JSON a reading encodes to: its metric name plus at most this much besides.
+# A record stays well under Kafka's default 1 MB message limit and within one producer batch; a larger
+# one is split in two, as often as needed.
 MAX_RECORD_BYTES: Final = 256 * 1024
-READING_OVERHEAD_BYTES: Final = 48
 # Devices whose key hash is remembered; beyond it the cache starts over (a fleet is far smaller).
 MAX_CACHED_DEVICES: Final = 1_000_000
 
@@ -47,41 +46,69 @@ class Partitioner:
 class _Open:
     record: GatewayRecord
     indexes: dict[str, int] = field(default_factory=dict)
-    size: int = 0
 
 
 class RecordBatch:
-    """Collects device readings into v2 records, one per tenant, gateway and partition (more when a
-    record would grow beyond MAX_RECORD_BYTES). Every record carries `received_ms`."""
+    """Collects device readings into v2 records, one per tenant, gateway and partition (more when one
+    would encode to more than MAX_RECORD_BYTES). Every record carries `received_ms`."""
 
     def __init__(self, received_ms: int, partitions: Sequence[int], partitioner: Partitioner) -> None:
         self._received_ms = received_ms
         self._partitions = partitions
         self._partitioner = partitioner
         self._open: dict[tuple[str, str, int], _Open] = {}
-        self._full: list[tuple[int, GatewayRecord]] = []
         self.readings = 0
 
     def add(self, device: DeviceReadings) -> None:
         partition = self._partitioner.partition(device.tenant, device.device, self._partitions)
         group = (device.tenant, device.gateway, partition)
-        size = sum(len(r.metric) for r in device.readings) + READING_OVERHEAD_BYTES * len(device.readings)
         current = self._open.get(group)
-        if current is not None and current.size + size > MAX_RECORD_BYTES:
-            self._full.append((partition, current.record))
-            current = None
         if current is None:
-            current = _Open(GatewayRecord(device.tenant, device.gateway, self._received_ms, [], []))
-            self._open[group] = current
+            current = self._open[group] = _Open(
+                GatewayRecord(device.tenant, device.gateway, self._received_ms, [], [])
+            )
         index = current.indexes.get(device.device)
         if index is None:
             index = current.indexes[device.device] = len(current.record.devices)
             current.record.devices.append(device.device)
         rows: list[ReadingRow] = current.record.readings
-        rows.extend([(index, r.ts_ms, r.metric, r.value) for r in device.readings])
-        current.size += size
+        rows += [(index, r.ts_ms, r.metric, r.value) for r in device.readings]
         self.readings += len(device.readings)
 
     def records(self) -> list[tuple[int, GatewayRecord]]:
         """(partition, record) pairs, each partition's records in the order their readings came."""
-        return [*self._full, *((group[2], o.record) for group, o in self._open.items())]
+        return [(partition, record) for partition, record, _ in self._split()]
+
+    def encoded(self) -> list[tuple[int, bytes, bytes]]:
+        """(partition, key, value) of every record, in the order of `records`."""
+        return [(partition, record.kafka_key(), value) for partition, record, value in self._split()]
+
+    def _split(self) -> list[tuple[int, GatewayRecord, bytes]]:
+        out: list[tuple[int, GatewayRecord, bytes]] = []
+        for (_, _, partition), current in self._open.items():
+            _encode(partition, current.record, out)
+        return out
+
+
+def _encode(partition: int, record: GatewayRecord, out: list[tuple[int, GatewayRecord, bytes]]) -> None:
+    value = record.encode()
+    if len(value) <= MAX_RECORD_BYTES or len(record.readings) == 1:
+        out.append((partition, record, value))
+        return
+    half = len(record.readings) // 2
+    for rows in (record.readings[:half], record.readings[half:]):
+        _encode(partition, _subset(record, rows), out)
+
+
+def _subset(record: GatewayRecord, rows: list[ReadingRow]) -> GatewayRecord:
+    """A record of some of `record`'s readings, naming only their devices."""
+    indexes: dict[int, int] = {}
+    devices: list[str] = []
+    remapped: list[ReadingRow] = []
+    for index, ts, metric, value in rows:
+        new = indexes.get(index)
+        if new is None:
+            new = indexes[index] = len(devices)
+            devices.append(record.devices[index])
+        remapped.append((new, ts, metric, value))
+    return GatewayRecord(record.tenant, record.gateway, record.received_ms, devices, remapped)

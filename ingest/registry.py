@@ -19,7 +19,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ingest.payloads import ParseResult, Rejection
-from meterflow.contract import CANONICAL_METRICS, DeadLetterReason, DeviceReadings, Reading
+from meterflow.contract import CANONICAL_METRICS, DeadLetterReason
 
 log = logging.getLogger(__name__)
 
@@ -158,27 +158,19 @@ def check_ownership(
                 Rejection(DeadLetterReason.UNKNOWN_DEVICE, detail, device_readings.device)
             )
             continue
-        kept: list[Reading] = []
-        for reading in device_readings.readings:
-            if reading.metric in CANONICAL_METRICS:
-                kept.append(reading)
-            elif reject_unknown_metrics:
-                checked.rejected.append(
-                    Rejection(DeadLetterReason.UNKNOWN_METRIC, reading.metric, device_readings.device)
-                )
-            else:
-                unknown_metric_readings += 1
-                kept.append(reading)
-        if kept:
-            checked.accepted.append(
-                DeviceReadings(
-                    device_readings.tenant,
-                    device_readings.gateway,
-                    device_readings.device,
-                    device_readings.received_ms,
-                    tuple(kept),
-                )
-            )
+        unknown = [r for r in device_readings.readings if r.metric not in CANONICAL_METRICS]
+        if not unknown:
+            checked.accepted.append(device_readings)
+        elif not reject_unknown_metrics:
+            unknown_metric_readings += len(unknown)
+            checked.accepted.append(device_readings)
+        else:
+            checked.rejected += [
+                Rejection(DeadLetterReason.UNKNOWN_METRIC, r.metric, device_readings.device) for r in unknown
+            ]
+            kept = tuple(r for r in device_readings.readings if r.metric in CANONICAL_METRICS)
+            if kept:
+                checked.accepted.append(device_readings._replace(readings=kept))
     return checked, unknown_metric_readings
 
 

@@ -11,10 +11,11 @@ import enum
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Final
+from typing import Annotated, Final, NamedTuple
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 TENANT_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
 DEVICE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -75,10 +76,11 @@ def _epoch_ms(value: object) -> object:
 TimestampMs = Annotated[int, Field(strict=True), BeforeValidator(_epoch_ms)]
 
 
-class TelemetryPoint(BaseModel):
+# A TypedDict rather than a model: validating a gateway batch builds no object per point (the
+# collector validates every point of every message). Validate with a pydantic TypeAdapter.
+@with_config(ConfigDict(extra="forbid"))
+class TelemetryPoint(TypedDict):
     """One ``{"ts": ..., "values": {...}}`` object of the gateway and single-device forms."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
     ts: TimestampMs
     # bool is a subclass of int in Python; strict float keeps true/false and strings out.
@@ -133,15 +135,15 @@ RECORD_V1: Final = 1
 RECORD_V2: Final = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+# Named tuples, not frozen dataclasses: the collector builds one per reading, and a frozen
+# dataclass costs about three times as much to build.
+class Reading(NamedTuple):
     ts_ms: int
     metric: str
     value: float
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceReadings:
+class DeviceReadings(NamedTuple):
     tenant: str
     gateway: str
     device: str

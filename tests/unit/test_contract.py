@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from meterflow.contract import (
     DeviceReadings,
@@ -14,6 +14,8 @@ from meterflow.contract import (
     decode_records,
     parse_telemetry_topic,
 )
+
+POINT = TypeAdapter(TelemetryPoint)
 
 
 def test_gateway_and_device_topics_parse() -> None:
@@ -38,9 +40,9 @@ def test_foreign_topics_are_refused(topic: str) -> None:
 
 
 def test_timestamp_accepts_epoch_ms_and_rfc3339_with_offset() -> None:
-    a = TelemetryPoint.model_validate({"ts": 1763712000000, "values": {"power_kw": 1}})
-    b = TelemetryPoint.model_validate({"ts": "2025-11-21T16:00:00+08:00", "values": {"power_kw": 1}})
-    assert a.ts == b.ts == 1763712000000
+    a = POINT.validate_python({"ts": 1763712000000, "values": {"power_kw": 1}})
+    b = POINT.validate_python({"ts": "2025-11-21T16:00:00+08:00", "values": {"power_kw": 1}})
+    assert a["ts"] == b["ts"] == 1763712000000
 
 
 @pytest.mark.parametrize(
@@ -54,7 +56,7 @@ def test_timestamp_accepts_epoch_ms_and_rfc3339_with_offset() -> None:
 )
 def test_invalid_points_are_refused(point: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
-        TelemetryPoint.model_validate(point)
+        POINT.validate_python(point)
 
 
 def test_record_round_trip() -> None:

@@ -35,29 +35,36 @@ def test_one_record_per_tenant_gateway_and_partition_and_nothing_lost() -> None:
     ]
     for d in devices:
         batch.add(d)
-    out = batch.records()
+    out = batch.encoded()
     assert batch.readings == sum(len(d.readings) for d in devices)
-    keys = [(r.tenant, r.gateway, p) for p, r in out]
-    assert len(keys) == len(set(keys))
     back: dict[tuple[str, str], list[Reading]] = {}
-    for partition, record in out:
-        assert record.received_ms == 7
-        assert record.kafka_key() == device_key(record.tenant, record.devices[0])
-        for name in record.devices:
-            assert partitioner.partition(record.tenant, name, PARTITIONS) == partition
-        for decoded in decode_records(record.encode()):
-            back.setdefault((decoded.tenant, decoded.device), []).extend(decoded.readings)
+    groups = []
+    for partition, key, value in out:
+        decoded = decode_records(value)
+        groups.append((decoded[0].tenant, decoded[0].gateway, partition))
+        assert key == device_key(decoded[0].tenant, decoded[0].device)
+        for d in decoded:
+            assert d.received_ms == 7
+            assert partitioner.partition(d.tenant, d.device, PARTITIONS) == partition
+            back.setdefault((d.tenant, d.device), []).extend(d.readings)
+    assert len(groups) == len(set(groups))
     expected: dict[tuple[str, str], list[Reading]] = {}
     for d in devices:
         expected.setdefault((d.tenant, d.device), []).extend(d.readings)
     assert back == expected  # every reading, each device's in order
 
 
-def test_a_full_record_is_split_and_order_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 3 * (records.READING_OVERHEAD_BYTES + len("power_kw")))
+def test_a_record_too_large_is_split_and_order_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 300)
     batch = RecordBatch(7, [0], Partitioner())
-    for ts in range(10):
-        batch.add(_device("m-1", (ts, "power_kw", float(ts))))
-    out = batch.records()
-    assert [len(r.readings) for _, r in out] == [3, 3, 3, 1]
-    assert [row[1] for _, r in out for row in r.readings] == list(range(10))
+    for ts in range(20):
+        batch.add(_device(f"m-{ts % 3}", (ts, "power_kw", float(ts))))
+    out = batch.encoded()
+    assert len(out) > 1
+    assert [r.kafka_key() for _, r in batch.records()] == [key for _, key, _ in out]
+    assert all(len(value) <= 300 for _, _, value in out)
+    back = [(d.device, r.ts_ms) for _, _, value in out for d in decode_records(value) for r in d.readings]
+    assert sorted(back, key=lambda x: x[1]) == [(f"m-{ts % 3}", ts) for ts in range(20)]
+    for device in ("m-0", "m-1", "m-2"):
+        stamps = [ts for d, ts in back if d == device]
+        assert stamps == sorted(stamps)
