@@ -19,6 +19,9 @@ from meterflow.contract import DeviceReadings, GatewayRecord, ReadingRow, device
 # A record stays well under Kafka's default 1 MB message limit and within one producer batch; a larger
 # one is split in two, as often as needed.
 MAX_RECORD_BYTES: Final = 256 * 1024
+# Readings after which a record is closed, so that it seldom needs splitting: a reading encodes to
+# about 45 bytes with a canonical metric name.
+MAX_RECORD_READINGS: Final = 4096
 # Devices whose key hash is remembered; beyond it the cache starts over (a fleet is far smaller).
 MAX_CACHED_DEVICES: Final = 1_000_000
 
@@ -50,13 +53,15 @@ class _Open:
 
 class RecordBatch:
     """Collects device readings into v2 records, one per tenant, gateway and partition (more when one
-    would encode to more than MAX_RECORD_BYTES). Every record carries `received_ms`."""
+    reaches MAX_RECORD_READINGS or would encode to more than MAX_RECORD_BYTES). Every record carries
+    `received_ms`."""
 
     def __init__(self, received_ms: int, partitions: Sequence[int], partitioner: Partitioner) -> None:
         self._received_ms = received_ms
         self._partitions = partitions
         self._partitioner = partitioner
         self._open: dict[tuple[str, str, int], _Open] = {}
+        self._closed: list[tuple[int, GatewayRecord]] = []
         self.readings = 0
 
     def add(self, device: DeviceReadings) -> None:
@@ -74,6 +79,9 @@ class RecordBatch:
         rows: list[ReadingRow] = current.record.readings
         rows += [(index, r.ts_ms, r.metric, r.value) for r in device.readings]
         self.readings += len(device.readings)
+        if len(rows) >= MAX_RECORD_READINGS:
+            del self._open[group]
+            self._closed.append((partition, current.record))
 
     def records(self) -> list[tuple[int, GatewayRecord]]:
         """(partition, record) pairs, each partition's records in the order their readings came."""
@@ -85,6 +93,9 @@ class RecordBatch:
 
     def _split(self) -> list[tuple[int, GatewayRecord, bytes]]:
         out: list[tuple[int, GatewayRecord, bytes]] = []
+        # A group's closed records hold its earlier readings.
+        for partition, record in self._closed:
+            _encode(partition, record, out)
         for (_, _, partition), current in self._open.items():
             _encode(partition, current.record, out)
         return out

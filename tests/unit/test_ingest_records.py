@@ -68,3 +68,14 @@ def test_a_record_too_large_is_split_and_order_kept(monkeypatch: pytest.MonkeyPa
     for device in ("m-0", "m-1", "m-2"):
         stamps = [ts for d, ts in back if d == device]
         assert stamps == sorted(stamps)
+
+
+def test_a_record_is_closed_at_max_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records, "MAX_RECORD_READINGS", 4)
+    batch = RecordBatch(7, [0], Partitioner())
+    for ts in range(10):
+        batch.add(_device(f"m-{ts % 2}", (ts, "power_kw", float(ts))))
+    out = batch.encoded()
+    assert [len(decode_records(value)) for _, _, value in out] == [2, 2, 2]
+    back = [(d.device, r.ts_ms) for _, _, value in out for d in decode_records(value) for r in d.readings]
+    assert sorted(back, key=lambda x: x[1]) == [(f"m-{ts % 2}", ts) for ts in range(10)]
