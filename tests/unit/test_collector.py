@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest.collector import Collector, _Batch, _Client, _Incoming
+from ingest.collector import Collector, _Batch, _Client
 from meterflow.settings import Settings
 
 
@@ -62,12 +62,7 @@ class _FakeClient:
 
 
 def _batch(mids: list[int], connection: int) -> _Batch:
-    messages = []
-    for mid in mids:
-        msg = mqtt.MQTTMessage(mid=mid, topic=b"t")
-        msg.qos = 1
-        messages.append(_Incoming(msg, "t", connection))
-    return _Batch(messages, readings=len(mids))
+    return _Batch([(mid, 1, 0.0, connection) for mid in mids], readings=len(mids))
 
 
 def test_acks_leave_in_arrival_order_and_only_on_the_delivering_connection() -> None:
