@@ -285,8 +285,10 @@ class Collector:
                 break
         else:
             self.loop.call_soon(self._read_ready)
-        # Bounded intake: QoS 1 is bounded by the broker's receive maximum, QoS 0 is not.
-        if len(self._incoming) >= self.settings.ingest.max_inflight:
+        # Bounded intake. QoS 1 deliveries never exceed the broker's receive maximum (max_inflight), so
+        # only a flood of QoS 0 reaches this; pausing stops reading pings too, which is why QoS 1
+        # alone must never trigger it (a stuck Kafka producer would cost the connection).
+        if len(self._incoming) >= 2 * self.settings.ingest.max_inflight:
             self._pause_reading()
 
     async def _keep_connected(self, client: _Client) -> None:
