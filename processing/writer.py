@@ -148,12 +148,18 @@ class BatchWriter:
             flag_rows: list[tuple[str, str, str, int, str]] = []
 
             is_register = t.kind[s] == KIND_REGISTER
-            in_order = inserted & is_register & (ts > state.anchor_ts[s])
+            # A register read older than the newest stored one may change how stored reads after it
+            # were judged (a flagged drop may have been a meter exchange), so it takes the replay path.
+            in_order = inserted & is_register & fresh
             self._registers(s[in_order], ts[in_order], value[in_order], state, deltas, flag_rows, out)
             behind = inserted & is_register & ~in_order
             unflag: set[tuple[str, str, str, int]] = set()
             if behind.any():
-                await self._late_registers(cur, s[behind], ts[behind], state, deltas, flag_rows, unflag, out)
+                newest = np.maximum(t.last_ts, 0)
+                np.maximum.at(newest, s[inserted], ts[inserted])
+                await self._late_registers(
+                    cur, s[behind], ts[behind], newest, state, deltas, flag_rows, unflag, out
+                )
             inst = inserted & (t.kind[s] == KIND_INSTANTANEOUS)
             if inst.any():
                 self._instantaneous(s[inst], ts[inst], value[inst], late[inst], deltas, flag_rows, out)
@@ -297,25 +303,30 @@ class BatchWriter:
         cur: store.Cur,
         s: I32,
         ts: I64,
+        newest: I64,
         state: RegisterState,
         deltas: Parts,
         flag_rows: list[tuple[str, str, str, int, str]],
         unflag: set[tuple[str, str, str, int]],
         out: BatchOutcome,
     ) -> None:
-        """A read older than its register's anchor changes only the stretch from the anchor before it
-        to the current anchor: book that stretch again with the read, and subtract it as it was booked
-        without (the kernels are deterministic, so that is exactly what was added before)."""
+        """A late read changes only the stretch from the anchor before it to the series' newest read:
+        book that stretch again with the read, and subtract it as it was booked without (the kernels
+        are deterministic, so that is exactly what was added before). The register then continues from
+        where the replay with the read ends."""
         for si in np.unique(s).tolist():
             key = self.series.keys[si]
             late_ts = ts[s == si]
-            window = await store.register_window(cur, key, int(late_ts.min()), int(state.anchor_ts[si]))
+            window = await store.register_window(cur, key, int(late_ts.min()), int(newest[si]))
             is_late = np.isin(np.array([r[0] for r in window], np.int64), late_ts)
             before = self._replay(
                 si, [r for r, late in zip(window, is_late.tolist(), strict=True) if not late]
             )
             after = self._replay(si, window)
-            for (r_ts, intervals), sign in ((before, -1), (after, 1)):
+            end = after[2]
+            state.anchor_ts[si], state.anchor_val[si] = end.anchor_ts[0], end.anchor_val[0]
+            state.pending_ts[si], state.pending_val[si] = end.pending_ts[0], end.pending_val[0]
+            for r_ts, intervals, _, sign in ((*before, -1), (*after, 1)):
                 flagged = (intervals.read_flag == kernels.READ_NEGATIVE) | (
                     intervals.read_flag == kernels.READ_IMPLAUSIBLE
                 )
@@ -335,7 +346,9 @@ class BatchWriter:
                     flag_rows.append((*key, t_ms, name))
                     out.flags[name] += 1
 
-    def _replay(self, si: int, reads: list[tuple[int, float]]) -> tuple[I64, kernels.Intervals]:
+    def _replay(
+        self, si: int, reads: list[tuple[int, float]]
+    ) -> tuple[I64, kernels.Intervals, RegisterState]:
         """Run one register's reads through the kernel from a fresh anchor at the first of them."""
         key = self.series.keys[si]
         r_ts = np.array([r[0] for r in reads], np.int64)
@@ -348,11 +361,12 @@ class BatchWriter:
             [np.nan if (x := self.registry.install_read_at(key, t)) is None else x for t in r_ts]
         )
         multiplier = np.array([self.registry.multiplier_at((key[0], key[1]), int(t)) for t in r_ts])
+        local = RegisterState.empty(1)
         intervals = kernels.registers_to_intervals(
             np.zeros(r_ts.size, np.int32), r_ts, np.array([r[1] for r in reads], np.float64),
-            RegisterState.empty(1), params, install_after=install, multiplier=multiplier,
+            local, params, install_after=install, multiplier=multiplier,
         )  # fmt: skip
-        return r_ts, intervals
+        return r_ts, intervals, local
 
     def _instantaneous(
         self,
