@@ -102,30 +102,36 @@ _SCOPES_BY_ROLE = {"grid": ("site", "enterprise"), "resource": ("vpp",)}
 def rollup_targets(
     series: SeriesTable, registry: RegistryView, entities: EntityIndex, rows_series: I64, rows_bucket: I64
 ) -> list[tuple[I64, I64]]:
-    """For each roll-up scope: (row index, entity id) pairs of the device rows that roll up into it."""
-    pairs: list[tuple[list[int], list[int]]] = [([], []) for _ in range(3)]
-    scope_slot = {"site": 0, "enterprise": 1, "vpp": 2}
-    for i, (si, bucket) in enumerate(zip(rows_series.tolist(), rows_bucket.tolist(), strict=True)):
+    """For each roll-up scope: (row index, entity id) pairs of the device rows that roll up into it.
+    Targets are resolved once per series and membership period, not per row."""
+    pairs: dict[str, tuple[list[I64], list[I64]]] = {
+        scope: ([], []) for scope in ("site", "enterprise", "vpp")
+    }
+    unique, inverse = np.unique(rows_series, return_inverse=True)
+    for u, si in enumerate(unique.tolist()):
         tenant, device, metric = series.keys[si]
         info = registry.devices.get((tenant, device))
         if info is None or info.role not in _SCOPES_BY_ROLE:
             continue
-        member = registry.member_at((tenant, device), bucket)
-        if member is None:
-            continue
-        for scope in _SCOPES_BY_ROLE[info.role]:
-            if scope == "site" and member.site:
-                target = ("site", tenant, member.site, metric)
-            elif scope == "enterprise":
-                target = ("enterprise", tenant, tenant, metric)
-            elif scope == "vpp" and member.vpp:
-                target = ("vpp", "", member.vpp, metric)
-            else:
+        of_series = np.flatnonzero(inverse == u)
+        for period in registry.membership.get((tenant, device), ()):
+            bucket = rows_bucket[of_series]
+            rows = of_series[(bucket >= period.valid_from_ms) & (bucket < period.valid_to_ms)]
+            if rows.size == 0:
                 continue
-            rows, ids = pairs[scope_slot[scope]]
-            rows.append(i)
-            ids.append(entities.id_of(target))
-    return [(np.array(r, np.int64), np.array(e, np.int64)) for r, e in pairs if r]
+            for scope in _SCOPES_BY_ROLE[info.role]:
+                if scope == "site" and period.site:
+                    target = ("site", tenant, period.site, metric)
+                elif scope == "enterprise":
+                    target = ("enterprise", tenant, tenant, metric)
+                elif scope == "vpp" and period.vpp:
+                    target = ("vpp", "", period.vpp, metric)
+                else:
+                    continue
+                row_list, id_list = pairs[scope]
+                row_list.append(rows)
+                id_list.append(np.full(rows.size, entities.id_of(target), np.int64))
+    return [(np.concatenate(r), np.concatenate(e)) for r, e in pairs.values() if r]
 
 
 def roll_up(device: Merged, targets: list[tuple[I64, I64]]) -> Merged | None:

@@ -22,7 +22,7 @@ import numpy as np
 from meterflow.settings import Settings
 from processing import kernels, rollup, store
 from processing.columns import Columns
-from processing.kernels import F64, I8, I32, I64, NO_TS, Buckets, RegisterState
+from processing.kernels import F64, I8, I32, I64, NO_TS, RegisterState
 from processing.registry import RegistryView, SeriesKey
 from processing.series import KIND_INSTANTANEOUS, KIND_REGISTER, SeriesTable
 
@@ -258,7 +258,7 @@ class BatchWriter:
                 np.concatenate([np.zeros(c.qty.size, np.int8), np.ones(fs.size, np.int8)]),
                 width,
             )
-            self._add(b, deltas[table], sign=sign, late=late)
+            deltas[table].append(rollup.Part(b, sign, late, rollup=True))
 
     def _registers(
         self,
@@ -287,7 +287,7 @@ class BatchWriter:
         flag_rows: list[tuple[str, str, str, int, str]],
         out: BatchOutcome,
     ) -> np.ndarray:
-        flagged: np.ndarray = (read_flag == kernels.READ_NEGATIVE) | (read_flag == kernels.READ_IMPLAUSIBLE)
+        flagged = _flagged(read_flag)
         for i in np.flatnonzero(flagged).tolist():
             name = kernels.READ_FLAG_NAMES[int(read_flag[i])]
             flag_rows.append((*self.series.keys[s[i]], int(ts[i]), name))
@@ -327,9 +327,7 @@ class BatchWriter:
             state.anchor_ts[si], state.anchor_val[si] = end.anchor_ts[0], end.anchor_val[0]
             state.pending_ts[si], state.pending_val[si] = end.pending_ts[0], end.pending_val[0]
             for r_ts, intervals, _, sign in ((*before, -1), (*after, 1)):
-                flagged = (intervals.read_flag == kernels.READ_NEGATIVE) | (
-                    intervals.read_flag == kernels.READ_IMPLAUSIBLE
-                )
+                flagged = _flagged(intervals.read_flag)
                 self._book_intervals(
                     intervals, deltas, series_map=np.array([si], np.int32), sign=sign, late=True,
                     flag_series=np.full(int(flagged.sum()), si, np.int32), flag_ts=r_ts[flagged],
@@ -390,12 +388,7 @@ class BatchWriter:
             for part in (late, ~late):
                 if part.any():
                     b = kernels.instantaneous_buckets(s[part], ts[part], value[part], limit, width)
-                    self._add(b, deltas[table], late=bool(part is late), rollup_=False)
-
-    def _add(
-        self, b: Buckets, into: list[rollup.Part], *, sign: int = 1, late: bool = False, rollup_: bool = True
-    ) -> None:
-        into.append(rollup.Part(b, sign, late, rollup_))
+                    deltas[table].append(rollup.Part(b, 1, part is late, rollup=False))
 
     async def _upsert(self, cur: store.Cur, table: str, parts: list[rollup.Part]) -> int:
         device = rollup.merge_parts(parts)
@@ -417,5 +410,13 @@ class BatchWriter:
         return rows
 
 
+_FLAGGED_READS = (kernels.READ_NEGATIVE, kernels.READ_IMPLAUSIBLE)
+
+
 def _is_flag(code: int) -> bool:
-    return code in (kernels.READ_NEGATIVE, kernels.READ_IMPLAUSIBLE)
+    return code in _FLAGGED_READS
+
+
+def _flagged(read_flag: I8) -> np.ndarray:
+    """Reads VEE rejected (kept raw, never booked)."""
+    return np.isin(read_flag, _FLAGGED_READS)
