@@ -114,7 +114,7 @@ def _print_status(statuses: Sequence[ServiceStatus]) -> None:
 
 
 @db_app.command("migrate")
-def db_migrate(revision: str = "head") -> None:
+def db_migrate(revision: str = "heads") -> None:
     """Apply schema migrations (Alembic) up to REVISION."""
     from processing.migrate import current, migrate
 

@@ -40,16 +40,17 @@ def _wait_for_database(settings: Settings) -> None:
         raise OSError(str(exc)) from exc
 
 
-def migrate(settings: Settings, revision: str = "head") -> None:
+def migrate(settings: Settings, revision: str = "heads") -> None:
+    # "heads": schema branches (API and VPP tables grow independently of each other) all apply.
     _wait_for_database(settings)
     command.upgrade(alembic_config(settings), revision)
     log.info("database schema at %s", revision)
 
 
-def current(settings: Settings) -> str | None:
+def current(settings: Settings) -> str:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine, pool
 
     engine = create_engine(settings.db.sqlalchemy_url(), poolclass=pool.NullPool)
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return ",".join(sorted(MigrationContext.configure(conn).get_current_heads())) or "none"
