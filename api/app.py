@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from api import problems
 from api.auth import ensure_bootstrap_admin
-from api.routes import readings, registry
+from api.routes import dashboard, readings, registry
 from meterflow.settings import Settings
 
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.include_router(registry.router)
     app.include_router(readings.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

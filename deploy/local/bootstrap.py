@@ -36,6 +36,12 @@ APT_PACKAGES = (
     "openssl",
 )
 
+# What the dashboard's browser test drives: Debian's Chromium (Playwright launches it by path, never its
+# own download) and a metric-compatible font so screenshots are legible. Not pinned: Debian replaces a
+# Chromium version in the security archive when the next one ships, so a pin would stop installing.
+BROWSER_PACKAGES = ("chromium", "fonts-liberation")
+CHROMIUM = Path("/usr/bin/chromium")
+
 Step = Callable[[str], None]
 
 
@@ -76,8 +82,8 @@ def missing_packages(packages: Sequence[str] = APT_PACKAGES) -> list[str]:
     return missing
 
 
-def install_packages(step: Step, log_file: Path) -> None:
-    missing = missing_packages()
+def install_packages(step: Step, log_file: Path, packages: Sequence[str] = APT_PACKAGES) -> None:
+    missing = missing_packages(packages)
     if not missing:
         return
     step(f"installing Debian packages: {' '.join(missing)}")
@@ -88,6 +94,12 @@ def install_packages(step: Step, log_file: Path) -> None:
         log_file=log_file,
         env=env,
     )
+
+
+def install_browser(step: Step, log_file: Path) -> Path:
+    """Install the browser the dashboard tests drive, once; return its path."""
+    install_packages(step, log_file, BROWSER_PACKAGES)
+    return CHROMIUM
 
 
 def pg_bindir() -> Path:

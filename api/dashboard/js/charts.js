@@ -1,0 +1,105 @@
+// Time-series charts on uPlot (vendored, see docs/dashboard.md): sized to their container, times drawn
+// in a chosen zone, and the drawn data summarised in data-attributes for people and tests alike.
+import uPlot from "../vendor/uPlot.esm.js";
+
+export const COLORS = {
+  up: "#1b7f3b",
+  down: "#1f5fbf",
+  load: "#1f5fbf",
+  peak: "#b4521a",
+  carbon: "#6b4fa3",
+  market: "#1b7f3b",
+};
+
+const HEIGHT = 280;
+
+/**
+ * A chart in `host` (an element with `data-state`); `series` is a list of {label, color, unit, bars}.
+ * Returns {setData(xs, ...ys), append(x, ...ys), points()} with xs in seconds since the epoch.
+ */
+export function timeChart(host, { series, zone, unit, windowSeconds = null, spanGaps = false }) {
+  const canvasHost = host.querySelector(".chart");
+  const barPaths = uPlot.paths.bars({ size: [0.7, 48] });
+  const opts = {
+    width: Math.max(canvasHost.clientWidth, 240),
+    height: HEIGHT,
+    // `zone` may be a function: a view whose zone follows the chosen enterprise redraws in the new one.
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), typeof zone === "function" ? zone() : zone),
+    legend: { live: true },
+    cursor: { drag: { x: false, y: false } },
+    scales: { x: { time: true }, y: { range: (_u, min, max) => yRange(min, max) } },
+    axes: [
+      { stroke: "#444", grid: { stroke: "#e5e5e5" } },
+      {
+        stroke: "#444",
+        grid: { stroke: "#e5e5e5" },
+        size: 70,
+        label: unit,
+        values: (_u, splits) => splits.map((v) => v.toLocaleString()),
+      },
+    ],
+    series: [
+      {},
+      ...series.map((s) => ({
+        label: s.label,
+        stroke: s.color,
+        width: 2,
+        fill: s.bars ? `${s.color}cc` : undefined,
+        paths: s.bars ? barPaths : undefined,
+        points: { show: false },
+        spanGaps,
+        value: (_u, v) => (v == null ? "–" : `${v.toLocaleString(undefined, { maximumFractionDigits: 1 })} ${s.unit}`),
+      })),
+    ],
+  };
+  let data = [[], ...series.map(() => [])];
+  const plot = new uPlot(opts, data, canvasHost);
+  new ResizeObserver(() => plot.setSize({ width: Math.max(canvasHost.clientWidth, 240), height: HEIGHT })).observe(
+    canvasHost,
+  );
+
+  const publish = () => {
+    const xs = data[0];
+    host.dataset.points = String(xs.length);
+    host.dataset.first = xs.length ? new Date(xs[0] * 1000).toISOString() : "";
+    host.dataset.last = xs.length ? new Date(xs[xs.length - 1] * 1000).toISOString() : "";
+    // Each series' sum, for checking that what is drawn is what the API answered.
+    host.dataset.sums = JSON.stringify(data.slice(1).map((ys) => ys.reduce((a, v) => a + (v ?? 0), 0)));
+  };
+
+  return {
+    setData(xs, ...ys) {
+      data = [xs, ...ys];
+      plot.setData(data);
+      publish();
+    },
+    append(x, ...ys) {
+      const last = data[0][data[0].length - 1];
+      if (last !== undefined && x <= last) {
+        // Same timestamp again (a poll between two updates): replace, never draw backwards.
+        if (x === last) data.forEach((col, i) => (col[col.length - 1] = i === 0 ? x : ys[i - 1]));
+      } else {
+        data[0].push(x);
+        ys.forEach((v, i) => data[i + 1].push(v));
+      }
+      if (windowSeconds) {
+        const from = x - windowSeconds;
+        const keep = data[0].findIndex((t) => t >= from);
+        if (keep > 0) data = data.map((col) => col.slice(keep));
+      }
+      plot.setData(data);
+      publish();
+    },
+    points: () => data[0].length,
+  };
+}
+
+function yRange(min, max) {
+  // Zero always in view: capacity and energy are read against it, and a flat series still shows.
+  const lo = Math.min(0, min ?? 0);
+  const hi = Math.max(0, max ?? 0);
+  const pad = (hi - lo || 1) * 0.08;
+  return [lo < 0 ? lo - pad : 0, hi + pad];
+}
+
+export const seconds = (ts) => Date.parse(ts) / 1000;

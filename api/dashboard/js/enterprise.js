@@ -1,0 +1,245 @@
+// Enterprise view: a site's load curve, daily carbon and the yearly carbon account with its grade.
+import {
+  ApiError,
+  addDays,
+  api,
+  apiList,
+  cell,
+  dayIn,
+  fillSelect,
+  fmt,
+  fmtDay,
+  readParams,
+  setState,
+  setupKey,
+  showError,
+  startOfDay,
+  writeParams,
+  zoneLabel,
+} from "./api.js";
+import { COLORS, seconds, timeChart } from "./charts.js";
+
+const DEFAULT_ZONE = "Asia/Shanghai"; // the contract's default for calendar intervals
+const DEFAULT_DAYS = 7;
+
+const $ = (id) => document.getElementById(id);
+const enc = encodeURIComponent;
+const tenants = new Map();
+let zone = DEFAULT_ZONE;
+let session = null;
+
+async function main() {
+  $("zone").textContent = zoneLabel(zone);
+  await setupKey();
+  const charts = {
+    load: timeChart($("load"), {
+      series: [
+        { label: "Average", color: COLORS.load, unit: "kW" },
+        { label: "Peak", color: COLORS.peak, unit: "kW" },
+      ],
+      zone: () => zone,
+      unit: "kW",
+    }),
+    carbon: timeChart($("carbon"), {
+      series: [
+        { label: "Total", color: COLORS.carbon, unit: "kgCO₂e", bars: true },
+        { label: "Market-based", color: COLORS.market, unit: "kgCO₂e" },
+      ],
+      zone: () => zone,
+      unit: "kgCO₂e",
+    }),
+  };
+  $("tenant").addEventListener("change", () => chooseTenant(charts));
+  for (const id of ["site", "interval"]) $(id).addEventListener("change", () => refresh(charts, ["load"]));
+  for (const id of ["start", "end"]) $(id).addEventListener("change", () => refresh(charts, ["load", "carbon"]));
+  $("year").addEventListener("change", () => refresh(charts, ["account"]));
+  $("controls").addEventListener("submit", (event) => event.preventDefault());
+  document.addEventListener("meterflow:key-changed", () => loadTenants(charts));
+  await loadTenants(charts);
+}
+
+async function loadTenants(charts) {
+  const note = $("tenants-note");
+  const wanted = readParams().get("tenant") || $("tenant").value;
+  let options = [];
+  tenants.clear();
+  try {
+    for (const t of await apiList("/enterprises")) {
+      tenants.set(t.tenant, t);
+      options.push({ value: t.tenant, label: t.name && t.name !== t.tenant ? `${t.name} (${t.tenant})` : t.tenant });
+    }
+    note.hidden = true;
+  } catch (err) {
+    note.textContent = err instanceof ApiError ? err.describe() : String(err);
+    note.hidden = false;
+    if (wanted) options = [{ value: wanted, label: wanted }];
+  }
+  fillSelect($("tenant"), options, wanted);
+  if (options.length === 0) {
+    for (const id of ["load", "carbon", "account"]) setState($(id), "empty", "No enterprise is visible to this key.");
+    return;
+  }
+  await chooseTenant(charts, readParams());
+}
+
+async function chooseTenant(charts, params = new URLSearchParams()) {
+  const tenant = $("tenant").value;
+  zone = tenants.get(tenant)?.timezone || DEFAULT_ZONE;
+  $("zone").textContent = zoneLabel(zone);
+  const today = dayIn(new Date(), zone);
+  const valid = (day) => /^\d{4}-\d{2}-\d{2}$/.test(day || "");
+  $("end").value = valid(params.get("end")) ? params.get("end") : today;
+  $("start").value = valid(params.get("start")) ? params.get("start") : addDays($("end").value, 1 - DEFAULT_DAYS);
+  $("year").value = /^\d{4}$/.test(params.get("year") || "") ? params.get("year") : today.slice(0, 4);
+  if (["15m", "1h", "1d"].includes(params.get("interval"))) $("interval").value = params.get("interval");
+
+  const wantedSite = params.get("site");
+  let sites = [];
+  try {
+    sites = await apiList("/sites", { tenant });
+  } catch (err) {
+    showError($("load"), err);
+  }
+  fillSelect(
+    $("site"),
+    sites.map((s) => ({ value: s.site, label: s.name && s.name !== s.site ? `${s.name} (${s.site})` : s.site })),
+    wantedSite,
+  );
+  await refresh(charts, ["load", "carbon", "account"]);
+}
+
+async function refresh(charts, parts) {
+  session?.abort();
+  session = new AbortController();
+  const { signal } = session;
+  const tenant = $("tenant").value;
+  const site = $("site").value;
+  let start = $("start").value;
+  let end = $("end").value;
+  if (start && end && start > end) [start, end] = [end, start];
+  writeParams({ tenant, site, start, end, interval: $("interval").value, year: $("year").value });
+  const range = { start: startOfDay(start, zone), end: startOfDay(addDays(end, 1), zone) };
+  const jobs = [];
+  if (parts.includes("load")) jobs.push(load(charts.load, tenant, site, range, signal));
+  if (parts.includes("carbon")) jobs.push(carbon(charts.carbon, tenant, range, signal));
+  if (parts.includes("account")) jobs.push(account(tenant, $("year").value, signal));
+  await Promise.all(jobs);
+}
+
+async function load(chart, tenant, site, range, signal) {
+  const panel = $("load");
+  if (!site) {
+    chart.setData([], [], []);
+    setState(panel, "empty", "This enterprise has no site.");
+    return;
+  }
+  setState(panel, "loading");
+  $("load-site").textContent = `· ${site}`;
+  try {
+    const body = await api(
+      `/sites/${enc(site)}/load`,
+      { tenant, ...range, interval: $("interval").value },
+      { signal },
+    );
+    const points = body.points || [];
+    chart.setData(
+      points.map((p) => seconds(p.ts)),
+      points.map((p) => p.avg_kw),
+      points.map((p) => p.peak_kw),
+    );
+    const energy = points.reduce((sum, p) => sum + (p.energy_kwh ?? 0), 0);
+    const avgs = points.map((p) => p.avg_kw).filter(Number.isFinite);
+    const peaks = points.map((p) => p.peak_kw).filter(Number.isFinite);
+    $("load-energy").textContent = points.length ? fmt.kwh(energy) : "–";
+    $("load-avg").textContent = avgs.length ? fmt.kw(avgs.reduce((a, b) => a + b, 0) / avgs.length) : "–";
+    $("load-peak").textContent = peaks.length ? fmt.kw(Math.max(...peaks)) : "–";
+    $("load-quality").textContent = quality(points);
+    panel.dataset.energyKwh = String(energy);
+    if (points.length) setState(panel, "ready");
+    else setState(panel, "empty", "No load was recorded for this site in the chosen days.");
+  } catch (err) {
+    showError(panel, err);
+  }
+}
+
+/** Share of intervals measured rather than estimated or substituted. */
+function quality(points) {
+  const known = points.filter((p) => p.quality !== undefined && p.quality !== null);
+  if (!known.length) return "–";
+  if (known.every((p) => typeof p.quality === "number")) {
+    return `${fmt.plain((100 * known.reduce((a, p) => a + p.quality, 0)) / known.length, 1)} %`;
+  }
+  const measured = known.filter((p) => p.quality === "measured").length;
+  return `${fmt.count(measured)} of ${fmt.count(known.length)} intervals`;
+}
+
+async function carbon(chart, tenant, range, signal) {
+  const panel = $("carbon");
+  setState(panel, "loading");
+  try {
+    const body = await api(`/enterprises/${enc(tenant)}/carbon`, { ...range, interval: "1d" }, { signal });
+    const points = body.points || [];
+    const market = (p) =>
+      Number.isFinite(p.scope1_kg) && Number.isFinite(p.scope2_market_kg) ? p.scope1_kg + p.scope2_market_kg : null;
+    chart.setData(
+      points.map((p) => seconds(p.ts)),
+      points.map((p) => p.co2e_kg),
+      points.map(market),
+    );
+    const tbody = panel.querySelector("tbody");
+    tbody.replaceChildren();
+    for (const p of points) {
+      const tr = tbody.insertRow();
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = fmtDay(p.ts, zone);
+      tr.append(th);
+      cell(tr, fmt.co2(p.co2e_kg), "num");
+      cell(tr, fmt.co2(p.scope1_kg), "num");
+      cell(tr, fmt.co2(p.scope2_location_kg), "num");
+      cell(tr, fmt.co2(p.scope2_market_kg), "num");
+    }
+    if (points.length) setState(panel, "ready");
+    else setState(panel, "empty", "No emissions were recorded for this enterprise in the chosen days.");
+  } catch (err) {
+    showError(panel, err);
+  }
+}
+
+async function account(tenant, year, signal) {
+  const panel = $("account");
+  setState(panel, "loading");
+  $("account-year").textContent = `· ${year}`;
+  try {
+    const acc = await api(`/enterprises/${enc(tenant)}/carbon-account`, { year }, { signal });
+    $("acc-scope1").textContent = fmt.tco2(acc.scope1_kg);
+    $("acc-scope2-location").textContent = fmt.tco2(acc.scope2_location_kg);
+    $("acc-scope2-market").textContent = fmt.tco2(acc.scope2_market_kg);
+    $("acc-intensity").textContent = intensity(acc.intensity, acc.intensity_unit);
+    const grade = acc.grade;
+    $("acc-grade").textContent = grade ? grade.label : "Not graded";
+    $("acc-grade-scheme").textContent = grade
+      ? [grade.scheme, grade.level ? `level ${grade.level}` : ""].filter(Boolean).join(" · ")
+      : acc.grade_reason || acc.not_graded_reason || "";
+    panel.dataset.grade = grade ? grade.label : "";
+    setState(panel, "ready");
+  } catch (err) {
+    showError(panel, err);
+  }
+}
+
+function intensity(value, unit) {
+  if (value === null || value === undefined) return "not available (no output value submitted)";
+  if (typeof value === "number") return `${fmt.plain(value, 3)} ${unit || "tCO₂e per 10,000 CNY"}`;
+  // An object such as {"value": ..., "unit": ...}.
+  if (typeof value === "object" && Number.isFinite(value.value)) {
+    return `${fmt.plain(value.value, 3)} ${value.unit || unit || ""}`.trim();
+  }
+  return "–";
+}
+
+main().catch((err) => {
+  const note = $("tenants-note");
+  note.textContent = `The page could not start: ${err.message || err}`;
+  note.hidden = false;
+});

@@ -1,0 +1,3 @@
+import { setupKey } from "./api.js";
+
+setupKey();
