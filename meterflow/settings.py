@@ -124,6 +124,35 @@ class ProcessingSettings(_Group):
     raw_retention_days: int | None = Field(default=None, ge=1)
 
 
+class VppSettings(_Group):
+    """The vpp service (flexibility capacity) and demand-response evaluation."""
+
+    # Its own consumer group on the readings topic: it reads every partition, beside the processors.
+    group: str = "meterflow-vpp"
+    poll_timeout_ms: int = Field(default=200, ge=1)
+    # Capacity is recomputed after every poll that changed telemetry, and at least this often (staleness
+    # moves with the clock alone).
+    recompute_every_s: float = Field(default=1.0, gt=0)
+    # Resource models and device ratings are reloaded this often.
+    registry_refresh_s: float = Field(default=5.0, gt=0)
+    # A resource silent for more than this many telemetry intervals is stale (reference notes 5.2).
+    stale_factor: float = Field(default=3.0, gt=0)
+    durations_min: tuple[int, ...] = (15, 30, 60)
+    # Confidence per resource class: deliverable = computed flexibility x factor (nameplate is not derated).
+    derate_battery: float = Field(default=0.95, gt=0, le=1)
+    derate_pv: float = Field(default=0.8, gt=0, le=1)
+    derate_ev_charger: float = Field(default=0.7, gt=0, le=1)
+    derate_building_load: float = Field(default=0.6, gt=0, le=1)
+    derate_base_station: float = Field(default=0.9, gt=0, le=1)
+    metrics_port: int = 19103
+    # Demand response: days are local days in this zone; a response is valid when delivered / committed
+    # reaches this ratio (per event, overridable when the event is created).
+    timezone: str = "Asia/Shanghai"
+    dr_valid_ratio: float = Field(default=0.8, gt=0)
+    # Baselines look this many days back for candidate days.
+    dr_lookback_days: int = Field(default=45, ge=2)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="METERFLOW_",
@@ -144,6 +173,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     ingest: IngestSettings = IngestSettings()
     processing: ProcessingSettings = ProcessingSettings()
+    vpp: VppSettings = VppSettings()
 
     @property
     def state_path(self) -> Path:
