@@ -21,9 +21,13 @@ export class ApiError extends Error {
     if (this.status === 401) return "The API key was refused. Enter a valid key.";
     if (this.status === 403) return `This key may not read ${this.path}: ${this.detail || this.title}.`;
     if (this.unavailable) {
-      return `Not available: GET ${this.path} answered ${this.status} ${this.title}${this.detail ? ` (${this.detail})` : ""}.`;
+      return `Not available: GET ${this.path} answered ${this.status} ${this.title}${this.extra(" (", ")")}.`;
     }
-    return `GET ${this.path} failed: ${this.status} ${this.title}${this.detail ? `: ${this.detail}` : ""}.`;
+    return `GET ${this.path} failed: ${this.status} ${this.title}${this.extra(": ", "")}.`;
+  }
+
+  extra(before, after) {
+    return this.detail && this.detail !== this.title ? `${before}${this.detail}${after}` : "";
   }
 }
 
@@ -47,7 +51,8 @@ export function apiUrl(path, params = {}) {
 /** GET a /v1 route; resolves to its JSON, rejects with an ApiError. */
 export async function api(path, params = {}, { signal } = {}) {
   const url = apiUrl(path, params);
-  const shown = url.pathname + url.search;
+  // The path without the query: readable in a message, and the query is on the page already.
+  const shown = url.pathname;
   let response;
   try {
     response = await fetch(url, { headers: { ...authHeaders(), Accept: "application/json" }, signal });

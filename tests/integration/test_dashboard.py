@@ -1,0 +1,368 @@
+"""The dashboard in Debian's Chromium, driven by Playwright, against a running stack: a small simulated
+fleet goes through the real broker, collector, Kafka and processor; the pages load without script errors,
+draw what the API answers, show a clear state for a route that is not deployed, and leave screenshots
+in artifacts/."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
+
+from deploy.local import bootstrap
+from meterflow.contract import now_ms
+from simulators.publisher import register_fleet, simulate_over_mqtt
+from simulators.runner import RunOptions
+from simulators.spec import FleetSpec, generate_fleet
+from tests.integration.conftest import Pipeline
+from tests.integration.fleet import wait_for_readings
+
+pytestmark = pytest.mark.integration
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+# Series colours of api/dashboard/js/charts.js: finding them on the canvas means a series was drawn.
+UP_RGB, LOAD_RGB, CARBON_RGB = (0x1B, 0x7F, 0x3B), (0x1F, 0x5F, 0xBF), (0x6B, 0x4F, 0xA3)
+HOURS = 3
+
+
+@dataclass
+class Fleet:
+    spec: FleetSpec
+    tenant: str
+    site: str
+    vpp: str
+
+
+@dataclass
+class Visit:
+    """A page opened in the browser and everything it did."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+    console_errors: list[ConsoleMessage] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def fleet(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """One factory and four VPP resources, the last three hours backfilled through the whole pipeline."""
+    prefix = f"d{uuid.uuid4().hex[:6]}-"
+    vpp = f"{prefix}vpp"
+    spec = generate_fleet(
+        enterprises=1, meters_per_site=2, vpp_resources=4, seed=5, tenant_prefix=prefix, vpp=vpp
+    )
+    creds = register_fleet(pipeline.api_url, pipeline.admin_key, spec)
+    end = now_ms()
+    start = end - HOURS * 3_600_000
+    options = RunOptions(
+        mode="backfill",
+        start_ms=start - start % 60_000,
+        duration_s=HOURS * 3600,
+        truth_dir=tmp_path_factory.mktemp("dashboard-truth"),
+        max_payload_bytes=pipeline.settings.ingest.max_payload_bytes,
+    )
+    result, outcome = simulate_over_mqtt(
+        spec, options, host=pipeline.settings.mqtt.host, port=pipeline.settings.mqtt.port, creds=creds, qos=1
+    )
+    assert outcome.unanswered == 0
+    wait_for_readings(pipeline, [e.tenant for e in spec.enterprises], result.true_readings)
+    factory = spec.enterprises[0]
+    return Fleet(spec=spec, tenant=factory.tenant, site=factory.sites[0].site, vpp=vpp)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    # Installed here as well as by `stack up`: a reused healthy stack skips the bootstrap.
+    chromium = bootstrap.install_browser(
+        lambda msg: print(f"[bootstrap] {msg}", file=sys.stderr),  # noqa: T201
+        Path(".stack") / "bootstrap.log",
+    )
+    with sync_playwright() as playwright:
+        # Debian's Chromium by path: Playwright's own browser download is never used.
+        launched = playwright.chromium.launch(executable_path=str(chromium), headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(pipeline: Pipeline) -> set[str]:
+    """Route templates the API serves (from its OpenAPI schema), to tell 'not deployed' from a bug."""
+    return set(httpx.get(f"{pipeline.api_url}/openapi.json", timeout=30).json()["paths"])
+
+
+def _need(deployed: set[str], route: str) -> None:
+    if route not in deployed:
+        pytest.skip(f"GET {route} is not deployed yet")
+
+
+def _api(pipeline: Pipeline, path: str, **params: Any) -> Any:
+    with pipeline.http() as http:
+        resp = http.get(path, params=params)
+    assert resp.status_code == 200, (path, resp.status_code, resp.text)
+    return resp.json()
+
+
+def _open(browser: Browser, pipeline: Pipeline, path: str) -> Visit:
+    """A fresh browser profile: the page asks for the key, which is typed in as a user would."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, timezone_id="Asia/Shanghai")
+    page = context.new_page()
+    visit = Visit(page)
+    page.on("pageerror", lambda exc: visit.errors.append(str(exc)))
+    page.on("console", lambda msg: visit.console_errors.append(msg) if msg.type == "error" else None)
+    page.on("request", lambda request: visit.requests.append(request))
+    page.goto(f"{pipeline.api_url}/dashboard/{path}")
+    page.get_by_label("Key", exact=True).fill(pipeline.admin_key)
+    page.get_by_role("button", name="Use this key").click()
+    return visit
+
+
+def _settled(page: Page, panel: str, timeout_ms: float = 30_000) -> str:
+    page.wait_for_function(
+        "id => !['loading', undefined].includes(document.getElementById(id).dataset.state)",
+        arg=panel,
+        timeout=timeout_ms,
+    )
+    return str(page.get_attribute(f"#{panel}", "data-state"))
+
+
+def _drawn(page: Page, panel: str, rgb: tuple[int, int, int]) -> int:
+    """Pixels of a series colour on the panel's chart canvas."""
+    count = page.evaluate(
+        """([id, rgb]) => {
+            const canvas = document.querySelector(`#${id} canvas`);
+            const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+            let n = 0;
+            for (let i = 0; i < px.length; i += 4) {
+                if (Math.abs(px[i] - rgb[0]) < 8 && Math.abs(px[i + 1] - rgb[1]) < 8
+                    && Math.abs(px[i + 2] - rgb[2]) < 8 && px[i + 3] > 200) n++;
+            }
+            return n;
+        }""",
+        [panel, list(rgb)],
+    )
+    return int(count)
+
+
+def _assert_clean(visit: Visit, pipeline: Pipeline, deployed: set[str]) -> None:
+    """No script error; the only console errors are the browser's own notes of 404s from routes that
+    are not deployed; the key went in the Authorization header and never into a URL."""
+    assert visit.errors == []
+    for msg in visit.console_errors:
+        url = urlsplit(msg.location.get("url", ""))
+        assert "status of 404" in msg.text, msg.text
+        assert url.path.startswith("/v1/") and not _served(url.path, deployed), (msg.text, url.path)
+    api_calls = [r for r in visit.requests if urlsplit(r.url).path.startswith("/v1/")]
+    assert api_calls
+    for request in api_calls:
+        assert pipeline.admin_key not in request.url
+        assert request.headers.get("authorization") == f"Bearer {pipeline.admin_key}"
+
+
+def _served(path: str, deployed: set[str]) -> bool:
+    parts = path.split("/")
+    for template in deployed:
+        t = template.split("/")
+        if len(t) == len(parts) and all(a == b or a.startswith("{") for a, b in zip(t, parts, strict=True)):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def enterprise(browser: Browser, pipeline: Pipeline, fleet: Fleet) -> Iterator[Visit]:
+    visit = _open(browser, pipeline, f"enterprise.html?tenant={fleet.tenant}&site={fleet.site}")
+    for panel in ("load", "carbon", "account"):
+        _settled(visit.page, panel)
+    ARTIFACTS.mkdir(exist_ok=True)
+    visit.page.screenshot(path=ARTIFACTS / "dashboard-enterprise.png", full_page=True)
+    yield visit
+    visit.page.context.close()
+
+
+@pytest.fixture(scope="module")
+def operator(browser: Browser, pipeline: Pipeline, fleet: Fleet) -> Iterator[Visit]:
+    visit = _open(browser, pipeline, f"operator.html?vpp={fleet.vpp}")
+    for panel in ("capacity", "live", "nodes", "stale-devices"):
+        _settled(visit.page, panel)
+    ARTIFACTS.mkdir(exist_ok=True)
+    visit.page.screenshot(path=ARTIFACTS / "dashboard-operator.png", full_page=True)
+    yield visit
+    visit.page.context.close()
+
+
+# --- both views ------------------------------------------------------------------------------------
+
+
+def test_home_page_links_both_views(browser: Browser, pipeline: Pipeline) -> None:
+    visit = _open(browser, pipeline, "")
+    page = visit.page
+    assert page.title() == "meterflow dashboard"
+    assert page.get_by_role("link", name="Operator view").is_visible()
+    assert page.get_by_role("link", name="Enterprise view").is_visible()
+    # The key is remembered by the browser, so the next page does not ask again.
+    assert page.evaluate("localStorage.getItem('meterflow.apiKey')") == pipeline.admin_key
+    page.goto(f"{pipeline.api_url}/dashboard/enterprise.html")
+    assert page.locator("#key-dialog").is_hidden()
+    assert visit.errors == []
+    page.context.close()
+
+
+def test_static_files_are_served_with_a_strict_policy(pipeline: Pipeline) -> None:
+    resp = httpx.get(f"{pipeline.api_url}/dashboard/operator.html", timeout=30)
+    assert resp.status_code == 200
+    assert "script-src 'self'" in resp.headers["content-security-policy"]
+    assert httpx.get(f"{pipeline.api_url}/dashboard/vendor/uPlot.LICENSE", timeout=30).status_code == 200
+    missing = httpx.get(f"{pipeline.api_url}/dashboard/no-such-file.js", timeout=30)
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("application/problem+json")
+
+
+def test_pages_load_without_errors(
+    enterprise: Visit, operator: Visit, pipeline: Pipeline, deployed: set[str]
+) -> None:
+    for visit in (enterprise, operator):
+        _assert_clean(visit, pipeline, deployed)
+        # Every panel ended in a state a person can read: data, an empty note or a reason.
+        for panel in visit.page.locator(".panel").all():
+            state = panel.get_attribute("data-state")
+            assert state in {"ready", "empty", "unavailable"}, (panel.get_attribute("id"), state)
+            if state != "ready":
+                assert panel.locator(".note").inner_text().strip()
+    assert (ARTIFACTS / "dashboard-enterprise.png").stat().st_size > 0
+    assert (ARTIFACTS / "dashboard-operator.png").stat().st_size > 0
+
+
+def test_routes_not_deployed_are_explained(enterprise: Visit, operator: Visit, deployed: set[str]) -> None:
+    panels = {
+        "/v1/sites/{site}/load": (enterprise, "load"),
+        "/v1/enterprises/{tenant}/carbon": (enterprise, "carbon"),
+        "/v1/enterprises/{tenant}/carbon-account": (enterprise, "account"),
+        "/v1/vpps/{vpp}/capacity": (operator, "capacity"),
+        "/v1/vpps/{vpp}/capacity/nodes": (operator, "nodes"),
+        "/v1/vpps/{vpp}/stale-devices": (operator, "stale-devices"),
+    }
+    absent = {route: where for route, where in panels.items() if route not in deployed}
+    if not absent:
+        pytest.skip("every route the dashboard reads is deployed")
+    for route, (visit, panel) in absent.items():
+        assert visit.page.get_attribute(f"#{panel}", "data-state") == "unavailable", route
+        assert "404" in visit.page.locator(f"#{panel} .note").inner_text(), route
+
+
+# --- enterprise view -------------------------------------------------------------------------------
+
+
+def _range(page: Page) -> dict[str, str]:
+    """The query the page sent for its load, to ask the API the same question."""
+    return dict(
+        json.loads(page.evaluate("JSON.stringify(Object.fromEntries(new URLSearchParams(location.search)))"))
+    )
+
+
+def _sent(visit: Visit, route_prefix: str) -> httpx.URL:
+    sent = [r.url for r in visit.requests if urlsplit(r.url).path.startswith(route_prefix)]
+    assert sent, route_prefix
+    return httpx.URL(sent[-1])
+
+
+def test_load_curve_draws_the_site_load(
+    enterprise: Visit, pipeline: Pipeline, fleet: Fleet, deployed: set[str]
+) -> None:
+    _need(deployed, "/v1/sites/{site}/load")
+    page = enterprise.page
+    sent = _sent(enterprise, f"/v1/sites/{fleet.site}/load")
+    body = _api(pipeline, sent.path, **dict(sent.params))
+    points = body["points"]
+    assert len(points) >= HOURS * 4 - 1  # 15-minute intervals of the backfilled hours
+    assert page.get_attribute("#load", "data-state") == "ready"
+    assert int(page.get_attribute("#load", "data-points") or 0) == len(points)
+    sums = json.loads(page.get_attribute("#load", "data-sums") or "[]")
+    assert sums[0] == pytest.approx(sum(p["avg_kw"] or 0 for p in points))
+    assert float(page.get_attribute("#load", "data-energy-kwh") or 0) == pytest.approx(
+        sum(p["energy_kwh"] or 0 for p in points)
+    )
+    assert sum(p["energy_kwh"] or 0 for p in points) > 0
+    assert _drawn(page, "load", LOAD_RGB) > 50
+    assert "kWh" in page.locator("#load-energy").inner_text()
+    assert "kW" in page.locator("#load-peak").inner_text()
+    assert _range(page)["site"] == fleet.site
+
+
+def test_daily_carbon_draws_the_enterprise_days(
+    enterprise: Visit, pipeline: Pipeline, fleet: Fleet, deployed: set[str]
+) -> None:
+    _need(deployed, "/v1/enterprises/{tenant}/carbon")
+    page = enterprise.page
+    sent = _sent(enterprise, f"/v1/enterprises/{fleet.tenant}/carbon")
+    points = _api(pipeline, sent.path, **dict(sent.params))["points"]
+    assert points and sum(p["co2e_kg"] for p in points) > 0
+    assert page.get_attribute("#carbon", "data-state") == "ready"
+    assert int(page.get_attribute("#carbon", "data-points") or 0) == len(points)
+    sums = json.loads(page.get_attribute("#carbon", "data-sums") or "[]")
+    assert sums[0] == pytest.approx(sum(p["co2e_kg"] for p in points))
+    assert _drawn(page, "carbon", CARBON_RGB) > 50
+    assert page.locator("#carbon tbody tr").count() == len(points)
+    assert "CO₂e" in page.locator("#carbon tbody").inner_text()
+
+
+def test_carbon_account_and_grade(
+    enterprise: Visit, pipeline: Pipeline, fleet: Fleet, deployed: set[str]
+) -> None:
+    _need(deployed, "/v1/enterprises/{tenant}/carbon-account")
+    page = enterprise.page
+    year = _range(page)["year"]
+    account = _api(pipeline, f"/v1/enterprises/{fleet.tenant}/carbon-account", year=year)
+    assert page.get_attribute("#account", "data-state") == "ready"
+    grade = account.get("grade")
+    shown = page.locator("#acc-grade").inner_text()
+    assert shown == (grade["label"] if grade else "Not graded")
+    assert "tCO₂e" in page.locator("#acc-scope2-location").inner_text()
+
+
+# --- operator view ---------------------------------------------------------------------------------
+
+
+def test_capacity_now(operator: Visit, pipeline: Pipeline, fleet: Fleet, deployed: set[str]) -> None:
+    _need(deployed, "/v1/vpps/{vpp}/capacity")
+    page = operator.page
+    now = _api(pipeline, f"/v1/vpps/{fleet.vpp}/capacity", duration_min=60)
+    assert page.get_attribute("#capacity", "data-state") == "ready"
+    assert now["devices_online"] > 0
+    assert "kW" in page.locator("#up-kw").inner_text()
+    assert "kW" in page.locator("#down-kw").inner_text()
+
+
+def test_live_chart_keeps_drawing(operator: Visit, deployed: set[str]) -> None:
+    _need(deployed, "/v1/vpps/{vpp}/capacity")
+    page = operator.page
+    mode = "stream" if "/v1/vpps/{vpp}/capacity/stream" in deployed else "poll"
+    page.wait_for_function(f"document.getElementById('live').dataset.mode === '{mode}'", timeout=30_000)
+    before = int(page.get_attribute("#live", "data-points") or 0)
+    # New updates arrive (pushed, or polled every 2 s) and are appended to the chart.
+    page.wait_for_function(
+        f"Number(document.getElementById('live').dataset.points) > {before}", timeout=30_000
+    )
+    assert _drawn(page, "live", UP_RGB) > 20
+
+
+def test_nodes_and_stale_devices(
+    operator: Visit, pipeline: Pipeline, fleet: Fleet, deployed: set[str]
+) -> None:
+    _need(deployed, "/v1/vpps/{vpp}/capacity/nodes")
+    _need(deployed, "/v1/vpps/{vpp}/stale-devices")
+    page = operator.page
+    nodes = _api(pipeline, f"/v1/vpps/{fleet.vpp}/capacity/nodes")["nodes"]
+    assert nodes
+    assert page.locator("#nodes tbody tr").count() == len(nodes)
+    assert {n["node"] for n in nodes} == set(page.locator("#nodes tbody th").all_inner_texts())
+    stale = _api(pipeline, f"/v1/vpps/{fleet.vpp}/stale-devices")["devices"]
+    assert page.locator("#stale-devices tbody tr").count() == len(stale)
+    assert page.get_attribute("#stale-devices", "data-state") == ("ready" if stale else "empty")
