@@ -10,10 +10,13 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from api import problems
+from api import auth, problems
 from api.auth import ensure_bootstrap_admin
-from api.routes import dashboard, readings, registry
+from api.grading import load_schemes
+from api.routes import carbon, dashboard, factors, keys, load, readings, registry
+from api.tou import load_calendars
 from meterflow.settings import Settings
+from processing.carbon import sync_packaged_factors
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -26,6 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.pool = pool
         admin_key = cfg.bootstrap_admin_key.get_secret_value() if cfg.bootstrap_admin_key else None
         await ensure_bootstrap_admin(pool, admin_key)
+        async with pool.connection() as conn:
+            await sync_packaged_factors(conn)
         try:
             yield
         finally:
@@ -42,9 +47,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = cfg
+    # Configuration errors in these data files stop the start-up rather than a request.
+    app.state.tou_calendars = load_calendars(cfg.api.tou_calendars_file)
+    app.state.grading_schemes = load_schemes(cfg.api.grading_schemes_file)
+    auth.install(app, cfg)
     problems.install(app)
     app.include_router(registry.router)
     app.include_router(readings.router)
+    app.include_router(load.router)
+    app.include_router(carbon.router)
+    app.include_router(factors.router)
+    app.include_router(keys.router)
     app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"])

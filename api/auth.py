@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from api.problems import Problem
+from api.ratelimit import TokenBuckets, retry_after_header
+from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +63,80 @@ async def ensure_bootstrap_admin(pool: AsyncConnectionPool, configured_key: str 
         log.warning("generated the first admin API key (shown once, store it now): %s", key)
 
 
+REJECTED = Counter(
+    "meterflow_api_rejected_requests_total", "Requests refused before the route ran", ["reason"]
+)
+
+
+class KeyCache:
+    """Key hash -> principal (None for unknown or revoked keys), kept `ttl_s` seconds."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+
+    def get(self, key_hash: str) -> tuple[bool, Principal | None]:
+        entry = self._entries.get(key_hash)
+        if entry is None or time.monotonic() - entry[0] > self.ttl_s:
+            return False, None
+        return True, entry[1]
+
+    def put(self, key_hash: str, who: Principal | None) -> None:
+        if len(self._entries) > 100_000:
+            # Random bad keys must not grow the cache without bound.
+            self._entries.clear()
+        self._entries[key_hash] = (time.monotonic(), who)
+
+    def forget(self, key_id: str) -> None:
+        self._entries = {h: e for h, e in self._entries.items() if e[1] is None or e[1].key_id != key_id}
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Per-process key cache and rate limiter on the app state."""
+    app.state.key_cache = KeyCache(settings.api.key_cache_s)
+    app.state.rate_limiter = TokenBuckets(settings.api.rate_limit_per_s, settings.api.rate_limit_burst)
+
+
 async def principal(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
+        REJECTED.labels("no-key").inc()
         raise Problem(401, "unauthorized", "Missing API key", "Send `Authorization: Bearer <api key>`.")
-    pool: AsyncConnectionPool = request.app.state.pool
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT key_id, role, tenant_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
-            (hash_key(token),),
+    cache: KeyCache = request.app.state.key_cache
+    key_hash = hash_key(token)
+    hit, who = cache.get(key_hash)
+    if not hit:
+        pool: AsyncConnectionPool = request.app.state.pool
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT key_id, role, tenant_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                (key_hash,),
+            )
+            row = await cur.fetchone()
+        who = (
+            None
+            if row is None
+            else Principal(
+                key_id=str(row[0]), role=str(row[1]), tenant=None if row[2] is None else str(row[2])
+            )
         )
-        row = await cur.fetchone()
-    if row is None:
+        cache.put(key_hash, who)
+    if who is None:
+        REJECTED.labels("bad-key").inc()
         raise Problem(401, "unauthorized", "Invalid API key", "The key is unknown or revoked.")
-    return Principal(key_id=str(row[0]), role=str(row[1]), tenant=None if row[2] is None else str(row[2]))
+    limiter: TokenBuckets = request.app.state.rate_limiter
+    wait = limiter.take(who.key_id)
+    if wait > 0:
+        REJECTED.labels("rate-limited").inc()
+        raise Problem(
+            429,
+            "rate-limited",
+            "Too many requests",
+            f"key {who.key_id} is limited to {limiter.rate:g} requests/s (burst {limiter.burst:g})",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
+    return who
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]
@@ -82,6 +145,15 @@ PrincipalDep = Annotated[Principal, Depends(principal)]
 def require_admin(who: Principal) -> None:
     if who.role != "admin":
         raise Problem(403, "forbidden", "Admin role required", f"key {who.key_id} has role {who.role}")
+
+
+def require_writer(who: Principal, tenant: str) -> None:
+    """Admins, or an enterprise key submitting its own tenant's data."""
+    if who.role == "admin" or (who.role == "enterprise" and who.tenant == tenant):
+        return
+    if who.tenant != tenant:
+        require_tenant(who, tenant)
+    raise Problem(403, "forbidden", "Not allowed", f"key {who.key_id} cannot submit data for {tenant!r}")
 
 
 def require_tenant(who: Principal, tenant: str) -> None:

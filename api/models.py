@@ -158,3 +158,262 @@ class Readings(BaseModel):
     device: str
     data: list[ReadingOut]
     next_cursor: str | None = Field(default=None, description="pass as `cursor` to get the next page")
+
+
+# --- load, time of use, energy use intensity --------------------------------------------------------
+
+
+class QualityCounts(BaseModel):
+    """Contributions to the point's intervals by quality class (see docs/processing.md)."""
+
+    measured: int
+    estimated: int
+    substituted: int
+    flagged: int
+    uncalibrated: int
+
+
+class LoadPoint(BaseModel):
+    ts: datetime = Field(description="start of the interval")
+    energy_kwh: float = Field(description="net imported active energy: import minus export")
+    import_kwh: float
+    export_kwh: float
+    avg_kw: float = Field(description="energy_kwh over the hours covered by data")
+    peak_kw: float = Field(
+        description="1m: the minute's demand; 15m and coarser: the largest 15-minute demand inside"
+    )
+    quality: Literal["measured", "estimated", "substituted"] = Field(description="worst class present")
+    complete: bool = Field(description="every 15-minute interval inside (up to now) has data")
+    counts: QualityCounts
+    late_corrections: int
+    corrected_at: datetime | None
+
+
+class SiteLoad(BaseModel):
+    tenant: str
+    site: str
+    interval: str
+    timezone: str
+    points: list[LoadPoint]
+
+
+class TouSlot(BaseModel):
+    slot: str
+    energy_kwh: float
+    share: float | None
+    hours: float = Field(description="hours of the range in this slot that have data")
+
+
+class SiteTou(BaseModel):
+    tenant: str
+    site: str
+    calendar: str
+    start: datetime
+    end: datetime
+    energy_kwh: float
+    slots: list[TouSlot]
+    peak_valley_ratio: float | None = Field(description="average kW in peak slots over that in valley slots")
+    load_factor: float | None = Field(description="energy_kwh / (peak 15-minute kW x hours)")
+
+
+class TouCalendarOut(BaseModel):
+    calendar: str
+    name: str
+    provinces: list[str]
+    source: str
+    seasons: list[dict[str, object]]
+
+
+class SiteEui(BaseModel):
+    tenant: str
+    site: str
+    start: datetime
+    end: datetime
+    floor_area_m2: float
+    energy_kwh: float
+    eui_kwh_per_m2: float
+    eui_kwh_per_m2_year: float = Field(description="annualised over the hours covered by data")
+    hours_with_data: float
+    formula: str
+
+
+# --- carbon -----------------------------------------------------------------------------------------
+
+
+class CarbonPoint(BaseModel):
+    ts: datetime
+    days: int = Field(description="days with boundary-meter data in the period")
+    co2e_kg: float = Field(description="scope 1 + scope 2 location-based")
+    co2e_market_kg: float = Field(description="scope 1 + scope 2 market-based")
+    scope1_kg: float
+    scope2_location_kg: float
+    scope2_market_kg: float
+    by_carrier: dict[str, float] = Field(
+        description="electricity_location_kg, electricity_market_kg, natural_gas_kg, diesel_kg, heat_kg"
+    )
+    quantities: dict[str, float]
+    green_traced_kwh: float
+    provisional: bool = Field(description="a factor stands in for an unpublished year: recomputed later")
+    factor_ids: list[str]
+
+
+class FactorRef(BaseModel):
+    factor_id: str
+    carrier: str
+    kind: str
+    region: str
+    year: int | None
+    value: float
+    unit: str
+    status: str
+
+
+class EnterpriseCarbon(BaseModel):
+    tenant: str
+    interval: str
+    timezone: str
+    points: list[CarbonPoint]
+    factors: list[FactorRef] = Field(description="every factor the points cite")
+
+
+class OutputValueIn(_In):
+    period_start: date
+    period_end: date = Field(description="exclusive")
+    value_added_cny: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    output_value_cny: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    product_quantity: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    product_unit: Annotated[str, Field(max_length=40)] | None = None
+
+
+class OutputValue(OutputValueIn):
+    tenant: str
+    created_at: datetime
+
+
+class AccountLine(BaseModel):
+    """One figure of a carbon account with how it was obtained."""
+
+    name: str
+    value: float | None
+    unit: str
+    formula: str
+    factor_ids: list[str] = []
+
+
+class Grade(BaseModel):
+    scheme: str
+    scheme_name: str
+    metric: str
+    intensity: float = Field(description="L, the enterprise's figure on the scheme's metric")
+    level: str = Field(description="band of L across all industry")
+    label: str | None = Field(description="grade within the industry; null when refused")
+    grade: int | None
+    k: float | None = Field(description="L / industry average")
+    industry: str | None
+    industry_average: float | None
+    peers: int
+    min_peers: int
+    refused: str | None = Field(description="why no grade was given")
+    formula: str
+
+
+class CarbonAccount(BaseModel):
+    tenant: str
+    year: int
+    timezone: str
+    days_with_data: int
+    energy: dict[str, float] = Field(description="quantities by carrier in contract units")
+    scope1_kg: float
+    scope2_location_kg: float
+    scope2_market_kg: float
+    co2e_kg: float
+    co2e_market_kg: float
+    onsite_renewable_kwh: float
+    green_traced_kwh: float
+    green_power_share: float | None
+    value_added_cny: float | None
+    output_value_cny: float | None
+    product_quantity: float | None
+    product_unit: str | None
+    intensity: float | None = Field(description="tCO2 per 10,000 CNY of value added (L)")
+    intensity_per_output_value: float | None = Field(description="tCO2 per 10,000 CNY of output value")
+    intensity_per_product: float | None = Field(description="tCO2 per product unit")
+    provisional: bool
+    grade: Grade | None
+    lines: list[AccountLine]
+    factors: list[FactorRef]
+
+
+# --- emission factors and API keys -----------------------------------------------------------------
+
+
+class EmissionFactorIn(_In):
+    factor_id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,99}$")]
+    carrier: Literal["electricity", "natural_gas", "diesel", "heat"]
+    kind: Literal[
+        "location_based",
+        "market_residual",
+        "fossil_only",
+        "carbon_market",
+        "fuel_combustion",
+        "purchased_heat",
+    ]
+    region: Annotated[str, Field(min_length=1, max_length=40)]
+    year: Annotated[int, Field(ge=1990, le=2200)] | None = None
+    value: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    unit: str
+    status: Literal["final", "provisional", "unverified"]
+    published: str | None = None
+    publisher: Annotated[str, Field(max_length=200)] | None = None
+    document: Annotated[str, Field(min_length=1, max_length=500)]
+    source_url: Annotated[str, Field(max_length=1000)] | None = None
+    evidence: Literal["official", "press", "paper", "3rd-party-code"] = "official"
+    inputs: dict[str, float | str] | None = Field(
+        default=None, description="fuel-combustion guideline inputs (ncv, carbon content, oxidation)"
+    )
+    note: Annotated[str, Field(max_length=2000)] | None = None
+    replaces: str | None = Field(default=None, description="the factor this one supersedes")
+
+
+class EmissionFactorOut(BaseModel):
+    factor_id: str
+    carrier: str
+    scope: int
+    kind: str
+    region: str
+    year: int | None
+    value: float
+    unit: str
+    status: str
+    provisional: bool
+    published: str | None
+    publisher: str | None
+    document: str | None
+    source_url: str | None
+    sources: list[dict[str, object]]
+    inputs: dict[str, object] | None
+    note: str | None
+    library_version: int
+    origin: str
+    replaces: str | None
+    superseded_by: str | None
+    created_at: datetime
+
+
+class ApiKeyIn(_In):
+    role: Literal["admin", "enterprise", "operator"]
+    tenant: TenantId | None = None
+    label: Annotated[str, Field(max_length=200)] | None = None
+
+
+class ApiKeyOut(BaseModel):
+    key_id: str
+    role: str
+    tenant: str | None
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="shown once; only its hash is stored")

@@ -16,13 +16,28 @@ MEDIA_TYPE = "application/problem+json"
 
 
 class Problem(Exception):
-    def __init__(self, status: int, slug: str, title: str, detail: str, **extra: object) -> None:
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        **extra: object,
+    ) -> None:
         super().__init__(detail)
         self.status, self.slug, self.title, self.detail, self.extra = status, slug, title, detail, extra
+        self.headers = headers
 
 
 def _response(
-    status: int, slug: str, title: str, detail: str, instance: str, **extra: object
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    instance: str,
+    headers: dict[str, str] | None = None,
+    **extra: object,
 ) -> JSONResponse:
     body = {
         "type": PROBLEM_BASE + slug,
@@ -32,13 +47,15 @@ def _response(
         "instance": instance,
     }
     body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return _response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, **exc.extra)
+        return _response(
+            exc.status, exc.slug, exc.title, exc.detail, request.url.path, exc.headers, **exc.extra
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -48,7 +65,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return _response(exc.status_code, slug, str(exc.detail), str(exc.detail), request.url.path)
+        return _response(
+            exc.status_code, slug, str(exc.detail), str(exc.detail), request.url.path, exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

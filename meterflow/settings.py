@@ -92,6 +92,19 @@ class ApiSettings(_Group):
     port: int = 18000
     default_page_size: int = 1000
     max_page_size: int = 10_000
+    # Token bucket per API key, per API process: sustained requests/s and burst size (429 beyond).
+    rate_limit_per_s: float = Field(default=100.0, gt=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    # A key's role and tenant are cached this long per process; a revocation made through another
+    # process takes effect within it (the revoking process drops its cache entry at once).
+    key_cache_s: float = Field(default=5.0, ge=0)
+    # Load and carbon series: at most this many points per request ("range too large" beyond).
+    max_points: int = Field(default=50_000, ge=1)
+    # Carbon-efficiency grading: refuse to grade when fewer enterprises of the industry report.
+    grading_min_peers: int = Field(default=5, ge=1)
+    # YAML files replacing the packaged grading schemes and time-of-use calendars (api/data/*.yaml).
+    grading_schemes_file: Path | None = None
+    tou_calendars_file: Path | None = None
 
 
 class IngestSettings(_Group):

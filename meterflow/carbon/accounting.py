@@ -12,6 +12,7 @@ from datetime import date
 from typing import Any
 
 from meterflow.carbon.emissions import EnergyQuantities, emissions_kg
+from meterflow.carbon.factors import FactorLibrary
 
 GEC_KWH = 1000
 
@@ -31,6 +32,14 @@ EMISSION_FIELDS = (
     "scope2_market_kg",
     "co2e_location_kg",
     "co2e_market_kg",
+)
+# Per carrier; electricity under both Scope 2 methods, the other carriers are the same under both.
+CARRIER_FIELDS = (
+    "electricity_location_kg",
+    "electricity_market_kg",
+    "natural_gas_kg",
+    "diesel_kg",
+    "heat_kg",
 )
 
 
@@ -77,13 +86,16 @@ def day_emissions(
     site_quantities: dict[str, dict[str, float]],
     provinces: dict[str, str | None],
     certificates: CertificateBalance,
+    library: FactorLibrary | None = None,
 ) -> dict[str, Any]:
-    """One row: quantities, green-traced kWh, emissions by scope and method, factor ids. Certificates
-    are shared across sites in proportion to their imported electricity."""
+    """One row: quantities, green-traced kWh, emissions by scope, method and carrier, factor ids.
+    Certificates are shared across sites in proportion to their imported electricity. `library`
+    defaults to the packaged factor library."""
     day_import = sum(q.get("electricity_import_kwh", 0.0) for q in site_quantities.values())
     green = certificates.retire(day, day_import)
     totals: dict[str, float] = {}
     factor_ids: set[str] = set()
+    ids_by_figure: dict[str, set[str]] = {}
     provisional = False
     for site, quantities in site_quantities.items():
         share = quantities.get("electricity_import_kwh", 0.0) / day_import if day_import else 0.0
@@ -91,6 +103,7 @@ def day_emissions(
             EnergyQuantities(green_traced_kwh=green * share, **quantities),
             year=day.year,
             province=provinces.get(site),
+            library=library,
         )
         provisional |= result.provisional
         location, market = result.location_based, result.market_based
@@ -99,9 +112,19 @@ def day_emissions(
             "scope2_location_kg": location.by_scope[2],
             "scope2_market_kg": market.by_scope[2],
         }
+        by_carrier = {
+            "electricity_location_kg": location.by_carrier["electricity"].co2e_kg,
+            "electricity_market_kg": market.by_carrier["electricity"].co2e_kg,
+            "natural_gas_kg": location.by_carrier["natural_gas"].co2e_kg,
+            "diesel_kg": location.by_carrier["diesel"].co2e_kg,
+            "heat_kg": location.by_carrier["heat"].co2e_kg,
+        }
+        for name, kg in by_carrier.items():
+            totals[name] = totals.get(name, 0.0) + kg
         for name, figure in figures.items():
             totals[name] = totals.get(name, 0.0) + figure.co2e_kg
             factor_ids.update(figure.factor_ids)
+            ids_by_figure.setdefault(name, set()).update(figure.factor_ids)
         totals["co2e_location_kg"] = totals.get("co2e_location_kg", 0.0) + location.co2e_kg
         totals["co2e_market_kg"] = totals.get("co2e_market_kg", 0.0) + market.co2e_kg
         for name, quantity in quantities.items():
@@ -110,8 +133,10 @@ def day_emissions(
     for name in QUANTITY_FIELDS:
         row[name] = round(totals.get(name, 0.0), 6)
     row["green_traced_kwh"] = round(green, 6)
-    for name in EMISSION_FIELDS:
+    for name in (*EMISSION_FIELDS, *CARRIER_FIELDS):
         row[name] = round(totals.get(name, 0.0), 3)
     row["provisional"] = provisional
     row["factor_ids"] = ",".join(sorted(factor_ids))
+    for name in ("scope1_kg", "scope2_location_kg", "scope2_market_kg"):
+        row[name.removesuffix("_kg") + "_factor_ids"] = ",".join(sorted(ids_by_figure.get(name, ())))
     return row

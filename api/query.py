@@ -1,0 +1,106 @@
+"""What the read routes share: who may read which tenant and site, and time ranges in a tenant's zone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from fastapi import Request
+from psycopg_pool import AsyncConnectionPool
+
+from api.auth import Principal, require_tenant
+from api.problems import Problem
+
+# Far outside any metering data, and inside what time zone arithmetic can represent.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def pool(request: Request) -> AsyncConnectionPool:
+    p: AsyncConnectionPool = request.app.state.pool
+    return p
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRef:
+    tenant: str
+    site: str
+    zone: ZoneInfo
+    floor_area_m2: float | None
+    province: str | None
+
+
+def aware(ts: datetime, zone: ZoneInfo) -> datetime:
+    """A time without an offset is read in the tenant's zone."""
+    return ts.replace(tzinfo=zone) if ts.tzinfo is None else ts
+
+
+def time_range(start: datetime, end: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    lo, hi = aware(start, zone), aware(end, zone)
+    try:
+        inside = lo >= EARLIEST and hi <= LATEST
+    except OverflowError:
+        inside = False
+    if not inside:
+        raise Problem(400, "out-of-range", "Time out of range", "start and end must lie in 1970-2200")
+    if hi <= lo:
+        raise Problem(400, "empty-range", "Empty range", "end must be after start")
+    return lo, hi
+
+
+def check_points(span: timedelta, width: timedelta, max_points: int) -> None:
+    if span / width > max_points:
+        raise Problem(
+            400,
+            "range-too-large",
+            "Range too large",
+            f"at most {max_points} points per request; ask for a coarser interval or a shorter range",
+        )
+
+
+def tenant_zone(name: Any) -> ZoneInfo:
+    try:
+        return ZoneInfo(str(name))
+    except (ValueError, KeyError):
+        return ZoneInfo("Asia/Shanghai")
+
+
+async def resolve_site(
+    conn: psycopg.AsyncConnection[Any], who: Principal, site: str, tenant: str | None, *, aggregate: bool
+) -> SiteRef:
+    """The site as this key may see it. Enterprise keys see their own tenant's sites; operators also see
+    other tenants' aggregates (`aggregate`), as the contract allows; admins see everything. A site id is
+    unique within a tenant, so a key that sees several tenants names one when the id is ambiguous."""
+    if who.role == "enterprise" or (who.role == "operator" and not aggregate):
+        if tenant is not None:
+            require_tenant(who, tenant)
+        tenant = who.tenant
+    cur = await conn.execute(
+        "SELECT s.tenant_id, t.timezone, s.floor_area_m2, s.province FROM sites s JOIN tenants t USING (tenant_id) "
+        "WHERE s.site_id = %(site)s AND (%(tenant)s::text IS NULL OR s.tenant_id = %(tenant)s) LIMIT 2",
+        {"site": site, "tenant": tenant},
+    )
+    rows = await cur.fetchall()
+    if not rows:
+        raise Problem(404, "not-found", "Not found", f"no site {site!r} visible to this key")
+    if len(rows) > 1:
+        raise Problem(
+            400,
+            "tenant-required",
+            "Tenant required",
+            f"site id {site!r} is in several tenants: pass ?tenant=",
+        )
+    t, zone, area, province = rows[0]
+    return SiteRef(str(t), site, tenant_zone(zone), area, province)
+
+
+async def resolve_tenant(conn: psycopg.AsyncConnection[Any], who: Principal, tenant: str) -> ZoneInfo:
+    require_tenant(who, tenant)
+    cur = await conn.execute("SELECT timezone FROM tenants WHERE tenant_id = %s", (tenant,))
+    row = await cur.fetchone()
+    if row is None:
+        raise Problem(404, "not-found", "Not found", f"no enterprise {tenant!r}")
+    return tenant_zone(row[0])

@@ -1,0 +1,291 @@
+"""Site load from the pre-aggregated hypertables: 1m, 15m and 1h from the matching table, 1d and 1mo
+rolled up from the 15-minute table with time_bucket in the tenant's zone (sums of intervals, never
+averages of averages); time-of-use split and energy use intensity from the same 15-minute sums."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Query, Request
+from psycopg.rows import dict_row
+
+from api.auth import PrincipalDep
+from api.models import LoadPoint, QualityCounts, SiteEui, SiteLoad, SiteTou, TouCalendarOut, TouSlot
+from api.problems import Problem
+from api.query import check_points, pool, resolve_site, time_range
+from api.tou import Calendars, split
+from meterflow.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["load"])
+
+Interval = Literal["1m", "15m", "1h", "1d", "1mo"]
+QUARTER = timedelta(minutes=15)
+# Nominal widths, for the point-count limit and the demand of fixed intervals.
+WIDTH = {
+    "1m": timedelta(minutes=1),
+    "15m": QUARTER,
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+    "1mo": timedelta(days=28),
+}
+TABLE = {"1m": "agg_1m", "15m": "agg_15m", "1h": "agg_1h"}
+CALENDAR_BUCKET = {"1d": "1 day", "1mo": "1 month"}
+
+Start = Annotated[datetime, Query(description="inclusive, RFC 3339; without an offset: the tenant's zone")]
+End = Annotated[datetime, Query(description="exclusive, RFC 3339; without an offset: the tenant's zone")]
+
+_QUALITY_SUMS = """
+    sum(n_measured) AS n_measured, sum(n_estimated) AS n_estimated, sum(n_substituted) AS n_substituted,
+    sum(n_flagged) AS n_flagged, sum(n_uncalibrated) AS n_uncalibrated,
+    sum(late_corrections) AS late_corrections, max(corrected_at) AS corrected_at"""
+
+
+def _net_per_bucket(table: str) -> str:
+    """Import and export per bucket of one site, with the bucket's quality counts."""
+    return f"""
+        SELECT bucket,
+               coalesce(sum(total) FILTER (WHERE metric = 'energy_import_kwh'), 0) AS imp,
+               coalesce(sum(total) FILTER (WHERE metric = 'energy_export_kwh'), 0) AS exp,
+               {_QUALITY_SUMS}
+        FROM {table}
+        WHERE scope = 'site' AND tenant_id = %(tenant)s AND entity_id = %(site)s
+          AND metric IN ('energy_import_kwh', 'energy_export_kwh')
+          AND bucket >= %(start)s AND bucket < %(end)s
+        GROUP BY bucket"""
+
+
+_ROLLED = """
+    sum(imp) AS imp, sum(exp) AS exp, max(imp - exp) AS peak_quarter_kwh, count(*) AS quarters,
+    sum(n_measured) AS n_measured, sum(n_estimated) AS n_estimated, sum(n_substituted) AS n_substituted,
+    sum(n_flagged) AS n_flagged, sum(n_uncalibrated) AS n_uncalibrated,
+    sum(late_corrections) AS late_corrections, max(corrected_at) AS corrected_at"""
+
+SQL: dict[str, str] = {
+    "1m": f"SELECT *, NULL::float8 AS peak_quarter_kwh, 1 AS quarters FROM ({_net_per_bucket('agg_1m')}) q ORDER BY bucket",
+    "15m": f"SELECT *, imp - exp AS peak_quarter_kwh, 1 AS quarters FROM ({_net_per_bucket('agg_15m')}) q ORDER BY bucket",
+    # Energy and quality from the hourly table, peak demand from its quarter hours.
+    "1h": f"""
+        WITH h AS ({_net_per_bucket("agg_1h")}),
+             p AS (SELECT time_bucket('1 hour', bucket) AS hour, max(imp - exp) AS peak_quarter_kwh,
+                          count(*) AS quarters
+                   FROM ({_net_per_bucket("agg_15m")}) q GROUP BY 1)
+        SELECT h.*, p.peak_quarter_kwh, coalesce(p.quarters, 0) AS quarters
+        FROM h LEFT JOIN p ON p.hour = h.bucket ORDER BY h.bucket""",
+    **{
+        interval: f"""
+        SELECT time_bucket('{width}'::interval, bucket, %(tz)s) AS bucket, {_ROLLED}
+        FROM ({_net_per_bucket("agg_15m")}) q GROUP BY 1 ORDER BY 1"""
+        for interval, width in CALENDAR_BUCKET.items()
+    },
+}
+
+
+def _period_end(ts: datetime, interval: str, zone: ZoneInfo) -> datetime:
+    if interval == "1d":
+        local = ts.astimezone(zone)
+        return (local.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=zone)
+    if interval == "1mo":
+        local = ts.astimezone(zone)
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        return local.replace(year=year, month=month, day=1)
+    return ts + WIDTH[interval]
+
+
+def _point(
+    row: dict[str, Any], interval: str, zone: ZoneInfo, lo: datetime, hi: datetime, now: datetime
+) -> LoadPoint:
+    imp, exp = float(row["imp"]), float(row["exp"])
+    energy = imp - exp
+    quarters = int(row["quarters"])
+    if interval == "1m":
+        hours = 1 / 60
+        peak = energy * 60
+        complete = True
+    else:
+        hours = 0.25 * quarters if interval != "15m" else 0.25
+        peak = float(row["peak_quarter_kwh"] or 0.0) * 4
+        start = max(row["bucket"], lo)
+        end = min(_period_end(row["bucket"], interval, zone), hi, now)
+        expected = max(0, int((end - start) / QUARTER))
+        complete = quarters >= expected
+    counts = QualityCounts(
+        measured=int(row["n_measured"]),
+        estimated=int(row["n_estimated"]),
+        substituted=int(row["n_substituted"]),
+        flagged=int(row["n_flagged"]),
+        uncalibrated=int(row["n_uncalibrated"]),
+    )
+    quality: Literal["measured", "estimated", "substituted"] = (
+        "substituted" if counts.substituted else "estimated" if counts.estimated else "measured"
+    )
+    return LoadPoint(
+        ts=row["bucket"].astimezone(zone),
+        energy_kwh=energy,
+        import_kwh=imp,
+        export_kwh=exp,
+        avg_kw=energy / hours if hours else 0.0,
+        peak_kw=peak,
+        quality=quality,
+        complete=complete,
+        counts=counts,
+        late_corrections=int(row["late_corrections"]),
+        corrected_at=row["corrected_at"],
+    )
+
+
+@router.get("/sites/{site}/load")
+async def site_load(
+    site: str,
+    who: PrincipalDep,
+    request: Request,
+    start: Start,
+    end: End,
+    interval: Interval = "15m",
+    tenant: str | None = None,
+) -> SiteLoad:
+    """Net imported energy, average and peak demand and data quality of a site's boundary meters per
+    interval in [start, end). Intervals without data are left out (a bucket with no row is missing)."""
+    settings: Settings = request.app.state.settings
+    async with pool(request).connection() as conn:
+        ref = await resolve_site(conn, who, site, tenant, aggregate=True)
+        lo, hi = time_range(start, end, ref.zone)
+        check_points(hi - lo, WIDTH[interval], settings.api.max_points)
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                SQL[interval],
+                {"tenant": ref.tenant, "site": site, "start": lo, "end": hi, "tz": ref.zone.key},
+            )
+            rows = await cur.fetchall()
+    now = datetime.now(ref.zone)
+    return SiteLoad(
+        tenant=ref.tenant,
+        site=site,
+        interval=interval,
+        timezone=ref.zone.key,
+        points=[_point(r, interval, ref.zone, lo, hi, now) for r in rows],
+    )
+
+
+async def _quarters(
+    request: Request, ref_tenant: str, site: str, lo: datetime, hi: datetime
+) -> list[tuple[datetime, float]]:
+    async with pool(request).connection() as conn:
+        cur = await conn.execute(
+            f"SELECT bucket, imp - exp FROM ({_net_per_bucket('agg_15m')}) q ORDER BY bucket",
+            {"tenant": ref_tenant, "site": site, "start": lo, "end": hi},
+        )
+        return [(b, float(e)) for b, e in await cur.fetchall()]
+
+
+def _calendars(request: Request) -> Calendars:
+    calendars: Calendars = request.app.state.tou_calendars
+    return calendars
+
+
+@router.get("/tou-calendars")
+async def tou_calendars(who: PrincipalDep, request: Request) -> list[TouCalendarOut]:
+    """The time-of-use calendars this API splits load with (configurable data)."""
+    return [
+        TouCalendarOut(
+            calendar=name,
+            name=cal.name,
+            provinces=cal.provinces,
+            source=cal.source,
+            seasons=[s.model_dump() for s in cal.seasons],
+        )
+        for name, cal in _calendars(request).calendars.items()
+    ]
+
+
+@router.get("/sites/{site}/load/tou")
+async def site_tou(
+    site: str,
+    who: PrincipalDep,
+    request: Request,
+    start: Start,
+    end: End,
+    calendar: str | None = Query(default=None, description="default: the calendar of the site's province"),
+    tenant: str | None = None,
+) -> SiteTou:
+    """A site's net imported energy split by time-of-use slot, with peak-valley ratio and load factor."""
+    settings: Settings = request.app.state.settings
+    async with pool(request).connection() as conn:
+        ref = await resolve_site(conn, who, site, tenant, aggregate=True)
+    lo, hi = time_range(start, end, ref.zone)
+    check_points(hi - lo, QUARTER, settings.api.max_points)
+    calendars = _calendars(request)
+    name = calendar or calendars.for_province(ref.province)
+    if name is None:
+        raise Problem(
+            422,
+            "no-tou-calendar",
+            "No time-of-use calendar",
+            f"site {site!r} (province {ref.province!r}) has no calendar: pass ?calendar= (see /v1/tou-calendars)",
+        )
+    if name not in calendars.calendars:
+        raise Problem(404, "not-found", "Not found", f"no time-of-use calendar {name!r}")
+    cal = calendars.calendars[name]
+    quarters = await _quarters(request, ref.tenant, site, lo, hi)
+    by_slot = split(cal, ref.zone, quarters)
+    total = sum(e for e, _ in by_slot.values())
+    slots = [
+        TouSlot(slot=s, energy_kwh=e, share=e / total if total else None, hours=n * 0.25)
+        for s, (e, n) in by_slot.items()
+    ]
+
+    def avg_kw(names: tuple[str, ...]) -> float | None:
+        energy = sum(by_slot[s][0] for s in names if s in by_slot)
+        hours = sum(by_slot[s][1] for s in names if s in by_slot) * 0.25
+        return energy / hours if hours else None
+
+    peak, valley = avg_kw(("peak", "critical_peak")), avg_kw(("valley", "deep_valley"))
+    peak_quarter = max((e for _, e in quarters), default=0.0) * 4
+    hours = len(quarters) * 0.25
+    return SiteTou(
+        tenant=ref.tenant,
+        site=site,
+        calendar=name,
+        start=lo,
+        end=hi,
+        energy_kwh=total,
+        slots=slots,
+        peak_valley_ratio=peak / valley if peak is not None and valley else None,
+        load_factor=total / (peak_quarter * hours) if peak_quarter > 0 and hours else None,
+    )
+
+
+@router.get("/sites/{site}/eui")
+async def site_eui(
+    site: str,
+    who: PrincipalDep,
+    request: Request,
+    start: Start,
+    end: End,
+    tenant: str | None = None,
+) -> SiteEui:
+    """Energy use intensity of a building: net imported electricity per m2 of floor area."""
+    async with pool(request).connection() as conn:
+        ref = await resolve_site(conn, who, site, tenant, aggregate=True)
+    lo, hi = time_range(start, end, ref.zone)
+    if hi - lo > timedelta(days=3700):
+        raise Problem(400, "range-too-large", "Range too large", "at most ten years per request")
+    if ref.floor_area_m2 is None:
+        raise Problem(422, "no-floor-area", "No floor area", f"site {site!r} has no floor_area_m2 registered")
+    quarters = await _quarters(request, ref.tenant, site, lo, hi)
+    energy = sum(e for _, e in quarters)
+    hours = len(quarters) * 0.25
+    area = float(ref.floor_area_m2)
+    return SiteEui(
+        tenant=ref.tenant,
+        site=site,
+        start=lo,
+        end=hi,
+        floor_area_m2=area,
+        energy_kwh=energy,
+        eui_kwh_per_m2=energy / area,
+        eui_kwh_per_m2_year=energy / area * (8760 / hours) if hours else 0.0,
+        hours_with_data=hours,
+        formula="EUI = sum of 15-minute net imported kWh / floor area; annualised x 8760 h / hours with data",
+    )
