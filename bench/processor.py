@@ -1,5 +1,5 @@
 """`meterflow bench processor`: readings/s from Kafka to committed rows in TimescaleDB, beside a bare
-binary COPY of the same raw rows into the same hypertable in the same run.
+binary COPY of the same raw rows into a hypertable shaped like the processor's, in the same run.
 
 A fleet of registered meters (an energy register and active power every minute, a grid meter per site
 so site and enterprise roll-ups are written too) is produced to a topic of its own as the collector
@@ -31,7 +31,7 @@ from psycopg import sql
 from ingest.records import Partitioner, RecordBatch
 from meterflow.contract import DeviceReadings, Reading
 from meterflow.settings import Settings
-from processing import kernels, processor, store
+from processing import pgcopy, processor, store
 
 T0_MS = int(datetime(2001, 6, 1, tzinfo=UTC).timestamp() * 1000)
 METERS_PER_SITE = 50
@@ -119,29 +119,44 @@ async def _produce(
 async def _bare_copy(
     settings: Settings, tenant: str, registers: np.ndarray, power: np.ndarray, per_poll: int
 ) -> float:
-    """Seconds to COPY the same raw rows into a fresh hypertable shaped like ``readings``."""
+    """Seconds to COPY the same raw rows into a fresh hypertable shaped like ``reading_values``, in
+    binary streams the processor's own encoder builds (encoding is timed too, as in the processor)."""
     table = f"bench_copy_{tenant.replace('-', '_')}"
     ticks, n_devices = registers.shape
     async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
         await conn.execute(
-            sql.SQL("CREATE TABLE {} (LIKE readings INCLUDING ALL)").format(sql.Identifier(table))
+            sql.SQL("CREATE TABLE {} (LIKE reading_values INCLUDING ALL)").format(sql.Identifier(table))
         )
         await conn.execute(
             "SELECT create_hypertable(%s, by_range('ts', INTERVAL '1 day'), create_default_indexes => false)",
             (table,),
         )
         await conn.commit()
-        rows = [
-            (tenant, f"m-{d:05d}", metric, store.pg_us(T0_MS + tick * 60_000), float(value),
-             f"gw-{d // DEVICES_PER_GATEWAY:03d}", store.pg_us(T0_MS + tick * 60_000 + 500), 0)
-            for tick in range(ticks) for d in range(n_devices)
-            for metric, value in (("energy_import_kwh", registers[tick, d]), ("power_kw", power[tick, d]))
-        ]  # fmt: skip
+        # Row order as produced: per tick, per device, energy then power; series ids as the processor's.
+        device = np.tile(np.repeat(np.arange(n_devices, dtype=np.int32), 2), ticks)
+        series_id = device * 2 + np.tile(np.array([0, 1], np.int32), n_devices * ticks)
+        ts = T0_MS + np.repeat(np.arange(ticks, dtype=np.int64), 2 * n_devices) * 60_000
+        value = np.stack([registers, power], axis=2).reshape(-1)
+        gateways = pgcopy.TextTable(
+            [f"gw-{g:03d}" for g in range((n_devices - 1) // DEVICES_PER_GATEWAY + 1)]
+        )
+        gateway = device // DEVICES_PER_GATEWAY
+        audit = np.zeros(ts.size, np.int64)
         try:
             started = time.perf_counter()
-            for first in range(0, len(rows), per_poll):
+            for first in range(0, ts.size, per_poll):
+                rows = slice(first, first + per_poll)
+                stream = pgcopy.encode_readings(
+                    series_id[rows],
+                    ts[rows],
+                    value[rows],
+                    gateway[rows],
+                    gateways,
+                    ts[rows] + 500,
+                    audit[rows],
+                )
                 async with conn.transaction(), conn.cursor() as cur:
-                    await store.copy_readings(cur, rows[first : first + per_poll], table)
+                    await store.copy_readings(cur, stream, table)
             return time.perf_counter() - started
         finally:
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
@@ -160,7 +175,7 @@ async def _run(
         await _register(conn, tenant, n_devices)
     records = await _produce(settings, topic, tenant, registers, power)
     tick("compiling kernels")
-    await asyncio.to_thread(kernels.warm_up)
+    await asyncio.to_thread(processor.warm_up)
 
     bench_settings = settings.model_copy(
         update={

@@ -22,9 +22,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from meterflow.contract import now_ms
 from meterflow.settings import Settings
-from processing import kernels, store
+from processing import kernels, pgcopy, store
 from processing.audit import AuditError, AuditLog
 from processing.columns import ColumnBuilder, Columns, UndecodableRecord
+from processing.keys import KeyIds
 from processing.registry import RegistryView
 from processing.series import SeriesTable
 from processing.writer import BatchOutcome, BatchWriter
@@ -69,6 +70,12 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.processor.seek_to_stored(assigned)
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel of the write path before the first poll."""
+    kernels.warm_up()
+    pgcopy.warm_up()
+
+
 class Processor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -81,8 +88,9 @@ class Processor:
         self.series = SeriesTable()
         self.registry = RegistryView()
         self.audit = AuditLog(self.topic)
+        self.key_ids = KeyIds(settings.db.conninfo())
         self.writer = BatchWriter(
-            settings, self.series, self.registry, self.audit, group=self.group, topic=self.topic
+            settings, self.series, self.registry, self.audit, self.key_ids, group=self.group, topic=self.topic
         )
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -129,9 +137,10 @@ class Processor:
                 loop.add_signal_handler(sig, self._stop.set)
         k = self.settings.kafka
         started = time.monotonic()
-        await asyncio.to_thread(kernels.warm_up)
+        await asyncio.to_thread(warm_up)
         log.info("kernels ready in %.1f s", time.monotonic() - started)
         self._conn = await psycopg.AsyncConnection.connect(self.settings.db.conninfo())
+        await self.key_ids.open()
         await store.prepare(self._conn)
         await self.registry.refresh(self._conn, refresh_s=self.settings.ingest.registry_refresh_s)
         self._producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True)
@@ -233,4 +242,5 @@ class Processor:
                 await self._producer.stop()
         if self._conn is not None:
             await self._conn.close()
+        await self.key_ids.close()
         log.info("processor stopped")

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _OLDEST_CHUNK = """
 SELECT min(range_start) FROM timescaledb_information.chunks
-WHERE hypertable_schema = current_schema() AND hypertable_name = 'readings'
+WHERE hypertable_schema = current_schema() AND hypertable_name = 'reading_values'
 """
 
 _RETIRE = """
@@ -41,7 +41,7 @@ _POLICY_MATCHES = """
 SELECT (config->>'drop_after')::interval = make_interval(days => %s)
 FROM timescaledb_information.jobs
 WHERE proc_name = 'policy_retention' AND hypertable_schema = current_schema()
-  AND hypertable_name = 'readings'
+  AND hypertable_name = 'reading_values'
 """
 
 
@@ -82,7 +82,7 @@ async def apply_retention(
         policy_api = bool(row and row[0])
         if days is None:
             if policy_api:
-                await cur.execute("SELECT remove_retention_policy('readings', if_exists => true)")
+                await cur.execute("SELECT remove_retention_policy('reading_values', if_exists => true)")
             return RetentionResult("keep", None, (), 0)
         cutoff = retention_cutoff(days, now or datetime.now(UTC))
         dropped: tuple[str, ...] = ()
@@ -90,13 +90,13 @@ async def apply_retention(
             await cur.execute(_POLICY_MATCHES, (days,))
             current = await cur.fetchone()
             if not (current and current[0]):
-                await cur.execute("SELECT remove_retention_policy('readings', if_exists => true)")
+                await cur.execute("SELECT remove_retention_policy('reading_values', if_exists => true)")
                 await cur.execute(
-                    "SELECT add_retention_policy('readings', drop_after => make_interval(days => %s))",
+                    "SELECT add_retention_policy('reading_values', drop_after => make_interval(days => %s))",
                     (days,),
                 )
         else:
-            await cur.execute("SELECT drop_chunks('readings', older_than => %s)", (cutoff,))
+            await cur.execute("SELECT drop_chunks('reading_values', older_than => %s)", (cutoff,))
             dropped = tuple(str(name) for (name,) in await cur.fetchall())
         await cur.execute(_OLDEST_CHUNK)
         oldest = await cur.fetchone()

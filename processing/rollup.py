@@ -8,13 +8,12 @@ energy, VPP resources their VPP's; sub-meters stay at device level, so nothing i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from processing import store
-from processing.kernels import F64, I64, Buckets
+from processing import pgcopy
+from processing.kernels import F64, I32, I64, Buckets
 from processing.registry import RegistryView
 from processing.series import SeriesTable
 
@@ -165,24 +164,13 @@ def mark_uncalibrated(device: Merged, series: SeriesTable, registry: RegistryVie
     device.n_uncalibrated = np.where(device.bucket_ms >= due[device.key], device.counts["n"], 0)
 
 
-def agg_rows(
-    merged: Merged, keys: Sequence[tuple[str, ...]], *, device_scope: bool
-) -> Iterator[store.AggRow]:
-    """Rows for the upsert; `keys` are the series keys (tenant, device, metric) at device scope, else
-    the entity keys (scope, tenant, entity, metric)."""
+def encode(merged: Merged, key_ids: I32, rows: np.ndarray) -> bytes:
+    """The selected rows as a binary COPY stream; `key_ids` are the rows' agg_key_id values."""
     c = merged.counts
-    for k, bucket, total, n, mx, nm, ne, ns, nf, nu, late in zip(
-        merged.key.tolist(), merged.bucket_ms.tolist(), merged.total.tolist(), c["n"].tolist(),
-        merged.max_value.tolist(), c["n_measured"].tolist(), c["n_estimated"].tolist(),
-        c["n_substituted"].tolist(), c["n_flagged"].tolist(), merged.n_uncalibrated.tolist(),
-        merged.late.tolist(), strict=True,
-    ):  # fmt: skip
-        if device_scope:
-            tenant, entity, metric = keys[k]
-            scope = "device"
-        else:
-            scope, tenant, entity, metric = keys[k]
-        yield (
-            scope, tenant, entity, metric, store.pg_us(bucket), total, n, None if mx != mx else mx,
-            nm, ne, ns, nf, nu, late,
-        )  # fmt: skip
+    counts = np.stack(
+        [c["n"], c["n_measured"], c["n_estimated"], c["n_substituted"], c["n_flagged"], merged.n_uncalibrated,
+         merged.late]
+    )  # fmt: skip
+    return pgcopy.encode_aggregates(
+        key_ids[rows], merged.bucket_ms[rows], merged.total[rows], merged.max_value[rows], counts[:, rows]
+    )

@@ -39,6 +39,10 @@ class SeriesTable:
     known: NDArray[np.bool_] = field(
         default_factory=lambda: np.empty(0, np.bool_)
     )  # state loaded from the DB
+    # Database ids (migration 0007), -1 until resolved: the series' own and its device-scope aggregate key.
+    db_id: I32 = field(default_factory=lambda: np.empty(0, np.int32))
+    agg_id: I32 = field(default_factory=lambda: np.empty(0, np.int32))
+    by_db_id: dict[int, int] = field(default_factory=dict)
     state: RegisterState = field(default_factory=lambda: RegisterState.empty(0))
     params: RegisterParams = field(
         default_factory=lambda: RegisterParams(np.empty(0), np.empty(0), np.empty(0))
@@ -66,6 +70,8 @@ class SeriesTable:
         self.kind = np.concatenate([self.kind, kinds])
         self.last_ts = np.concatenate([self.last_ts, np.full(extra, NO_TS, np.int64)])
         self.known = np.concatenate([self.known, np.zeros(extra, np.bool_)])
+        self.db_id = np.concatenate([self.db_id, np.full(extra, -1, np.int32)])
+        self.agg_id = np.concatenate([self.agg_id, np.full(extra, -1, np.int32)])
         self.state.grow(n)
 
     def forget(self, series: I32) -> None:

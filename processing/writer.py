@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from meterflow.settings import Settings
-from processing import kernels, rollup, store
+from processing import kernels, pgcopy, rollup, store
 from processing.columns import Columns
 from processing.kernels import F64, I8, I32, I64, NO_TS, RegisterState
+from processing.keys import KeyIds
 from processing.registry import RegistryView, SeriesKey
 from processing.series import KIND_INSTANTANEOUS, KIND_REGISTER, SeriesTable
 
@@ -69,6 +70,7 @@ class BatchWriter:
         series: SeriesTable,
         registry: RegistryView,
         audit: AuditAppender | None,
+        key_ids: KeyIds,
         *,
         group: str,
         topic: str,
@@ -77,6 +79,7 @@ class BatchWriter:
         self.series = series
         self.registry = registry
         self.audit = audit
+        self.key_ids = key_ids
         self.group = group
         self.topic = topic
         p = settings.processing
@@ -91,7 +94,14 @@ class BatchWriter:
             return
         keys = [t.keys[i] for i in unknown.tolist()]
         await self.registry.ensure(conn, {(k[0], k[1]) for k in keys})
-        states = await store.load_series_state(conn, keys)
+        unresolved = unknown[t.db_id[unknown] < 0]
+        if unresolved.size:
+            new_keys = [t.keys[i] for i in unresolved.tolist()]
+            ids = await self.key_ids.series_ids(new_keys)
+            t.db_id[unresolved] = ids
+            t.by_db_id.update(zip(ids, unresolved.tolist(), strict=True))
+            t.agg_id[unresolved] = await self.key_ids.agg_ids([("device", *k) for k in new_keys])
+        states = await store.load_series_state(conn, t.db_id[unknown].tolist())
         for i, key, (newest, anchor_ts, anchor_value) in zip(unknown.tolist(), keys, states, strict=True):
             t.last_ts[i] = NO_TS if newest is None else newest
             if anchor_ts is not None and anchor_value is not None and t.kind[i] == KIND_REGISTER:
@@ -123,18 +133,19 @@ class BatchWriter:
             audit_ids = np.zeros(s.size, np.int64)
             for p, batch_id in audit_batches.items():
                 audit_ids[part == p] = batch_id
-            await store.copy_readings(cur, self._rows(cols, s, ts, value, rec, fresh, audit_ids))
-            maybe = np.flatnonzero(~fresh)
-            inserted_old = await store.insert_unless_stored(
-                cur, list(self._rows(cols, s, ts, value, rec, ~fresh, audit_ids))
-            )
+            gateways = pgcopy.TextTable(cols.record_gateway)
+            if fresh.any():
+                await store.copy_readings(
+                    cur, self._stream(cols, gateways, s, ts, value, rec, fresh, audit_ids)
+                )
             late = np.zeros(s.size, np.bool_)
-            if inserted_old:
-                new_keys = set(inserted_old)
-                for i in maybe.tolist():
-                    key = t.keys[s[i]]
-                    if (key[0], key[1], key[2], int(ts[i])) in new_keys:
-                        late[i] = True
+            if not fresh.all():
+                inserted_old = await store.insert_unless_stored(
+                    cur, self._stream(cols, gateways, s, ts, value, rec, ~fresh, audit_ids)
+                )
+                new_keys = {(t.by_db_id[series_id], ts_ms) for series_id, ts_ms in inserted_old}
+                for i in np.flatnonzero(~fresh).tolist():
+                    late[i] = (int(s[i]), int(ts[i])) in new_keys
             inserted = fresh | late
             out.late = int(late.sum())
             out.inserted = int(inserted.sum())
@@ -190,21 +201,14 @@ class BatchWriter:
                 t.state.anchor_val[i] = install
         self.registry.new_exchanges.clear()
 
-    def _rows(
-        self, cols: Columns, s: I32, ts: I64, value: F64, rec: I32, mask: np.ndarray, audit_ids: I64
-    ) -> Iterator[store.ReadingRow]:
-        keys = self.series.keys
-        gateways = cols.record_gateway
-        received = cols.record_received_ms
-        for si, t_ms, v, r, batch_id in zip(
-            s[mask].tolist(), ts[mask].tolist(), value[mask].tolist(), rec[mask].tolist(),
-            audit_ids[mask].tolist(), strict=True,
-        ):  # fmt: skip
-            tenant, device, metric = keys[si]
-            yield (
-                tenant, device, metric, store.pg_us(t_ms), v, gateways[r], store.pg_us(int(received[r])),
-                batch_id,
-            )  # fmt: skip
+    def _stream(
+        self, cols: Columns, gateways: pgcopy.TextTable, s: I32, ts: I64, value: F64, rec: I32,
+        mask: np.ndarray, audit_ids: I64,
+    ) -> bytes:  # fmt: skip
+        return pgcopy.encode_readings(
+            self.series.db_id[s[mask]], ts[mask], value[mask], rec[mask], gateways,
+            cols.record_received_ms[rec[mask]], audit_ids[mask],
+        )  # fmt: skip
 
     def _schedules(self, s: I32, ts: I64) -> tuple[F64 | None, F64 | None]:
         """Install reads of registered meter exchanges and multipliers, per read (None when no series in
@@ -317,7 +321,9 @@ class BatchWriter:
         for si in np.unique(s).tolist():
             key = self.series.keys[si]
             late_ts = ts[s == si]
-            window = await store.register_window(cur, key, int(late_ts.min()), int(newest[si]))
+            window = await store.register_window(
+                cur, int(self.series.db_id[si]), int(late_ts.min()), int(newest[si])
+            )
             is_late = np.isin(np.array([r[0] for r in window], np.int64), late_ts)
             before = self._replay(
                 si, [r for r, late in zip(window, is_late.tolist(), strict=True) if not late]
@@ -394,19 +400,31 @@ class BatchWriter:
         device = rollup.merge_parts(parts)
         if device is None:
             return 0
-        rollup.mark_uncalibrated(device, self.series, self.registry)
-        rows = await store.upsert_aggregates(
-            cur, table, rollup.agg_rows(device, self.series.keys, device_scope=True)
-        )
+        t = self.series
+        rollup.mark_uncalibrated(device, t, self.registry)
+        # A bucket that starts after the newest stored reading of its series has no row yet (stored
+        # reads only reach buckets that start at or before them), so it goes straight in; the rest, and
+        # every late correction, add to what is there.
+        new_row = (device.late == 0) & (device.bucket_ms > t.last_ts[device.key])
+        ids = t.agg_id[device.key]
+        if new_row.any():
+            await store.copy_aggregates(cur, table, rollup.encode(device, ids, np.flatnonzero(new_row)))
+        if not new_row.all():
+            await store.upsert_aggregates(cur, table, rollup.encode(device, ids, np.flatnonzero(~new_row)))
+        rows = device.key.size
         sel = np.flatnonzero(device.rollup)
         targets = rollup.rollup_targets(
-            self.series, self.registry, self.entities, device.key[sel], device.bucket_ms[sel]
+            t, self.registry, self.entities, device.key[sel], device.bucket_ms[sel]
         )
         rolled = rollup.roll_up(device, [(sel[r], e) for r, e in targets])
         if rolled is not None:
-            rows += await store.upsert_aggregates(
-                cur, table, rollup.agg_rows(rolled, self.entities.keys, device_scope=False)
+            entity_ids = np.array(
+                await self.key_ids.agg_ids([self.entities.keys[k] for k in rolled.key.tolist()]), np.int32
             )
+            await store.upsert_aggregates(
+                cur, table, rollup.encode(rolled, entity_ids, np.arange(rolled.key.size))
+            )
+            rows += rolled.key.size
         return rows
 
 

@@ -97,17 +97,20 @@ class Writer:
                 await copy.write_row((tenant, device, metric, stamp, v, "gw-audit", now, batch))
 
 
+M0_POWER = "SELECT series_id FROM series WHERE tenant_id = %s AND device_id = 'm-0' AND metric = 'power_kw'"
+
+
 async def _bypassing_append_only(
     conn: psycopg.AsyncConnection[Any], *statements: tuple[str, tuple[Any, ...]]
 ) -> None:
     async with conn.transaction(), conn.cursor() as cur:
         await cur.execute(
             "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
-            "WHERE tgrelid = 'readings'::regclass AND tgname = 'readings_append_only'"
+            "WHERE tgrelid = 'reading_values'::regclass AND tgname = 'readings_append_only'"
         )
         row = await cur.fetchone()
         assert row is not None, "migration 0004 not applied"
-        await cur.execute("DROP TRIGGER readings_append_only ON readings")
+        await cur.execute("DROP TRIGGER readings_append_only ON reading_values")
         for query, params in statements:
             await cur.execute(query, params)
         await cur.execute(row[0])
@@ -115,11 +118,17 @@ async def _bypassing_append_only(
 
 async def _clean_up(conn: psycopg.AsyncConnection[Any], tenant: str, topic: str, day: date) -> None:
     """Remove the test's rows and entries, and the chunks of its days (empty by then)."""
-    await _bypassing_append_only(conn, ("DELETE FROM readings WHERE tenant_id = %s", (tenant,)))
+    await _bypassing_append_only(
+        conn,
+        (
+            "DELETE FROM reading_values WHERE series_id IN (SELECT series_id FROM series WHERE tenant_id = %s)",
+            (tenant,),
+        ),
+    )
     await conn.execute("DELETE FROM audit_chain WHERE topic = %s", (topic,))
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     await conn.execute(
-        "SELECT drop_chunks('readings', newer_than => %s, older_than => %s)",
+        "SELECT drop_chunks('reading_values', newer_than => %s, older_than => %s)",
         (start, start + timedelta(days=2)),
     )
     await conn.commit()
@@ -145,7 +154,11 @@ async def test_verify_catches_changed_deleted_and_forged_rows(conn: psycopg.Asyn
         assert one_chain.ok and one_chain.entries_checked == 2
 
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-            await conn.execute("UPDATE readings SET value = value + 1 WHERE tenant_id = %s", (tenant,))
+            await conn.execute(
+                "UPDATE reading_values SET value = value + 1 WHERE series_id IN "
+                "(SELECT series_id FROM series WHERE tenant_id = %s)",
+                (tenant,),
+            )
         await conn.rollback()
 
         def broken(r: Any) -> dict[int, tuple[Problem, ...]]:
@@ -155,9 +168,8 @@ async def test_verify_catches_changed_deleted_and_forged_rows(conn: psycopg.Asyn
         await _bypassing_append_only(
             conn,
             (
-                "UPDATE readings SET value = value * (1 + 1e-9) WHERE tenant_id = %s AND audit_batch = %s "
-                "AND device_id = 'm-0' AND metric = 'power_kw' "
-                "AND ts = (SELECT min(ts) FROM readings WHERE tenant_id = %s AND audit_batch = %s)",
+                f"UPDATE reading_values SET value = value * (1 + 1e-9) WHERE series_id = ({M0_POWER}) "
+                "AND audit_batch = %s AND ts = (SELECT min(ts) FROM readings WHERE tenant_id = %s AND audit_batch = %s)",
                 (tenant, batch_c, tenant, batch_c),
             ),
         )
@@ -168,9 +180,8 @@ async def test_verify_catches_changed_deleted_and_forged_rows(conn: psycopg.Asyn
         await _bypassing_append_only(
             conn,
             (
-                "DELETE FROM readings WHERE tenant_id = %s AND audit_batch = %s "
-                "AND device_id = 'm-0' AND metric = 'power_kw' "
-                "AND ts = (SELECT max(ts) FROM readings WHERE tenant_id = %s AND audit_batch = %s)",
+                f"DELETE FROM reading_values WHERE series_id = ({M0_POWER}) "
+                "AND audit_batch = %s AND ts = (SELECT max(ts) FROM readings WHERE tenant_id = %s AND audit_batch = %s)",
                 (tenant, batch_b, tenant, batch_b),
             ),
         )
@@ -251,7 +262,7 @@ async def test_retention_drops_old_chunks_and_retires_their_entries(
     async def chunks_ending(after: datetime) -> list[datetime]:
         cur = await conn.execute(
             "SELECT range_end FROM timescaledb_information.chunks "
-            "WHERE hypertable_name = 'readings' AND range_end > %s",
+            "WHERE hypertable_name = 'reading_values' AND range_end > %s",
             (after,),
         )
         rows = [r[0] for r in await cur.fetchall()]

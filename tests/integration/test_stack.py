@@ -34,4 +34,4 @@ def test_timescaledb_edition_is_detected(base_settings: Settings) -> None:
         }
     assert license_ is not None
     assert features["continuous_aggregates"] is (license_[0] == "timescale")
-    assert {"readings", "agg_1m", "agg_15m", "agg_1h"} <= hypertables
+    assert {"reading_values", "agg_1m_values", "agg_15m_values", "agg_1h_values"} <= hypertables
