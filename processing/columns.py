@@ -3,7 +3,9 @@ docs/ingest.md) decoded straight into columns with dense series indices."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -36,10 +38,10 @@ class ColumnBuilder:
     """Accumulates decoded records of one poll; `finish` returns the columns."""
 
     table: SeriesTable
-    series: list[int]
-    ts: list[int]
-    value: list[float]
-    record: list[int]
+    series: list[I32]
+    ts: list[I64]
+    value: list[F64]
+    record: list[I32]
     partitions: list[int]
     received: list[int]
     gateways: list[str]
@@ -56,51 +58,74 @@ class ColumnBuilder:
             tenant = doc["tenant"]
             gateway = doc["gateway"]
             received = int(doc["received_ms"])
+            readings = doc["readings"]
             if version == 1:
                 devices = [doc["device"]]
-                rows = [(0, ts, metric, value) for ts, metric, value in doc["readings"]]
+                ts_col, metric_col, value_col = zip(*readings, strict=True) if readings else ((),) * 3
+                dev_col: tuple[int, ...] = (0,) * len(ts_col)
             elif version == 2:
                 devices = doc["devices"]
-                rows = doc["readings"]
+                dev_col, ts_col, metric_col, value_col = (
+                    zip(*readings, strict=True) if readings else ((),) * 4
+                )
             else:
                 raise UndecodableRecord(f"unsupported record version {version!r}")
             if not isinstance(tenant, str) or not isinstance(gateway, str):
                 raise UndecodableRecord("tenant and gateway must be strings")
-            index = self.table.index
-            series: list[int] = []
-            ts_list: list[int] = []
-            values: list[float] = []
-            for dev, ts, metric, value in rows:
-                key = (tenant, devices[dev], metric)
-                s = index.get(key)
-                if s is None:
-                    if not (isinstance(key[1], str) and isinstance(metric, str)):
-                        raise UndecodableRecord("device and metric must be strings")
-                    s = self.table.add(key)
-                series.append(s)
-                ts_list.append(int(ts))
-                values.append(float(value))
+            series = self._series(tenant, devices, dev_col, metric_col)
+            ts = np.array(ts_col, np.int64)
+            value = np.array(value_col, np.float64)
         except UndecodableRecord:
             raise
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise UndecodableRecord(f"undecodable record: {exc!r}") from exc
+        if ts.ndim != 1 or value.ndim != 1 or not np.isfinite(value).all():
+            # JSON has no NaN: a NaN here was a null.
+            raise UndecodableRecord("timestamps and values must be finite numbers")
         r = len(self.partitions)
         self.partitions.append(partition)
         self.received.append(received)
         self.gateways.append(gateway)
-        self.series += series
-        self.ts += ts_list
-        self.value += values
-        self.record += [r] * len(series)
-        return len(series)
+        self.series.append(series)
+        self.ts.append(ts)
+        self.value.append(value)
+        self.record.append(np.full(series.size, r, np.int32))
+        return int(series.size)
+
+    def _series(
+        self, tenant: str, devices: list[str], dev_col: Sequence[int], metric_col: Sequence[str]
+    ) -> I32:
+        """Series index per reading: one dict lookup each; new series (rare) are checked and added."""
+        dev = np.array(dev_col)
+        if dev.size and (dev.dtype.kind not in "iu" or dev.min() < 0 or dev.max() >= len(devices)):
+            raise UndecodableRecord(f"device indices must lie in the record's {len(devices)} devices")
+        index = self.table.index
+        names = [devices[d] for d in dev_col]
+        found = [index.get((tenant, name, metric)) for name, metric in zip(names, metric_col, strict=True)]
+        if None in found:
+            for i, s in enumerate(found):
+                if s is None:
+                    found[i] = self._new_series(tenant, names[i], metric_col[i])
+        return np.array(found, np.int32)
+
+    def _new_series(self, tenant: str, device: object, metric: object) -> int:
+        if not (isinstance(device, str) and isinstance(metric, str)):
+            raise UndecodableRecord("device and metric must be strings")
+        key = (tenant, device, metric)
+        s = self.table.index.get(key)
+        return self.table.add(key) if s is None else s
 
     def finish(self) -> Columns:
         self.table.sync_arrays()
+
+        def joined(parts: list[Any], dtype: type) -> Any:
+            return np.concatenate(parts) if parts else np.empty(0, dtype)
+
         return Columns(
-            np.array(self.series, np.int32),
-            np.array(self.ts, np.int64),
-            np.array(self.value, np.float64),
-            np.array(self.record, np.int32),
+            joined(self.series, np.int32),
+            joined(self.ts, np.int64),
+            joined(self.value, np.float64),
+            joined(self.record, np.int32),
             np.array(self.partitions, np.int32),
             np.array(self.received, np.int64),
             self.gateways,

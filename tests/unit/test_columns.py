@@ -1,0 +1,81 @@
+"""Decoding Kafka records (v1 and v2) into columns, and refusing what cannot be decoded."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from meterflow.contract import DeviceReadings, GatewayRecord, Reading
+from processing.columns import ColumnBuilder, UndecodableRecord
+from processing.series import SeriesTable
+
+pytestmark = pytest.mark.unit
+
+
+def _v2(readings: list[list[object]], devices: list[object] | None = None) -> bytes:
+    return orjson.dumps(
+        {
+            "v": 2,
+            "tenant": "t1",
+            "gateway": "gw",
+            "received_ms": 5,
+            "devices": devices or ["a", "b"],
+            "readings": readings,
+        }
+    )
+
+
+def test_v1_and_v2_records_become_columns_with_shared_series() -> None:
+    table = SeriesTable()
+    builder = ColumnBuilder.start(table)
+    v1 = DeviceReadings(
+        "t1", "gw", "a", 7, (Reading(60_000, "energy_import_kwh", 1.5), Reading(60_000, "power_kw", 3))
+    )
+    assert builder.add(3, v1.encode()) == 2
+    v2 = GatewayRecord(
+        "t1", "gw", 9, ["b", "a"], [(1, 120_000, "energy_import_kwh", 2.0), (0, 60_000, "power_kw", 4.0)]
+    )
+    assert builder.add(4, v2.encode()) == 2
+    cols = builder.finish()
+    assert table.keys == [("t1", "a", "energy_import_kwh"), ("t1", "a", "power_kw"), ("t1", "b", "power_kw")]
+    assert cols.series.tolist() == [0, 1, 0, 2]
+    assert cols.ts.tolist() == [60_000, 60_000, 120_000, 60_000]
+    assert cols.value.tolist() == [1.5, 3.0, 2.0, 4.0]
+    assert cols.record.tolist() == [0, 0, 1, 1]
+    assert cols.partition.tolist() == [3, 3, 4, 4]
+    assert cols.record_received_ms.tolist() == [7, 9]
+    assert table.kind.size == 3  # per-series arrays grown by finish()
+
+
+def test_an_empty_record_decodes_to_nothing() -> None:
+    builder = ColumnBuilder.start(SeriesTable())
+    assert builder.add(0, _v2([])) == 0
+    assert builder.finish().series.size == 0
+
+
+def test_an_empty_poll_has_empty_columns() -> None:
+    cols = ColumnBuilder.start(SeriesTable()).finish()
+    assert cols.series.size == cols.ts.size == cols.value.size == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "undecodable"),
+        (orjson.dumps({"v": 3, "tenant": "t", "gateway": "g", "received_ms": 1, "readings": []}), "version"),
+        (_v2([[2, 60_000, "power_kw", 1.0]]), "device ind"),
+        (_v2([[-1, 60_000, "power_kw", 1.0]]), "device ind"),
+        (_v2([[True, 60_000, "power_kw", 1.0]]), "device ind"),
+        (_v2([[0, 60_000, "power_kw", None]]), "finite"),
+        (_v2([[0, "soon", "power_kw", 1.0]]), "undecodable"),
+        (_v2([[0, 60_000, 5, 1.0]]), "strings"),
+        (_v2([[0, 60_000, "power_kw"]]), "undecodable"),
+        (_v2([[0, 2**63 + 5, "power_kw", 1.0]]), "undecodable"),
+        (_v2([[0, 60_000, "power_kw", 1.0]], devices=[None]), "strings"),
+    ],
+)
+def test_bad_records_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
+    builder = ColumnBuilder.start(SeriesTable())
+    with pytest.raises(UndecodableRecord, match=reason):
+        builder.add(0, raw)
+    assert builder.finish().series.size == 0  # nothing of a refused record stays behind
