@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from api.auth import PrincipalDep, require_admin, require_tenant
+from api.auth import PrincipalDep, require_admin, require_tenant, require_writer
 from api.models import (
     Device,
     DeviceIn,
@@ -351,8 +351,9 @@ _CERTIFICATE_COLS = (
 async def create_green_certificates(
     body: GreenCertificateIn, who: PrincipalDep, request: Request
 ) -> GreenCertificate:
-    """Record a block of green electricity certificates retired for a period (market-based Scope 2). Admin only."""
-    require_admin(who)
+    """Record a block of green electricity certificates retired for a period (market-based Scope 2).
+    Admins, or the enterprise's own key."""
+    require_writer(who, body.tenant)
     if body.period_end <= body.period_start:
         raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
     row = await _insert(
