@@ -163,6 +163,19 @@ def processor() -> None:
 
 
 @app.command()
+def vpp() -> None:
+    """Run the vpp service (VPP flexibility capacity from live telemetry) until SIGTERM."""
+    from prometheus_client import start_http_server
+
+    from processing.vpp import VppService
+
+    settings = _settings()
+    if settings.vpp.metrics_port:
+        start_http_server(settings.vpp.metrics_port, addr="127.0.0.1")
+    asyncio.run(VppService(settings).run())
+
+
+@app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="default: METERFLOW_API__HOST")] = None,
     port: Annotated[int | None, typer.Option(help="default: METERFLOW_API__PORT")] = None,
@@ -378,7 +391,8 @@ def run(
     key = _admin_key(settings)
     os.environ["METERFLOW_BOOTSTRAP_ADMIN_KEY"] = key
     base = f"http://{settings.api.host}:{settings.api.port}"
-    for name, argv in (("api", ["api"]), ("collector", ["collector"]), ("processor", ["processor"])):
+    services = (("api", ["api"]), ("collector", ["collector"]), ("processor", ["processor"]), ("vpp", ["vpp"]))
+    for name, argv in services:
         pid, log_file = stack.start_app(settings, stack.AppProcess(name, argv))
         _step(f"{name} running (pid {pid}), log {log_file}")
     _wait_ready(base)
