@@ -14,6 +14,7 @@ from api import auth, problems
 from api.auth import ensure_bootstrap_admin
 from api.grading import load_schemes
 from api.routes import carbon, dashboard, factors, keys, load, readings, registry
+from api.routes import dr as dr_routes
 from api.routes import vpp as vpp_routes
 from api.tou import load_calendars
 from meterflow.settings import Settings
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(keys.router)
     app.include_router(dashboard.router)
     app.include_router(vpp_routes.router)
+    app.include_router(dr_routes.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
