@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,7 @@ from processing.kernels import F64
 router = APIRouter(prefix="/v1", tags=["demand response"])
 
 INTERVAL = timedelta(minutes=15)
+EventId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 BaselineName = Literal["CN_JS_5WD", "CN_BJ_5of10", "CAISO_10of10", "CN_JS_RT15"]
 
 
@@ -125,7 +126,10 @@ def _local_window(settings: Settings, start: datetime, end: datetime) -> tuple[d
         raise Problem(
             400, "naive-time", "Time zone required", "start and end need an offset, e.g. Z or +08:00"
         )
-    s, e = start.astimezone(zone), end.astimezone(zone)
+    try:
+        s, e = start.astimezone(zone), end.astimezone(zone)
+    except OverflowError as exc:
+        raise Problem(422, "invalid-event", "Invalid event", "start or end out of range") from exc
     if e <= s:
         raise Problem(422, "invalid-event", "Invalid event", "end must be after start")
     for t in (s, e):
@@ -185,7 +189,7 @@ async def _event(request: Request, who: Principal, event_id: int) -> DrEvent:
 
 
 @router.get("/dr-events/{event_id}")
-async def get_event(event_id: int, who: PrincipalDep, request: Request) -> DrEvent:
+async def get_event(event_id: EventId, who: PrincipalDep, request: Request) -> DrEvent:
     return await _event(request, who, event_id)
 
 
@@ -297,7 +301,7 @@ async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
 
 @router.get("/dr-events/{event_id}/result")
 async def event_result(
-    event_id: int,
+    event_id: EventId,
     who: PrincipalDep,
     request: Request,
     baseline: Annotated[BaselineName | None, Query(description="default: the event's own baseline")] = None,
@@ -309,7 +313,7 @@ async def event_result(
 
 @router.get("/dr-events/{event_id}/report")
 async def event_report(
-    event_id: int, who: PrincipalDep, request: Request, baseline: BaselineName | None = None
+    event_id: EventId, who: PrincipalDep, request: Request, baseline: BaselineName | None = None
 ) -> dict[str, Any]:
     """The result as an OpenADR 3 style report: one resource (the VPP), 15-minute intervals with BASELINE
     and DEMAND (kW, mean) and DELTA_USAGE (kWh delivered) payloads, DATA_QUALITY MISSING where not measured."""

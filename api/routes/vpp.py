@@ -52,7 +52,7 @@ class ResourceIn(BaseModel):
     energy_capacity_kwh: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     soc_min_pct: Annotated[float, Field(ge=0, le=100)] | None = None
     soc_max_pct: Annotated[float, Field(ge=0, le=100)] | None = None
-    telemetry_interval_s: Annotated[int, Field(gt=0)] | None = None
+    telemetry_interval_s: Annotated[int, Field(gt=0, le=86_400)] | None = None
     charge_max_kw: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
         default=None, description="storage; default: rated power"
     )
@@ -289,7 +289,7 @@ async def put_resource(device: str, body: ResourceIn, who: PrincipalDep, request
                        updated_at = now()""",
                 params,
             )
-        except psycopg.errors.CheckViolation as exc:
+        except (psycopg.errors.CheckViolation, psycopg.errors.DataError) as exc:
             raise Problem(
                 422, "invalid-resource", "Invalid resource model", str(exc.diag.message_primary or exc)
             ) from exc
@@ -380,6 +380,8 @@ async def capacity_history(
         )
     if end <= start:
         raise Problem(400, "empty-range", "Empty range", "end must be after start")
+    if start.year < 1970 or end.year > 9000:
+        raise Problem(400, "out-of-range", "Time out of range", "start and end must lie in 1970..9000")
     if end - start > MAX_HISTORY:
         raise Problem(
             400, "range-too-large", "Range too large", f"at most {MAX_HISTORY.days} days per request"
