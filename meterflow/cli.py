@@ -391,7 +391,12 @@ def run(
     key = _admin_key(settings)
     os.environ["METERFLOW_BOOTSTRAP_ADMIN_KEY"] = key
     base = f"http://{settings.api.host}:{settings.api.port}"
-    services = (("api", ["api"]), ("collector", ["collector"]), ("processor", ["processor"]), ("vpp", ["vpp"]))
+    services = (
+        ("api", ["api"]),
+        ("collector", ["collector"]),
+        ("processor", ["processor"]),
+        ("vpp", ["vpp"]),
+    )
     for name, argv in services:
         pid, log_file = stack.start_app(settings, stack.AppProcess(name, argv))
         _step(f"{name} running (pid {pid}), log {log_file}")
