@@ -192,7 +192,6 @@ export const fmt = {
     isNumber(v) ? (Math.abs(v) >= 100_000 ? `${number(v / 1000, 1)} MWh` : `${number(v, 1)} kWh`) : missing,
   co2: (kg) =>
     isNumber(kg) ? (Math.abs(kg) >= 1000 ? `${number(kg / 1000, 2)} tCO₂e` : `${number(kg, 1)} kgCO₂e`) : missing,
-  tco2: (kg) => (isNumber(kg) ? `${number(kg / 1000, 3)} tCO₂e` : missing),
   count: (v) => (isNumber(v) ? number(v, 0) : missing),
   plain: (v, digits = 2) => (isNumber(v) ? number(v, digits) : missing),
 };

@@ -91,11 +91,12 @@ function show(chart) {
   const duration = $("duration").value;
   writeParams({ vpp, duration });
   for (const id of ["capacity", "live", "nodes", "stale-devices"]) setState($(id), "loading");
+  $("live").dataset.updates = "0";
   chart.setData([], [], []);
   capacityNow(vpp, duration, chart, signal);
-  history(vpp, chart, signal).then(() => live(vpp, duration, chart, signal));
-  tables(vpp, signal);
-  const timer = setInterval(() => tables(vpp, signal), TABLES_MS);
+  history(vpp, duration, chart, signal).then(() => live(vpp, duration, chart, signal));
+  tables(vpp, duration, signal);
+  const timer = setInterval(() => tables(vpp, duration, signal), TABLES_MS);
   signal.addEventListener("abort", () => clearInterval(timer));
 }
 
@@ -120,17 +121,19 @@ function onCapacity(c, chart) {
   panel.dataset.downKw = String(c.down_kw);
   setState(panel, "ready");
   chart.append(c.as_of ? seconds(c.as_of) : Date.now() / 1000, c.up_kw, c.down_kw);
-  setState($("live"), "ready");
+  const live = $("live");
+  live.dataset.updates = String(Number(live.dataset.updates || 0) + 1);
+  setState(live, "ready");
 }
 
-async function history(vpp, chart, signal) {
+async function history(vpp, duration, chart, signal) {
   const end = new Date();
   const start = new Date(end.getTime() - WINDOW_S * 1000);
   const live = $("live");
   try {
     const body = await api(
       `/vpps/${enc(vpp)}/capacity/history`,
-      { start: start.toISOString(), end: end.toISOString(), interval: "1m" },
+      { start: start.toISOString(), end: end.toISOString(), interval: "1m", duration_min: duration },
       { signal },
     );
     const points = body.points || [];
@@ -227,16 +230,16 @@ function liveMode(mode, text) {
   $("live-mode").textContent = `· ${text}`;
 }
 
-async function tables(vpp, signal) {
-  await Promise.all([nodes(vpp, signal), staleDevices(vpp, signal)]);
+async function tables(vpp, duration, signal) {
+  await Promise.all([nodes(vpp, duration, signal), staleDevices(vpp, signal)]);
 }
 
-async function nodes(vpp, signal) {
+async function nodes(vpp, duration, signal) {
   const panel = $("nodes");
   try {
-    const body = await api(`/vpps/${enc(vpp)}/capacity/nodes`, {}, { signal });
+    const body = await api(`/vpps/${enc(vpp)}/capacity/nodes`, { duration_min: duration }, { signal });
     const rows = [...(body.nodes || [])].sort((a, b) => (b.up_kw ?? 0) - (a.up_kw ?? 0));
-    const tbody = panel.querySelector("tbody");
+    const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const n of rows) {
       const tr = tbody.insertRow();
@@ -263,7 +266,7 @@ async function staleDevices(vpp, signal) {
   try {
     const body = await api(`/vpps/${enc(vpp)}/stale-devices`, {}, { signal });
     const devices = body.devices || [];
-    const tbody = panel.querySelector("tbody");
+    const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const d of devices) {
       const tr = tbody.insertRow();
