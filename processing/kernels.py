@@ -307,6 +307,234 @@ def _order_by_series(series: I32, n_series: int, out: I64) -> None:
         next_slot[s] += 1
 
 
+@njit(cache=True, nogil=True)
+def _register_buckets(
+    series: I32,
+    ts: I64,
+    value: F64,
+    install_after: F64,
+    multiplier: F64,
+    anchor_ts: I64,
+    anchor_val: F64,
+    pending_ts: I64,
+    pending_val: F64,
+    register_max: F64,
+    resolution: F64,
+    max_rate_per_ms: F64,
+    widths: I64,
+    max_interp_gap_ms: int,
+    read_flag: I8,
+    per_series: I64,
+    batch_no: int,
+    capacity: int,
+    g_int: I64,
+    g_float: F64,
+    g_count: I32,
+    n_groups: I64,
+) -> int:
+    """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width in one pass over the reads.
+
+    Returns -1 (and changes nothing) when a series index is out of range or a series' reads go back in
+    time; otherwise the most groups any width can need. When that exceeds `capacity` nothing is changed
+    either: the caller grows the buffers and calls again.
+
+    `per_series[s]` holds the batch that last saw s, the span of its reads, and per width the head (the
+    group of s with the latest bucket) and that bucket. A series' groups form a list by falling bucket
+    from the head, which is valid only if it names a group of this batch that belongs to s, so nothing
+    needs clearing between batches. Contributions land at or after the head, except those of an interval
+    that reaches back past a flagged read, so finding a group needs no search and, while reads stay
+    within a bucket or two of the last one, no division either.
+    """
+    n = series.size
+    n_series = anchor_ts.size
+    n_widths = widths.size
+    # Pass 1 changes no state: it checks the order and bounds the groups. A series' groups lie between
+    # the earliest of its anchor, pending drop and first read, and its last read.
+    k = 0
+    span_sum = 0
+    for i in range(n):
+        s = series[i]
+        if s < 0 or s >= n_series:
+            return -1
+        t = ts[i]
+        if per_series[s, 0] != batch_no:
+            per_series[s, 0] = batch_no
+            lo = t
+            if anchor_ts[s] != NO_TS and anchor_ts[s] < lo:
+                lo = anchor_ts[s]
+            if pending_ts[s] != NO_TS and pending_ts[s] < lo:
+                lo = pending_ts[s]
+            span_sum += t - lo
+            k += 1
+        elif t < per_series[s, 1]:
+            return -1
+        else:
+            span_sum += t - per_series[s, 1]
+        per_series[s, 1] = t
+    need = 0
+    for w in range(n_widths):
+        need = max(need, span_sum // widths[w] + 2 * k)
+    if need > capacity:
+        return need
+
+    has_install = install_after.size > 0
+    has_multiplier = multiplier.size > 0
+    for w in range(n_widths):
+        n_groups[w] = 0
+    for i in range(n):
+        s = series[i]
+        t = ts[i]
+        v = value[i]
+        anchor_next = v
+        if has_install and not math.isnan(install_after[i]):
+            anchor_next = install_after[i]
+        mult = multiplier[i] if has_multiplier else 1.0
+        # The register rules of `_registers_to_intervals`; at most one interval here is spread.
+        t0 = t
+        t1 = t
+        qty = 0.0
+        flagged = False
+        if anchor_ts[s] == NO_TS:
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            read_flag[i] = READ_FIRST
+            continue
+        d = v - anchor_val[s]
+        flag = READ_OK
+        if (
+            d < 0.0
+            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
+            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
+        ):
+            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
+            flag = READ_ROLLOVER
+        if 0.0 <= d <= max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]:
+            t0 = anchor_ts[s]
+            qty = d * mult
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            if pending_ts[s] != NO_TS:
+                pending_ts[s] = NO_TS
+            read_flag[i] = flag
+        elif pending_ts[s] != NO_TS and (
+            0.0 <= v - pending_val[s] <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]
+        ):
+            # The interval up to the drop is unknown (bad): it is not spread, so nothing is booked.
+            t0 = pending_ts[s]
+            qty = (v - pending_val[s]) * mult
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            pending_ts[s] = NO_TS
+            read_flag[i] = READ_REBASELINE
+        else:
+            if v < anchor_val[s]:
+                pending_ts[s] = t
+                pending_val[s] = v
+                read_flag[i] = READ_NEGATIVE
+            else:
+                read_flag[i] = READ_IMPLAUSIBLE
+            flagged = True
+        if not flagged and t1 <= t0:
+            continue
+        for w in range(n_widths):
+            width = widths[w]
+            h = per_series[s, 2 + 3 * w]
+            last = per_series[s, 3 + 3 * w]
+            valid = per_series[s, 4 + 3 * w] == batch_no
+            ng = n_groups[w]
+            # The bucket of the interval's start (or of a flagged read), from the last one seen if near.
+            x = t if flagged else t0
+            if last != NO_TS and last <= x < last + width:
+                first = last
+            elif last != NO_TS and last + width <= x < last + 2 * width:
+                first = last + width
+            else:
+                first = x - x % width
+            if flagged:
+                steps = 1
+                quality = NO_QUALITY
+            else:
+                if t1 - first <= width:
+                    steps = 1
+                elif t1 - first <= 2 * width:
+                    steps = 2
+                else:
+                    steps = (t1 - 1 - first) // width + 1
+                if steps == 1:
+                    if valid and first == last:
+                        # The head's bucket: the common case, a read soon after the last.
+                        g_float[w, 0, h] += qty
+                        if math.isnan(g_float[w, 1, h]) or qty > g_float[w, 1, h]:
+                            g_float[w, 1, h] = qty
+                        g_count[w, 0, h] += 1
+                        g_count[w, 1 + MEASURED, h] += 1
+                        continue
+                    quality = MEASURED
+                elif t1 - t0 <= max_interp_gap_ms:
+                    quality = ESTIMATED
+                else:
+                    quality = SUBSTITUTED
+            span = t1 - t0
+            booked = 0.0
+            for step in range(steps):
+                b = first + step * width
+                # Find (or make) the group of (s, b).
+                if not valid or b > last:
+                    g = ng
+                    ng += 1
+                    g_int[w, 0, g] = s
+                    g_int[w, 1, g] = b
+                    g_int[w, 2, g] = h if valid else -1
+                    g_float[w, 0, g] = 0.0
+                    g_float[w, 1, g] = np.nan
+                    for c in range(5):
+                        g_count[w, c, g] = 0
+                    h = g
+                    last = b
+                    valid = True
+                elif b == last:
+                    g = h
+                else:
+                    # Behind the head: walk back to it, or link a new group in where it belongs.
+                    after = h
+                    g = g_int[w, 2, h]
+                    while g >= 0 and g_int[w, 1, g] > b:
+                        after = g
+                        g = g_int[w, 2, g]
+                    if g < 0 or g_int[w, 1, g] != b:
+                        new = ng
+                        ng += 1
+                        g_int[w, 0, new] = s
+                        g_int[w, 1, new] = b
+                        g_int[w, 2, new] = g
+                        g_int[w, 2, after] = new
+                        g_float[w, 0, new] = 0.0
+                        g_float[w, 1, new] = np.nan
+                        for c in range(5):
+                            g_count[w, c, new] = 0
+                        g = new
+                if flagged:
+                    g_count[w, 4, g] += 1
+                    continue
+                if step == steps - 1:
+                    # The remainder, not a computed share, so the shares add up to the delta exactly.
+                    share = qty - booked
+                else:
+                    overlap = min(t1, b + width) - max(t0, b)
+                    share = qty * (overlap / span)
+                    booked += share
+                g_float[w, 0, g] += share
+                if math.isnan(g_float[w, 1, g]) or share > g_float[w, 1, g]:
+                    g_float[w, 1, g] = share
+                g_count[w, 0, g] += 1
+                g_count[w, 1 + quality, g] += 1
+            per_series[s, 2 + 3 * w] = h
+            per_series[s, 3 + 3 * w] = last
+            per_series[s, 4 + 3 * w] = batch_no
+            n_groups[w] = ng
+    return need
+
+
 # --- typed wrappers -------------------------------------------------------------------------------
 
 
@@ -480,6 +708,94 @@ def reduce_by_key(series: I32, bucket_ms: I64, qty: F64, quality: I8, flagged: I
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterBuckets:
+    read_flag: I8  # per input read, READ_*
+    buckets: tuple[Buckets, ...]  # one per width, in the order the widths were given
+
+
+class RegisterBucketer:
+    """Register reads -> interval energy per (series, bucket) for several bucket widths, in one kernel
+    call per batch: what `registers_to_intervals`, `prorate` and `reduce_by_key` (with each negative or
+    implausible read added as a flag in its bucket, as the processor books them) give together, without
+    their intermediate arrays. Its buffers are kept and reused from call to call, so a stream of small
+    batches pays one dispatch and a few small copies per batch.
+
+    Unlike `registers_to_intervals`, the reads need not be sorted by series: any order in which each
+    series' reads are in time order will do, such as arrival (time) order or (series, ts) order."""
+
+    def __init__(self, widths_ms: tuple[int, ...], max_interp_gap_ms: int) -> None:
+        self.widths_ms = widths_ms
+        self.max_interp_gap_ms = max_interp_gap_ms
+        self._widths = np.array(widths_ms, np.int64)
+        self._no_values = np.empty(0, np.float64)
+        self._batch_no = 0
+        self._n_groups = np.zeros(len(widths_ms), np.int64)
+        self._per_series = self._series_rows(0)
+        self._capacity = 0
+        self._grow_groups(1024)
+
+    def _series_rows(self, n: int) -> I64:
+        rows = np.full((n, 2 + 3 * len(self.widths_ms)), NO_TS, np.int64)
+        rows[:, 0] = -1  # never seen
+        rows[:, 4::3] = -1  # no head in any batch
+        return rows
+
+    def _grow_groups(self, need: int) -> None:
+        self._capacity = max(need, 2 * self._capacity)
+        nw = len(self.widths_ms)
+        self._g_int = np.empty((nw, 3, self._capacity), np.int64)  # series, bucket, previous group
+        self._g_float = np.empty((nw, 2, self._capacity), np.float64)  # total, max
+        self._g_count = np.empty((nw, 5, self._capacity), np.int32)  # n, per quality, flagged
+
+    def __call__(
+        self,
+        series: I32,
+        ts: I64,
+        value: F64,
+        state: RegisterState,
+        params: RegisterParams,
+        *,
+        install_after: F64 | None = None,
+        multiplier: F64 | None = None,
+    ) -> RegisterBuckets:
+        """As `registers_to_intervals`, then `prorate` and `reduce_by_key` per width. Updates `state`
+        in place. Raises ValueError (and changes nothing) if a series index is outside the state or a
+        series' reads go back in time."""
+        extra = state.anchor_ts.size - self._per_series.shape[0]
+        if extra > 0:
+            self._per_series = np.concatenate([self._per_series, self._series_rows(extra)])
+        read_flag = np.empty(series.size, np.int8)
+        while True:
+            self._batch_no += 1
+            need = _register_buckets(
+                series, ts, value,
+                self._no_values if install_after is None else install_after,
+                self._no_values if multiplier is None else multiplier,
+                state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
+                params.register_max, params.resolution, params.max_rate_per_ms,
+                self._widths, self.max_interp_gap_ms, read_flag,
+                self._per_series, self._batch_no, self._capacity, self._g_int, self._g_float, self._g_count,
+                self._n_groups,
+            )  # fmt: skip
+            if need < 0:
+                raise ValueError("a series index is out of range or a series' reads go back in time")
+            if need <= self._capacity:
+                break
+            self._grow_groups(need)
+        out = []
+        for w, n in enumerate(self._n_groups.tolist()):
+            total, max_value = self._g_float[w, :, :n].copy()
+            n_all, measured, estimated, substituted, flagged = self._g_count[w, :, :n].copy()
+            series_of, bucket_ms = self._g_int[w, 0, :n].astype(np.int32), self._g_int[w, 1, :n].copy()
+            out.append(
+                Buckets(
+                    series_of, bucket_ms, total, n_all, max_value, measured, estimated, substituted, flagged
+                )
+            )
+        return RegisterBuckets(read_flag, tuple(out))
+
+
 def instantaneous_buckets(series: I32, ts: I64, value: F64, abs_limit: F64, width_ms: int) -> Buckets:
     """Average and maximum inputs per bucket for instantaneous metrics (power, SOC): values beyond
     `abs_limit[series]` (rated x margin; inf when unknown) are spikes, flagged and left out."""
@@ -507,3 +823,6 @@ def warm_up() -> None:
     )
     instantaneous_buckets(series, ts, np.array([1.0, 2.0, 3.0]), np.array([np.inf]), 60_000)
     order_by_series(series, 1)
+    RegisterBucketer((60_000,), 3_600_000)(
+        series, ts, np.array([1.0, 2.0, 3.0]), RegisterState.empty(1), params
+    )
