@@ -139,6 +139,11 @@ def resource_model(d: DeviceSpec) -> dict[str, object] | None:
         return {"resource_class": "pv", "curtailable": True}
     if d.type == "ev_charger":
         return {"resource_class": "ev_charger", "min_power_kw": round(d.rated_power_kw * EV_MIN_SHARE, 3)}
+    if d.sheddable_share > 0:
+        model: dict[str, object] = {"resource_class": "building_load", "sheddable_share": d.sheddable_share}
+        if d.max_shed_min is not None:
+            model["max_shed_min"] = d.max_shed_min
+        return model
     if d.type == "base_station":
         return {
             "resource_class": "base_station",
