@@ -689,6 +689,46 @@ def bench_vpp(
     )
 
 
+@bench_app.command("api")
+def bench_api(
+    devices: Annotated[int, typer.Option(help="meters with 1-minute aggregates (10 sites)")] = 1000,
+    days: Annotated[int, typer.Option(help="days of aggregates, from 2026-10-01 local")] = 30,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 2,
+    pool_max: Annotated[int, typer.Option(help="database connections per worker")] = 8,
+    connections: Annotated[int, typer.Option(help="concurrent HTTP connections")] = 16,
+    seconds: Annotated[float, typer.Option(help="seconds per route")] = 10.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Query API routes under concurrent load (wrk, else httpx) beside /healthz and the route's SQL run
+    directly with psycopg; loads its data set first if missing (needs the database)."""
+    from bench.api import TARGET_P99_MS, TARGET_RPS, run_api_bench
+
+    settings = _settings()
+    result = run_api_bench(
+        settings,
+        devices=devices,
+        days=days,
+        workers=workers,
+        pool_max=pool_max,
+        connections=connections,
+        seconds=seconds,
+        tick=_step,
+    )
+    table = Table("route", "p50 ms", "p99 ms", "requests/s", "errors")
+    for name, f in cast("dict[str, dict[str, float]]", result["routes"]).items():
+        table.add_row(
+            name, f"{f['p50_ms']:.2f}", f"{f['p99_ms']:.2f}", f"{f['rps']:,.0f}", f"{f['errors']:.0f}"
+        )
+    console.print(table)
+    _report(
+        f"one site, one day at 15 min: p99 {result['p99_ms']} ms (target <= {TARGET_P99_MS:g}), "
+        f"{result['value']:,} requests/s (target >= {TARGET_RPS:g}); /healthz {result['peer_value']:,} "
+        f"requests/s; ratio {result['ratio']}",
+        result,
+        as_json,
+    )
+
+
 def main() -> None:
     app()
 
