@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_pla
 
 from deploy.local import bootstrap
 from meterflow.contract import now_ms
+from meterflow.settings import Settings
 from simulators.publisher import register_fleet, simulate_over_mqtt
 from simulators.runner import RunOptions
 from simulators.spec import FleetSpec, generate_fleet
@@ -119,11 +120,11 @@ def vpp_service(pipeline: Pipeline, fleet: Fleet, deployed: set[str]) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def browser(base_settings: Settings) -> Iterator[Browser]:
     # Installed here as well as by `stack up`: a reused healthy stack skips the bootstrap.
     chromium = bootstrap.install_browser(
         lambda msg: print(f"[bootstrap] {msg}", file=sys.stderr),  # noqa: T201
-        Path(".stack") / "bootstrap.log",
+        base_settings.state_path / "bootstrap.log",
     )
     with sync_playwright() as playwright:
         # Debian's Chromium by path: Playwright's own browser download is never used.
@@ -216,6 +217,7 @@ def enterprise(browser: Browser, pipeline: Pipeline, fleet: Fleet) -> Iterator[V
         _settled(visit.page, panel)
     ARTIFACTS.mkdir(exist_ok=True)
     visit.page.screenshot(path=ARTIFACTS / "dashboard-enterprise.png", full_page=True)
+    _narrow_screenshot(visit.page, "dashboard-enterprise-narrow.png")
     yield visit
     visit.page.context.close()
 
@@ -227,8 +229,19 @@ def operator(browser: Browser, pipeline: Pipeline, fleet: Fleet, vpp_service: No
         _settled(visit.page, panel)
     ARTIFACTS.mkdir(exist_ok=True)
     visit.page.screenshot(path=ARTIFACTS / "dashboard-operator.png", full_page=True)
+    _narrow_screenshot(visit.page, "dashboard-operator-narrow.png")
     yield visit
     visit.page.context.close()
+
+
+def _narrow_screenshot(page: Page, name: str) -> None:
+    """A phone-sized window: one column, nothing wider than the screen."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(300)  # the charts follow their container's new width on the next frame
+    page.screenshot(path=ARTIFACTS / name, full_page=True)
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    page.set_viewport_size({"width": 1280, "height": 900})
+    assert overflow <= 0, f"{name}: {overflow} px wider than a 390 px screen"
 
 
 # --- both views ------------------------------------------------------------------------------------

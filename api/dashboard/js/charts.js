@@ -50,7 +50,8 @@ export function timeChart(host, { series, zone, unit, windowSeconds = null, span
         dash: s.dash,
         fill: s.bars ? `${s.color}cc` : undefined,
         paths: s.bars ? barPaths : undefined,
-        points: { show: Boolean(s.points), size: 7 },
+        // Without `show`, uPlot marks the points itself where they are sparse (a single point, say).
+        points: s.points ? { show: true, size: 7 } : {},
         spanGaps,
         value: (_u, v) => (v == null ? "–" : `${v.toLocaleString(undefined, { maximumFractionDigits: 1 })} ${s.unit}`),
       })),
