@@ -227,12 +227,15 @@ def fleet_generate(
         str, typer.Option("--format", help="json-batch, json-single or sparkplug")
     ] = "json-batch",
     max_devices_per_gateway: int = 200,
+    vpp_buildings: Annotated[
+        int, typer.Option(help="campus feeders that join the VPP as building loads (shed in dr_events)")
+    ] = 0,
 ) -> None:
     """Write a fleet description generated from a few numbers (edit it, then `simulate --fleet`)."""
     spec = _generated_fleet(
         enterprises=enterprises, sites_per_enterprise=sites_per_enterprise, meters_per_site=meters_per_site,
         vpp_resources=vpp_resources, seed=seed, interval_s=interval_s, payload_format=payload_format,
-        max_devices_per_gateway=max_devices_per_gateway,
+        max_devices_per_gateway=max_devices_per_gateway, vpp_buildings=vpp_buildings,
     )  # fmt: skip
     spec.dump(out)
     gateways = sum(1 for _ in spec.gateways())
