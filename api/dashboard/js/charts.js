@@ -51,7 +51,7 @@ export function timeChart(host, { series, zone, unit, windowSeconds = null, span
         fill: s.bars ? `${s.color}cc` : undefined,
         paths: s.bars ? barPaths : undefined,
         // Without `show`, uPlot marks the points itself where they are sparse (a single point, say).
-        points: s.points ? { show: true, size: 7 } : {},
+        points: s.points ? { show: true, size: 7 } : s.bars ? { show: false } : {},
         spanGaps,
         value: (_u, v) => (v == null ? "–" : `${v.toLocaleString(undefined, { maximumFractionDigits: 1 })} ${s.unit}`),
       })),
