@@ -180,7 +180,13 @@ def _operator_key(p: Pipeline) -> str:
     return key
 
 
-def _stream(p: Pipeline, vpp: str, key: str, events: queue.Queue[tuple[float, dict[str, object]]]) -> None:
+def _stream(
+    p: Pipeline,
+    vpp: str,
+    key: str,
+    events: queue.Queue[tuple[float, dict[str, object]]],
+    stop: threading.Event,
+) -> None:
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
     with (
         httpx.Client(base_url=p.api_url, timeout=httpx.Timeout(10, read=60)) as http,
@@ -191,6 +197,8 @@ def _stream(p: Pipeline, vpp: str, key: str, events: queue.Queue[tuple[float, di
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
+            if stop.is_set():
+                return  # closes the stream, so the API's LISTEN connection goes too
             if line.startswith("data:"):
                 events.put((time.monotonic(), orjson.loads(line[5:])))
 
@@ -200,7 +208,9 @@ def test_stream_pushes_a_change_and_operators_see_every_vpp(pipeline: Pipeline, 
     _wait_for(pipeline, fleet.vpp, {"devices_online": 4})
     key = _operator_key(pipeline)
     events: queue.Queue[tuple[float, dict[str, object]]] = queue.Queue()
-    threading.Thread(target=_stream, args=(pipeline, fleet.vpp, key, events), daemon=True).start()
+    stop = threading.Event()
+    reader = threading.Thread(target=_stream, args=(pipeline, fleet.vpp, key, events, stop), daemon=True)
+    reader.start()
     _, first = events.get(timeout=DEADLINE_S)
     assert first["vpp"] == fleet.vpp and first["duration_min"] == 30
     # The EV slows to 10 kW: up 4, down 12.
@@ -217,6 +227,10 @@ def test_stream_pushes_a_change_and_operators_see_every_vpp(pipeline: Pipeline, 
     print(f"stream pushed the change {got_at - sent:.3f} s after the telemetry was published")  # noqa: T201
     # The operator key reads the capacity of a VPP of another tenant.
     assert _capacity(pipeline, fleet.vpp, 30, key)["vpp"] == fleet.vpp
+    stop.set()
+    fleet.publish({**ALL_ONLINE, "ev-1": {"power_kw": 12}})  # one more event wakes the reader to stop
+    reader.join(timeout=DEADLINE_S)
+    assert not reader.is_alive()
 
 
 def test_silent_resource_is_stale_counted_and_excluded(pipeline: Pipeline, fleet: Fleet) -> None:
