@@ -182,7 +182,6 @@ class VppService:
         self._history_minute: dict[str, int] = {}
         self._stale_published: frozenset[int] | None = None
         self._fleet_loaded_at = -np.inf
-        self.recomputes = 0
         self._conn: Conn | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -289,7 +288,6 @@ class VppService:
             stale_factor=self.cfg.stale_factor,
         )
         RECOMPUTE_SECONDS.observe(time.perf_counter() - started)
-        self.recomputes += 1
         RESOURCES.labels("online").set(int(cap.online.sum()))
         RESOURCES.labels("stale").set(int(cap.stale.sum()))
         return cap
