@@ -71,7 +71,6 @@ def _register(conn: psycopg.Connection[Any], devices: int) -> None:
             "VALUES (%s, %s, %s, 'grid', 100) ON CONFLICT DO NOTHING",
             [(TENANT, _device(d), _site(d % SITES)) for d in range(devices)],
         )
-    conn.commit()
 
 
 def _day_energy(day: int, devices: int) -> np.ndarray:
@@ -117,7 +116,8 @@ def _copy(cur: psycopg.Cursor[Any], table: str, frame: pl.DataFrame) -> None:
 def ensure_data(settings: Settings, devices: int, days: int, tick: Callable[[str], None]) -> int:
     """Load the days not loaded yet; returns the rows written."""
     written = 0
-    with psycopg.connect(settings.db.conninfo()) as conn:
+    # Autocommit, so that each day's `transaction()` commits on its own (a resumable load).
+    with psycopg.connect(settings.db.conninfo(), autocommit=True) as conn:
         _register(conn, devices)
         device_ids = [_device(d) for d in range(devices)]
         site_of = np.arange(devices) % SITES
@@ -150,10 +150,9 @@ def ensure_data(settings: Settings, devices: int, days: int, tick: Callable[[str
                     _copy(cur, table, _frame("site", site_ids, stamps, per_site, width * devices // SITES))
                     written += per_device.size + per_site.size
             tick(f"day {day + 1}/{days} loaded ({time.perf_counter() - t0:.1f} s)")
-        conn.execute("ANALYZE agg_1m")
-        conn.execute("ANALYZE agg_15m")
-        conn.execute("ANALYZE agg_1h")
-        conn.commit()
+        if written:
+            for table in ("agg_1m", "agg_15m", "agg_1h"):
+                conn.execute(f"ANALYZE {table}")
     return written
 
 
