@@ -308,6 +308,245 @@ def _order_by_series(series: I32, n_series: int, out: I64) -> None:
 
 
 @njit(cache=True, nogil=True)
+def _group_bound(
+    series: I32, ts: I64, read_flag: I8, start: I64, widths: I64, scratch: I64, batch_no: int
+) -> int:
+    """The most (series, bucket) groups any width can get from a batch whose register pass is done: a
+    series' groups lie between the earliest start of its intervals and flagged reads, and its last read.
+    `scratch[s]` holds the batch that last saw s and the earliest and latest times so far."""
+    k = 0
+    for i in range(series.size):
+        s = series[i]
+        f = read_flag[i]
+        t = ts[i]
+        lo = start[i] if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE) else t
+        if scratch[s, 0] != batch_no:
+            scratch[s, 0] = batch_no
+            scratch[s, 1] = lo
+            scratch[s, 2] = t
+            k += 1
+        else:
+            scratch[s, 1] = min(scratch[s, 1], lo)
+            scratch[s, 2] = max(scratch[s, 2], t)
+    span_sum = 0
+    for i in range(series.size):
+        s = series[i]
+        if scratch[s, 0] == batch_no:
+            span_sum += max(scratch[s, 2] - scratch[s, 1], 0)
+            scratch[s, 0] = -1
+    need = 0
+    for w in range(widths.size):
+        need = max(need, span_sum // widths[w] + 2 * k)
+    return need
+
+
+@njit(cache=True, nogil=True)
+def _register_pass(
+    series: I32,
+    ts: I64,
+    value: F64,
+    install_after: F64,
+    multiplier: F64,
+    anchor_ts: I64,
+    anchor_val: F64,
+    pending_ts: I64,
+    pending_val: F64,
+    register_max: F64,
+    resolution: F64,
+    max_rate_per_ms: F64,
+    read_flag: I8,
+    start: I64,
+    qty: F64,
+) -> None:
+    """The rules of `_registers_to_intervals`, keeping per read only the interval that gets spread: it
+    ends at the read and starts at `start[i]` (the anchor, or the drop a rebaseline confirmed; the
+    interval before that drop is unknown and spreads nothing)."""
+    has_install = install_after.size > 0
+    has_multiplier = multiplier.size > 0
+    for i in range(series.size):
+        s = series[i]
+        t = ts[i]
+        v = value[i]
+        anchor_next = v
+        if has_install and not math.isnan(install_after[i]):
+            anchor_next = install_after[i]
+        if anchor_ts[s] == NO_TS:
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            read_flag[i] = READ_FIRST
+            continue
+        d = v - anchor_val[s]
+        flag = READ_OK
+        if (
+            d < 0.0
+            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
+            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
+        ):
+            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
+            flag = READ_ROLLOVER
+        if 0.0 <= d <= max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]:
+            start[i] = anchor_ts[s]
+            qty[i] = d * multiplier[i] if has_multiplier else d
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            if pending_ts[s] != NO_TS:
+                pending_ts[s] = NO_TS
+            read_flag[i] = flag
+        elif pending_ts[s] != NO_TS and (
+            0.0 <= v - pending_val[s] <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]
+        ):
+            start[i] = pending_ts[s]
+            qty[i] = (v - pending_val[s]) * multiplier[i] if has_multiplier else v - pending_val[s]
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            pending_ts[s] = NO_TS
+            read_flag[i] = READ_REBASELINE
+        elif v < anchor_val[s]:
+            # A drop may be a reset the next read confirms; an up-jump is a glitch and anchors nothing.
+            pending_ts[s] = t
+            pending_val[s] = v
+            read_flag[i] = READ_NEGATIVE
+        else:
+            read_flag[i] = READ_IMPLAUSIBLE
+
+
+@njit(cache=True, nogil=True)
+def _bucket_pass(
+    series: I32,
+    ts: I64,
+    read_flag: I8,
+    start: I64,
+    qty: F64,
+    width: int,
+    max_interp_gap_ms: int,
+    per_series: I64,
+    col: int,
+    batch_no: int,
+    capacity: int,
+    g_int: I64,
+    g_float: F64,
+    g_count: I32,
+) -> int:
+    """Spread each read's interval over the `width` buckets it overlaps and add it, and each flagged
+    read, to its (series, bucket) group. Returns the number of groups, or -1 as soon as the group
+    buffers are full (the caller grows them and runs this again with a new `batch_no`).
+
+    `per_series[s, col:col + 3]` holds s's head (its group with the latest bucket), that bucket, and
+    the batch that set the head. A series' groups form a list by falling bucket from the head
+    (`g_int[2]` links each to the one before), so nothing needs clearing between batches. Contributions
+    land at or after the head, except those of an interval that reaches back past a flagged read: finding
+    a group needs no search and, while reads stay within a bucket or two of the last, no division."""
+    ng = 0
+    for i in range(series.size):
+        f = read_flag[i]
+        if f == READ_FIRST:
+            continue
+        flagged = f in (READ_NEGATIVE, READ_IMPLAUSIBLE)
+        s = series[i]
+        t1 = ts[i]
+        t0 = t1 if flagged else start[i]
+        if t1 <= t0 and not flagged:
+            continue
+        h = per_series[s, col]
+        last = per_series[s, col + 1]
+        valid = per_series[s, col + 2] == batch_no
+        # The bucket of the interval's start (or of a flagged read), from the last one if near.
+        if last <= t0 < last + width:
+            first = last
+        elif last + width <= t0 < last + 2 * width:
+            first = last + width
+        else:
+            first = t0 - t0 % width
+        q = qty[i]
+        if flagged:
+            steps = 1
+            quality = NO_QUALITY
+        else:
+            if t1 - first <= width:
+                steps = 1
+            elif t1 - first <= 2 * width:
+                steps = 2
+            else:
+                steps = (t1 - 1 - first) // width + 1
+            if steps == 1:
+                if valid and first == last:
+                    # The head's bucket: the common case, a read soon after the last.
+                    g_float[0, h] += q
+                    if math.isnan(g_float[1, h]) or q > g_float[1, h]:
+                        g_float[1, h] = q
+                    g_count[0, h] += 1
+                    g_count[1 + MEASURED, h] += 1
+                    continue
+                quality = MEASURED
+            elif t1 - t0 <= max_interp_gap_ms:
+                quality = ESTIMATED
+            else:
+                quality = SUBSTITUTED
+        span = t1 - t0
+        booked = 0.0
+        for step in range(steps):
+            b = first + step * width
+            # Find (or make) the group of (s, b).
+            if not valid or b > last:
+                if ng == capacity:
+                    return -1
+                g = ng
+                ng += 1
+                g_int[0, g] = s
+                g_int[1, g] = b
+                g_int[2, g] = h if valid else -1
+                g_float[0, g] = 0.0
+                g_float[1, g] = np.nan
+                for c in range(5):
+                    g_count[c, g] = 0
+                h = g
+                last = b
+                valid = True
+            elif b == last:
+                g = h
+            else:
+                # Behind the head: walk back to it, or link a new group in where it belongs.
+                after = h
+                g = g_int[2, h]
+                while g >= 0 and g_int[1, g] > b:
+                    after = g
+                    g = g_int[2, g]
+                if g < 0 or g_int[1, g] != b:
+                    if ng == capacity:
+                        return -1
+                    new = ng
+                    ng += 1
+                    g_int[0, new] = s
+                    g_int[1, new] = b
+                    g_int[2, new] = g
+                    g_int[2, after] = new
+                    g_float[0, new] = 0.0
+                    g_float[1, new] = np.nan
+                    for c in range(5):
+                        g_count[c, new] = 0
+                    g = new
+            if flagged:
+                g_count[4, g] += 1
+                continue
+            if step == steps - 1:
+                # The remainder, not a computed share, so the shares add up to the delta exactly.
+                share = q - booked
+            else:
+                overlap = min(t1, b + width) - max(t0, b)
+                share = q * (overlap / span)
+                booked += share
+            g_float[0, g] += share
+            if math.isnan(g_float[1, g]) or share > g_float[1, g]:
+                g_float[1, g] = share
+            g_count[0, g] += 1
+            g_count[1 + quality, g] += 1
+        per_series[s, col] = h
+        per_series[s, col + 1] = last
+        per_series[s, col + 2] = batch_no
+    return ng
+
+
+@njit(cache=True, nogil=True)
 def _register_buckets(
     series: I32,
     ts: I64,
@@ -324,6 +563,8 @@ def _register_buckets(
     widths: I64,
     max_interp_gap_ms: int,
     read_flag: I8,
+    start: I64,
+    qty: F64,
     per_series: I64,
     batch_no: int,
     capacity: int,
@@ -331,208 +572,31 @@ def _register_buckets(
     g_float: F64,
     g_count: I32,
     n_groups: I64,
+    registers_done: bool,
 ) -> int:
-    """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width in one pass over the reads.
-
-    Returns -1 (and changes nothing) when a series index is out of range or a series' reads go back in
-    time; otherwise the most groups any width can need. When that exceeds `capacity` nothing is changed
-    either: the caller grows the buffers and calls again.
-
-    `per_series[s]` holds the batch that last saw s, the span of its reads, and per width the head (the
-    group of s with the latest bucket) and that bucket. A series' groups form a list by falling bucket
-    from the head, which is valid only if it names a group of this batch that belongs to s, so nothing
-    needs clearing between batches. Contributions land at or after the head, except those of an interval
-    that reaches back past a flagged read, so finding a group needs no search and, while reads stay
-    within a bucket or two of the last one, no division either.
-    """
-    n = series.size
-    n_series = anchor_ts.size
-    n_widths = widths.size
-    # Pass 1 changes no state: it checks the order and bounds the groups. A series' groups lie between
-    # the earliest of its anchor, pending drop and first read, and its last read.
-    k = 0
-    span_sum = 0
-    for i in range(n):
-        s = series[i]
-        if s < 0 or s >= n_series:
-            return -1
-        t = ts[i]
-        if per_series[s, 0] != batch_no:
-            per_series[s, 0] = batch_no
-            lo = t
-            if anchor_ts[s] != NO_TS and anchor_ts[s] < lo:
-                lo = anchor_ts[s]
-            if pending_ts[s] != NO_TS and pending_ts[s] < lo:
-                lo = pending_ts[s]
-            span_sum += t - lo
-            k += 1
-        elif t < per_series[s, 1]:
-            return -1
-        else:
-            span_sum += t - per_series[s, 1]
-        per_series[s, 1] = t
-    need = 0
-    for w in range(n_widths):
-        need = max(need, span_sum // widths[w] + 2 * k)
-    if need > capacity:
-        return need
-
-    has_install = install_after.size > 0
-    has_multiplier = multiplier.size > 0
-    for w in range(n_widths):
-        n_groups[w] = 0
-    for i in range(n):
-        s = series[i]
-        t = ts[i]
-        v = value[i]
-        anchor_next = v
-        if has_install and not math.isnan(install_after[i]):
-            anchor_next = install_after[i]
-        mult = multiplier[i] if has_multiplier else 1.0
-        # The register rules of `_registers_to_intervals`; at most one interval here is spread.
-        t0 = t
-        t1 = t
-        qty = 0.0
-        flagged = False
-        if anchor_ts[s] == NO_TS:
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            read_flag[i] = READ_FIRST
-            continue
-        d = v - anchor_val[s]
-        flag = READ_OK
-        if (
-            d < 0.0
-            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
-            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
-        ):
-            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
-            flag = READ_ROLLOVER
-        if 0.0 <= d <= max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]:
-            t0 = anchor_ts[s]
-            qty = d * mult
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            if pending_ts[s] != NO_TS:
-                pending_ts[s] = NO_TS
-            read_flag[i] = flag
-        elif pending_ts[s] != NO_TS and (
-            0.0 <= v - pending_val[s] <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]
-        ):
-            # The interval up to the drop is unknown (bad): it is not spread, so nothing is booked.
-            t0 = pending_ts[s]
-            qty = (v - pending_val[s]) * mult
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            pending_ts[s] = NO_TS
-            read_flag[i] = READ_REBASELINE
-        else:
-            if v < anchor_val[s]:
-                pending_ts[s] = t
-                pending_val[s] = v
-                read_flag[i] = READ_NEGATIVE
-            else:
-                read_flag[i] = READ_IMPLAUSIBLE
-            flagged = True
-        if not flagged and t1 <= t0:
-            continue
-        for w in range(n_widths):
-            width = widths[w]
-            h = per_series[s, 2 + 3 * w]
-            last = per_series[s, 3 + 3 * w]
-            valid = per_series[s, 4 + 3 * w] == batch_no
-            ng = n_groups[w]
-            # The bucket of the interval's start (or of a flagged read), from the last one seen if near.
-            x = t if flagged else t0
-            if last != NO_TS and last <= x < last + width:
-                first = last
-            elif last != NO_TS and last + width <= x < last + 2 * width:
-                first = last + width
-            else:
-                first = x - x % width
-            if flagged:
-                steps = 1
-                quality = NO_QUALITY
-            else:
-                if t1 - first <= width:
-                    steps = 1
-                elif t1 - first <= 2 * width:
-                    steps = 2
-                else:
-                    steps = (t1 - 1 - first) // width + 1
-                if steps == 1:
-                    if valid and first == last:
-                        # The head's bucket: the common case, a read soon after the last.
-                        g_float[w, 0, h] += qty
-                        if math.isnan(g_float[w, 1, h]) or qty > g_float[w, 1, h]:
-                            g_float[w, 1, h] = qty
-                        g_count[w, 0, h] += 1
-                        g_count[w, 1 + MEASURED, h] += 1
-                        continue
-                    quality = MEASURED
-                elif t1 - t0 <= max_interp_gap_ms:
-                    quality = ESTIMATED
-                else:
-                    quality = SUBSTITUTED
-            span = t1 - t0
-            booked = 0.0
-            for step in range(steps):
-                b = first + step * width
-                # Find (or make) the group of (s, b).
-                if not valid or b > last:
-                    g = ng
-                    ng += 1
-                    g_int[w, 0, g] = s
-                    g_int[w, 1, g] = b
-                    g_int[w, 2, g] = h if valid else -1
-                    g_float[w, 0, g] = 0.0
-                    g_float[w, 1, g] = np.nan
-                    for c in range(5):
-                        g_count[w, c, g] = 0
-                    h = g
-                    last = b
-                    valid = True
-                elif b == last:
-                    g = h
-                else:
-                    # Behind the head: walk back to it, or link a new group in where it belongs.
-                    after = h
-                    g = g_int[w, 2, h]
-                    while g >= 0 and g_int[w, 1, g] > b:
-                        after = g
-                        g = g_int[w, 2, g]
-                    if g < 0 or g_int[w, 1, g] != b:
-                        new = ng
-                        ng += 1
-                        g_int[w, 0, new] = s
-                        g_int[w, 1, new] = b
-                        g_int[w, 2, new] = g
-                        g_int[w, 2, after] = new
-                        g_float[w, 0, new] = 0.0
-                        g_float[w, 1, new] = np.nan
-                        for c in range(5):
-                            g_count[w, c, new] = 0
-                        g = new
-                if flagged:
-                    g_count[w, 4, g] += 1
-                    continue
-                if step == steps - 1:
-                    # The remainder, not a computed share, so the shares add up to the delta exactly.
-                    share = qty - booked
-                else:
-                    overlap = min(t1, b + width) - max(t0, b)
-                    share = qty * (overlap / span)
-                    booked += share
-                g_float[w, 0, g] += share
-                if math.isnan(g_float[w, 1, g]) or share > g_float[w, 1, g]:
-                    g_float[w, 1, g] = share
-                g_count[w, 0, g] += 1
-                g_count[w, 1 + quality, g] += 1
-            per_series[s, 2 + 3 * w] = h
-            per_series[s, 3 + 3 * w] = last
-            per_series[s, 4 + 3 * w] = batch_no
-            n_groups[w] = ng
-    return need
+    """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width in one call. Returns 0
+    when done; -1 (having changed nothing) when a series index is out of range; otherwise the groups
+    the buffers need: the caller grows them and calls again with `registers_done`, which reruns only
+    the bucket passes."""
+    if not registers_done:
+        for i in range(series.size):
+            if series[i] < 0 or series[i] >= anchor_ts.size:
+                return -1
+        _register_pass(
+            series, ts, value, install_after, multiplier, anchor_ts, anchor_val, pending_ts, pending_val,
+            register_max, resolution, max_rate_per_ms, read_flag, start, qty,
+        )  # fmt: skip
+    for w in range(widths.size):
+        n_groups[w] = _bucket_pass(
+            series, ts, read_flag, start, qty, widths[w], max_interp_gap_ms, per_series, 3 * w, batch_no,
+            capacity, g_int[w], g_float[w], g_count[w],
+        )  # fmt: skip
+        if n_groups[w] < 0:
+            # The bound uses the last columns of `per_series`, which the bucket passes leave alone.
+            return _group_bound(
+                series, ts, read_flag, start, widths, per_series[:, 3 * widths.size :], batch_no
+            )
+    return 0
 
 
 # --- typed wrappers -------------------------------------------------------------------------------
@@ -732,14 +796,14 @@ class RegisterBucketer:
         self._batch_no = 0
         self._n_groups = np.zeros(len(widths_ms), np.int64)
         self._per_series = self._series_rows(0)
+        self._start = np.empty(0, np.int64)  # per read: where the interval it closes starts
+        self._qty = np.empty(0, np.float64)  # and the quantity in it
         self._capacity = 0
         self._grow_groups(1024)
 
     def _series_rows(self, n: int) -> I64:
-        rows = np.full((n, 2 + 3 * len(self.widths_ms)), NO_TS, np.int64)
-        rows[:, 0] = -1  # never seen
-        rows[:, 4::3] = -1  # no head in any batch
-        return rows
+        # Per width: the head group, its bucket and the batch that set it (none); then the bound's scratch.
+        return np.full((n, 3 * len(self.widths_ms) + 3), NO_TS, np.int64)
 
     def _grow_groups(self, need: int) -> None:
         self._capacity = max(need, 2 * self._capacity)
@@ -760,12 +824,15 @@ class RegisterBucketer:
         multiplier: F64 | None = None,
     ) -> RegisterBuckets:
         """As `registers_to_intervals`, then `prorate` and `reduce_by_key` per width. Updates `state`
-        in place. Raises ValueError (and changes nothing) if a series index is outside the state or a
-        series' reads go back in time."""
+        in place. Raises ValueError (and changes nothing) if a series index is outside the state."""
         extra = state.anchor_ts.size - self._per_series.shape[0]
         if extra > 0:
             self._per_series = np.concatenate([self._per_series, self._series_rows(extra)])
         read_flag = np.empty(series.size, np.int8)
+        if self._start.size < series.size:
+            self._start = np.empty(series.size, np.int64)
+            self._qty = np.empty(series.size, np.float64)
+        registers_done = False
         while True:
             self._batch_no += 1
             need = _register_buckets(
@@ -774,14 +841,15 @@ class RegisterBucketer:
                 self._no_values if multiplier is None else multiplier,
                 state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
                 params.register_max, params.resolution, params.max_rate_per_ms,
-                self._widths, self.max_interp_gap_ms, read_flag,
+                self._widths, self.max_interp_gap_ms, read_flag, self._start, self._qty,
                 self._per_series, self._batch_no, self._capacity, self._g_int, self._g_float, self._g_count,
-                self._n_groups,
+                self._n_groups, registers_done,
             )  # fmt: skip
-            if need < 0:
-                raise ValueError("a series index is out of range or a series' reads go back in time")
-            if need <= self._capacity:
+            if need == 0:
                 break
+            if need < 0:
+                raise ValueError("a series index is out of range")
+            registers_done = True
             self._grow_groups(need)
         out = []
         for w, n in enumerate(self._n_groups.tolist()):
