@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from api.auth import PrincipalDep
 from api.models import SiteEui, SiteLoad, SiteTou, TouCalendarOut, TouSlot
 from api.problems import Problem
-from api.query import check_points, json_response, pool, read_pool, resolve_site, time_range
+from api.query import check_points, json_response, read_pool, resolve_site, time_range
 from api.tou import Calendars, split
 from meterflow.settings import Settings
 
@@ -175,7 +175,7 @@ async def site_load(
 async def _quarters(
     request: Request, ref_tenant: str, site: str, lo: datetime, hi: datetime
 ) -> list[tuple[datetime, float]]:
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         cur = await conn.execute(
             f"SELECT bucket, imp - exp FROM ({_net_per_bucket('agg_15m')}) q ORDER BY bucket",
             {"tenant": ref_tenant, "site": site, "start": lo, "end": hi},
@@ -215,7 +215,7 @@ async def site_tou(
 ) -> SiteTou:
     """A site's net imported energy split by time-of-use slot, with peak-valley ratio and load factor."""
     settings: Settings = request.app.state.settings
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         ref = await resolve_site(conn, who, site, tenant, aggregate=True)
     lo, hi = time_range(start, end, ref.zone)
     check_points(hi - lo, QUARTER, settings.api.max_points)
@@ -270,7 +270,7 @@ async def site_eui(
     tenant: str | None = None,
 ) -> SiteEui:
     """Energy use intensity of a building: net imported electricity per m2 of floor area."""
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         ref = await resolve_site(conn, who, site, tenant, aggregate=True)
     lo, hi = time_range(start, end, ref.zone)
     if hi - lo > timedelta(days=3700):
