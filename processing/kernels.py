@@ -423,9 +423,9 @@ def _bucket_pass(
     col: int,
     batch_no: int,
     capacity: int,
-    g_int: I64,
+    g_i32: I32,
+    g_i64: I64,
     g_float: F64,
-    g_count: I32,
 ) -> int:
     """Spread each read's interval over the `width` buckets it overlaps and add it, and each flagged
     read, to its (series, bucket) group. Returns the number of groups, or -1 as soon as the group
@@ -433,7 +433,7 @@ def _bucket_pass(
 
     `per_series[s, col:col + 3]` holds s's head (its group with the latest bucket), that bucket, and
     the batch that set the head. A series' groups form a list by falling bucket from the head
-    (`g_int[2]` links each to the one before), so nothing needs clearing between batches. Contributions
+    (`g_i64[1]` links each to the one before), so nothing needs clearing between batches. Contributions
     land at or after the head, except those of an interval that reaches back past a flagged read: finding
     a group needs no search and, while reads stay within a bucket or two of the last, no division."""
     ng = 0
@@ -474,8 +474,8 @@ def _bucket_pass(
                     g_float[0, h] += q
                     if math.isnan(g_float[1, h]) or q > g_float[1, h]:
                         g_float[1, h] = q
-                    g_count[0, h] += 1
-                    g_count[1 + MEASURED, h] += 1
+                    g_i32[1, h] += 1
+                    g_i32[2 + MEASURED, h] += 1
                     continue
                 quality = MEASURED
             elif t1 - t0 <= max_interp_gap_ms:
@@ -492,13 +492,13 @@ def _bucket_pass(
                     return -1
                 g = ng
                 ng += 1
-                g_int[0, g] = s
-                g_int[1, g] = b
-                g_int[2, g] = h if valid else -1
+                g_i32[0, g] = s
+                g_i64[0, g] = b
+                g_i64[1, g] = h if valid else -1
                 g_float[0, g] = 0.0
                 g_float[1, g] = np.nan
-                for c in range(5):
-                    g_count[c, g] = 0
+                for c in range(1, 6):
+                    g_i32[c, g] = 0
                 h = g
                 last = b
                 valid = True
@@ -507,26 +507,26 @@ def _bucket_pass(
             else:
                 # Behind the head: walk back to it, or link a new group in where it belongs.
                 after = h
-                g = g_int[2, h]
-                while g >= 0 and g_int[1, g] > b:
+                g = g_i64[1, h]
+                while g >= 0 and g_i64[0, g] > b:
                     after = g
-                    g = g_int[2, g]
-                if g < 0 or g_int[1, g] != b:
+                    g = g_i64[1, g]
+                if g < 0 or g_i64[0, g] != b:
                     if ng == capacity:
                         return -1
                     new = ng
                     ng += 1
-                    g_int[0, new] = s
-                    g_int[1, new] = b
-                    g_int[2, new] = g
-                    g_int[2, after] = new
+                    g_i32[0, new] = s
+                    g_i64[0, new] = b
+                    g_i64[1, new] = g
+                    g_i64[1, after] = new
                     g_float[0, new] = 0.0
                     g_float[1, new] = np.nan
-                    for c in range(5):
-                        g_count[c, new] = 0
+                    for c in range(1, 6):
+                        g_i32[c, new] = 0
                     g = new
             if flagged:
-                g_count[4, g] += 1
+                g_i32[5, g] += 1
                 continue
             if step == steps - 1:
                 # The remainder, not a computed share, so the shares add up to the delta exactly.
@@ -538,8 +538,8 @@ def _bucket_pass(
             g_float[0, g] += share
             if math.isnan(g_float[1, g]) or share > g_float[1, g]:
                 g_float[1, g] = share
-            g_count[0, g] += 1
-            g_count[1 + quality, g] += 1
+            g_i32[1, g] += 1
+            g_i32[2 + quality, g] += 1
         per_series[s, col] = h
         per_series[s, col + 1] = last
         per_series[s, col + 2] = batch_no
@@ -560,19 +560,20 @@ def _register_buckets(
     register_max: F64,
     resolution: F64,
     max_rate_per_ms: F64,
+    read_flag: I8,
+    batch_no: int,
+    registers_done: bool,
     widths: I64,
     max_interp_gap_ms: int,
-    read_flag: I8,
     start: I64,
     qty: F64,
     per_series: I64,
-    batch_no: int,
+    scratch: I64,
     capacity: int,
-    g_int: I64,
+    g_i32: I32,
+    g_i64: I64,
     g_float: F64,
-    g_count: I32,
     n_groups: I64,
-    registers_done: bool,
 ) -> int:
     """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width in one call. Returns 0
     when done; -1 (having changed nothing) when a series index is out of range; otherwise the groups
@@ -589,13 +590,10 @@ def _register_buckets(
     for w in range(widths.size):
         n_groups[w] = _bucket_pass(
             series, ts, read_flag, start, qty, widths[w], max_interp_gap_ms, per_series, 3 * w, batch_no,
-            capacity, g_int[w], g_float[w], g_count[w],
+            capacity, g_i32[w], g_i64[w], g_float[w],
         )  # fmt: skip
         if n_groups[w] < 0:
-            # The bound uses the last columns of `per_series`, which the bucket passes leave alone.
-            return _group_bound(
-                series, ts, read_flag, start, widths, per_series[:, 3 * widths.size :], batch_no
-            )
+            return _group_bound(series, ts, read_flag, start, widths, scratch, batch_no)
     return 0
 
 
@@ -795,22 +793,27 @@ class RegisterBucketer:
         self._no_values = np.empty(0, np.float64)
         self._batch_no = 0
         self._n_groups = np.zeros(len(widths_ms), np.int64)
-        self._per_series = self._series_rows(0)
+        # Per series and width: the head group, its bucket and the batch that set it (none yet).
+        self._per_series = np.empty((0, 3 * len(widths_ms)), np.int64)
+        self._scratch = np.empty((0, 3), np.int64)  # per series, for bounding the groups
         self._start = np.empty(0, np.int64)  # per read: where the interval it closes starts
         self._qty = np.empty(0, np.float64)  # and the quantity in it
         self._capacity = 0
         self._grow_groups(1024)
 
-    def _series_rows(self, n: int) -> I64:
-        # Per width: the head group, its bucket and the batch that set it (none); then the bound's scratch.
-        return np.full((n, 3 * len(self.widths_ms) + 3), NO_TS, np.int64)
-
     def _grow_groups(self, need: int) -> None:
         self._capacity = max(need, 2 * self._capacity)
         nw = len(self.widths_ms)
-        self._g_int = np.empty((nw, 3, self._capacity), np.int64)  # series, bucket, previous group
+        self._g_i32 = np.empty((nw, 6, self._capacity), np.int32)  # series, n, n per quality, n flagged
+        self._g_i64 = np.empty((nw, 2, self._capacity), np.int64)  # bucket, previous group of the series
         self._g_float = np.empty((nw, 2, self._capacity), np.float64)  # total, max
-        self._g_count = np.empty((nw, 5, self._capacity), np.int32)  # n, per quality, flagged
+        self._buffers()
+
+    def _buffers(self) -> None:
+        self._tail = (
+            self._widths, self.max_interp_gap_ms, self._start, self._qty, self._per_series, self._scratch,
+            self._capacity, self._g_i32, self._g_i64, self._g_float, self._n_groups,
+        )  # fmt: skip
 
     def __call__(
         self,
@@ -825,43 +828,48 @@ class RegisterBucketer:
     ) -> RegisterBuckets:
         """As `registers_to_intervals`, then `prorate` and `reduce_by_key` per width. Updates `state`
         in place. Raises ValueError (and changes nothing) if a series index is outside the state."""
-        extra = state.anchor_ts.size - self._per_series.shape[0]
-        if extra > 0:
-            self._per_series = np.concatenate([self._per_series, self._series_rows(extra)])
-        read_flag = np.empty(series.size, np.int8)
-        if self._start.size < series.size:
-            self._start = np.empty(series.size, np.int64)
-            self._qty = np.empty(series.size, np.float64)
-        registers_done = False
-        while True:
-            self._batch_no += 1
-            need = _register_buckets(
-                series, ts, value,
-                self._no_values if install_after is None else install_after,
-                self._no_values if multiplier is None else multiplier,
-                state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
-                params.register_max, params.resolution, params.max_rate_per_ms,
-                self._widths, self.max_interp_gap_ms, read_flag, self._start, self._qty,
-                self._per_series, self._batch_no, self._capacity, self._g_int, self._g_float, self._g_count,
-                self._n_groups, registers_done,
-            )  # fmt: skip
-            if need == 0:
-                break
-            if need < 0:
-                raise ValueError("a series index is out of range")
-            registers_done = True
+        n = series.size
+        if state.anchor_ts.size > self._per_series.shape[0] or n > self._start.size:
+            self._grow_reads(state.anchor_ts.size, n)
+        read_flag = np.empty(n, np.int8)
+        head = (
+            series, ts, value,
+            self._no_values if install_after is None else install_after,
+            self._no_values if multiplier is None else multiplier,
+            state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
+            params.register_max, params.resolution, params.max_rate_per_ms, read_flag,
+        )  # fmt: skip
+        self._batch_no += 1
+        need = _register_buckets(*head, self._batch_no, False, *self._tail)
+        while need > 0:
             self._grow_groups(need)
+            self._batch_no += 1
+            need = _register_buckets(*head, self._batch_no, True, *self._tail)
+        if need < 0:
+            raise ValueError("a series index is out of range")
         out = []
-        for w, n in enumerate(self._n_groups.tolist()):
-            total, max_value = self._g_float[w, :, :n].copy()
-            n_all, measured, estimated, substituted, flagged = self._g_count[w, :, :n].copy()
-            series_of, bucket_ms = self._g_int[w, 0, :n].astype(np.int32), self._g_int[w, 1, :n].copy()
+        for w, groups in enumerate(self._n_groups.tolist()):
+            series_of, n_all, measured, estimated, substituted, flagged = self._g_i32[w, :, :groups].copy()
+            total, max_value = self._g_float[w, :, :groups].copy()
+            bucket_ms = self._g_i64[w, 0, :groups].copy()
             out.append(
                 Buckets(
                     series_of, bucket_ms, total, n_all, max_value, measured, estimated, substituted, flagged
                 )
             )
         return RegisterBuckets(read_flag, tuple(out))
+
+    def _grow_reads(self, n_series: int, n_reads: int) -> None:
+        extra = n_series - self._per_series.shape[0]
+        if extra > 0:
+            self._per_series = np.concatenate(
+                [self._per_series, np.full((extra, self._per_series.shape[1]), NO_TS, np.int64)]
+            )
+            self._scratch = np.concatenate([self._scratch, np.full((extra, 3), NO_TS, np.int64)])
+        if n_reads > self._start.size:
+            self._start = np.empty(n_reads, np.int64)
+            self._qty = np.empty(n_reads, np.float64)
+        self._buffers()
 
 
 def instantaneous_buckets(series: I32, ts: I64, value: F64, abs_limit: F64, width_ms: int) -> Buckets:

@@ -315,6 +315,31 @@ def test_an_interval_reaching_back_past_a_flagged_read_meets_its_flag():
     assert {rows[0, T0 + m * WIDTH].by_quality[k.ESTIMATED] for m in range(4)} == {1}
 
 
+def test_buffers_that_fill_mid_batch_grow_and_the_batch_is_bucketed_once():
+    # Three meters silent for 30 hours: 5,400 one-minute groups from one batch, far past the first
+    # buffers, then a small batch on the grown ones.
+    bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
+    registers = dict.fromkeys(range(3), REGISTERS[3])
+    state = k.RegisterState.empty(3)
+    separate_state = k.RegisterState.empty(3)
+    batches = [
+        [ref.Read(s, T0 + s, 10.0 * s) for s in range(3)],
+        [ref.Read(s, T0 + 30 * 3_600_000 + s, 10.0 * s + 50.0) for s in range(3)],
+        [ref.Read(s, T0 + 30 * 3_600_000 + 60_000 + s, 10.0 * s + 50.5) for s in range(3)],
+    ]
+    for batch in batches:
+        result = bucketer_run(bucketer, batch, registers, state)
+        ordered, separate = kernel_intervals(batch, registers, separate_state)
+        series = np.array([r.series for r in ordered], np.int32)
+        ts = np.array([r.ts for r in ordered], np.int64)
+        for w, width in enumerate(WIDTHS):
+            assert {key: exact(row) for key, row in ref.rows_from_kernel(result.buckets[w]).items()} == {
+                key: exact(row)
+                for key, row in ref.rows_from_kernel(separate_kernels(separate, series, ts, width)).items()
+            }
+    assert result.buckets[0].total.sum() == pytest.approx(1.5)
+
+
 @pytest.mark.parametrize("series", [[0, 1], [0, -1]], ids=["unknown", "negative"])
 def test_fused_bucketer_refuses_unknown_series_and_changes_nothing(series):
     bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
