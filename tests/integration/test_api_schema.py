@@ -11,16 +11,18 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.generation.case import Case
+from schemathesis.generation.modes import GenerationMode
 
 from meterflow.settings import Settings
 from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
 
 pytestmark = pytest.mark.integration
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 40
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,12 @@ def test_no_input_makes_a_server_error(api: ApiServer, enterprise_key: str) -> N
         operations += 1
         key = api.admin_key if operation.method.upper() == "GET" else enterprise_key
 
-        @given(case=operation.as_strategy())
+        # Inputs that fit the schema and inputs that do not (the latter must give 4xx problems).
+        cases = st.one_of(
+            operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+        )
+
+        @given(case=cases)
         @settings(
             max_examples=MAX_EXAMPLES,
             deadline=None,
