@@ -4,7 +4,7 @@ averages of averages); time-of-use split and energy use intensity from the same 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -114,7 +114,9 @@ def _point(
         else:
             first = bucket if bucket > lo else lo
             last = min(_period_end(bucket, interval, zone), hi, now)
-            complete = quarters >= max(0, int((last - first) / QUARTER))
+            # In UTC: aware datetimes sharing a zone subtract as wall-clock times (DST days).
+            span = last.astimezone(UTC) - first.astimezone(UTC)
+            complete = quarters >= max(0, int(span / QUARTER))
     substituted, estimated = int(row["n_substituted"]), int(row["n_estimated"])
     return {
         "ts": bucket.astimezone(zone),
