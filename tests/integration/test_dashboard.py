@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,31 @@ def _api(pipeline: Pipeline, path: str, **params: Any) -> Any:
     return resp.json()
 
 
-def _open(browser: Browser, pipeline: Pipeline, path: str) -> Visit:
-    """A fresh browser profile: the page asks for the key, which is typed in as a user would."""
+@contextmanager
+def _browse(
+    browser: Browser, pipeline: Pipeline, path: str, key: str, *, typed: bool = True, block: str | None = None
+) -> Iterator[Visit]:
+    """`path` in a fresh browser profile. `typed`: the page asks for the key, which is typed in as a user
+    would; otherwise the key is already stored. `block`: requests to matching URLs fail."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, timezone_id="Asia/Shanghai")
+    if block is not None:
+        context.route(block, lambda route: route.abort())
     page = context.new_page()
     visit = Visit(page)
     page.on("pageerror", lambda exc: visit.errors.append(str(exc)))
     page.on("console", lambda msg: visit.console_errors.append(msg) if msg.type == "error" else None)
     page.on("request", lambda request: visit.requests.append(request))
-    page.goto(f"{pipeline.api_url}/dashboard/{path}")
-    page.get_by_label("Key", exact=True).fill(pipeline.admin_key)
-    page.get_by_role("button", name="Use this key").click()
-    return visit
+    try:
+        if not typed:
+            page.goto(f"{pipeline.api_url}/dashboard/")
+            page.evaluate("key => localStorage.setItem('meterflow.apiKey', key)", key)
+        page.goto(f"{pipeline.api_url}/dashboard/{path}")
+        if typed:
+            page.get_by_label("Key", exact=True).fill(key)
+            page.get_by_role("button", name="Use this key").click()
+        yield visit
+    finally:
+        context.close()
 
 
 def _settled(page: Page, panel: str, timeout_ms: float = 30_000) -> str:
@@ -214,26 +228,26 @@ def _served(path: str, deployed: set[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def enterprise(browser: Browser, pipeline: Pipeline, fleet: Fleet) -> Iterator[Visit]:
-    visit = _open(browser, pipeline, f"enterprise.html?tenant={fleet.tenant}&site={fleet.site}")
-    for panel in ("load", "carbon", "account"):
-        _settled(visit.page, panel)
-    ARTIFACTS.mkdir(exist_ok=True)
-    visit.page.screenshot(path=ARTIFACTS / "dashboard-enterprise.png", full_page=True)
-    _narrow_screenshot(visit.page, "dashboard-enterprise-narrow.png")
-    yield visit
-    visit.page.context.close()
+    with _browse(
+        browser, pipeline, f"enterprise.html?tenant={fleet.tenant}&site={fleet.site}", pipeline.admin_key
+    ) as visit:
+        for panel in ("load", "carbon", "account"):
+            _settled(visit.page, panel)
+        ARTIFACTS.mkdir(exist_ok=True)
+        visit.page.screenshot(path=ARTIFACTS / "dashboard-enterprise.png", full_page=True)
+        _narrow_screenshot(visit.page, "dashboard-enterprise-narrow.png")
+        yield visit
 
 
 @pytest.fixture(scope="module")
 def operator(browser: Browser, pipeline: Pipeline, fleet: Fleet, vpp_service: None) -> Iterator[Visit]:
-    visit = _open(browser, pipeline, f"operator.html?vpp={fleet.vpp}")
-    for panel in ("capacity", "live", "nodes", "stale-devices"):
-        _settled(visit.page, panel)
-    ARTIFACTS.mkdir(exist_ok=True)
-    visit.page.screenshot(path=ARTIFACTS / "dashboard-operator.png", full_page=True)
-    _narrow_screenshot(visit.page, "dashboard-operator-narrow.png")
-    yield visit
-    visit.page.context.close()
+    with _browse(browser, pipeline, f"operator.html?vpp={fleet.vpp}", pipeline.admin_key) as visit:
+        for panel in ("capacity", "live", "nodes", "stale-devices"):
+            _settled(visit.page, panel)
+        ARTIFACTS.mkdir(exist_ok=True)
+        visit.page.screenshot(path=ARTIFACTS / "dashboard-operator.png", full_page=True)
+        _narrow_screenshot(visit.page, "dashboard-operator-narrow.png")
+        yield visit
 
 
 def _narrow_screenshot(page: Page, name: str) -> None:
@@ -250,17 +264,16 @@ def _narrow_screenshot(page: Page, name: str) -> None:
 
 
 def test_home_page_links_both_views(browser: Browser, pipeline: Pipeline) -> None:
-    visit = _open(browser, pipeline, "")
-    page = visit.page
-    assert page.title() == "meterflow dashboard"
-    assert page.get_by_role("link", name="Operator view").is_visible()
-    assert page.get_by_role("link", name="Enterprise view").is_visible()
-    # The key is remembered by the browser, so the next page does not ask again.
-    assert page.evaluate("localStorage.getItem('meterflow.apiKey')") == pipeline.admin_key
-    page.goto(f"{pipeline.api_url}/dashboard/enterprise.html")
-    assert page.locator("#key-dialog").is_hidden()
-    assert visit.errors == []
-    page.context.close()
+    with _browse(browser, pipeline, "", pipeline.admin_key) as visit:
+        page = visit.page
+        assert page.title() == "meterflow dashboard"
+        assert page.get_by_role("link", name="Operator view").is_visible()
+        assert page.get_by_role("link", name="Enterprise view").is_visible()
+        # The key is remembered by the browser, so the next page does not ask again.
+        assert page.evaluate("localStorage.getItem('meterflow.apiKey')") == pipeline.admin_key
+        page.goto(f"{pipeline.api_url}/dashboard/enterprise.html")
+        assert page.locator("#key-dialog").is_hidden()
+        assert visit.errors == []
 
 
 def test_static_files_are_served_with_a_strict_policy(pipeline: Pipeline) -> None:
@@ -289,18 +302,12 @@ def test_pages_load_without_errors(
 
 
 def test_a_refused_key_is_asked_for_again(browser: Browser, pipeline: Pipeline, fleet: Fleet) -> None:
-    context = browser.new_context()
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{pipeline.api_url}/dashboard/enterprise.html?tenant={fleet.tenant}")
-    page.get_by_label("Key", exact=True).fill("mf_not_a_key")
-    page.get_by_role("button", name="Use this key").click()
-    page.wait_for_function("() => !document.getElementById('key-dialog').hidden", timeout=30_000)
-    assert "401" in page.locator("#key-message").inner_text()
-    assert "refused" in page.locator("#tenants-note").inner_text()
-    assert errors == []
-    context.close()
+    with _browse(browser, pipeline, f"enterprise.html?tenant={fleet.tenant}", "mf_not_a_key") as visit:
+        page = visit.page
+        page.wait_for_function("() => !document.getElementById('key-dialog').hidden", timeout=30_000)
+        assert "401" in page.locator("#key-message").inner_text()
+        assert "refused" in page.locator("#tenants-note").inner_text()
+        assert visit.errors == []
 
 
 def test_an_enterprise_key_sees_only_its_enterprise(
@@ -314,24 +321,19 @@ def test_an_enterprise_key_sees_only_its_enterprise(
         created = http.post("/v1/api-keys", json={"role": "enterprise", "tenant": tenant})
         assert created.status_code == 201, created.text
     key = created.json()["key"]
-    context = browser.new_context()
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{pipeline.api_url}/dashboard/")
-    page.evaluate("key => localStorage.setItem('meterflow.apiKey', key)", key)
     # Asking for another tenant in the address shows nothing of it.
-    page.goto(f"{pipeline.api_url}/dashboard/enterprise.html?tenant={fleet.tenant}&site={fleet.site}")
-    _settled(page, "load")
-    assert page.locator("#tenant option").all_inner_texts() == [f"No sites yet ({tenant})"]
-    assert page.get_attribute("#load", "data-state") == "empty"
-    assert "no site" in page.locator("#load .note").inner_text()
-    page.goto(f"{pipeline.api_url}/dashboard/operator.html?vpp={fleet.vpp}")
-    _settled(page, "capacity")
-    assert page.get_attribute("#capacity", "data-state") == "empty"
-    assert "No VPP is visible to this key." in page.locator("#vpps-note").inner_text()
-    assert errors == []
-    context.close()
+    path = f"enterprise.html?tenant={fleet.tenant}&site={fleet.site}"
+    with _browse(browser, pipeline, path, key, typed=False) as visit:
+        page = visit.page
+        _settled(page, "load")
+        assert page.locator("#tenant option").all_inner_texts() == [f"No sites yet ({tenant})"]
+        assert page.get_attribute("#load", "data-state") == "empty"
+        assert "no site" in page.locator("#load .note").inner_text()
+        page.goto(f"{pipeline.api_url}/dashboard/operator.html?vpp={fleet.vpp}")
+        _settled(page, "capacity")
+        assert page.get_attribute("#capacity", "data-state") == "empty"
+        assert "No VPP is visible to this key." in page.locator("#vpps-note").inner_text()
+        assert visit.errors == []
 
 
 # --- enterprise view -------------------------------------------------------------------------------
@@ -443,24 +445,22 @@ def test_live_chart_falls_back_to_polling(
     browser: Browser, pipeline: Pipeline, fleet: Fleet, deployed: set[str]
 ) -> None:
     _need(deployed, "/v1/vpps/{vpp}/capacity")
-    context = browser.new_context()
     # As behind a proxy that refuses streaming: the page must poll capacity-now instead.
-    context.route("**/capacity/stream*", lambda route: route.abort())
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{pipeline.api_url}/dashboard/")
-    page.evaluate("key => localStorage.setItem('meterflow.apiKey', key)", pipeline.admin_key)
-    page.goto(f"{pipeline.api_url}/dashboard/operator.html?vpp={fleet.vpp}")
-    page.wait_for_function("() => document.getElementById('live').dataset.mode === 'poll'", timeout=30_000)
-    assert "polling every 2 s" in page.locator("#live-mode").inner_text()
-    updates = int(page.get_attribute("#live", "data-updates") or 0)
-    page.wait_for_function(
-        f"() => Number(document.getElementById('live').dataset.updates) > {updates + 1}", timeout=30_000
-    )
-    assert int(page.get_attribute("#live", "data-points") or 0) >= 1
-    assert errors == []
-    context.close()
+    path = f"operator.html?vpp={fleet.vpp}"
+    with _browse(
+        browser, pipeline, path, pipeline.admin_key, typed=False, block="**/capacity/stream*"
+    ) as visit:
+        page = visit.page
+        page.wait_for_function(
+            "() => document.getElementById('live').dataset.mode === 'poll'", timeout=30_000
+        )
+        assert "polling every 2 s" in page.locator("#live-mode").inner_text()
+        updates = int(page.get_attribute("#live", "data-updates") or 0)
+        page.wait_for_function(
+            f"() => Number(document.getElementById('live').dataset.updates) > {updates + 1}", timeout=30_000
+        )
+        assert int(page.get_attribute("#live", "data-points") or 0) >= 1
+        assert visit.errors == []
 
 
 def test_nodes_and_stale_devices(

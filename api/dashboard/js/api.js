@@ -264,6 +264,16 @@ export function addDays(day, n) {
 
 // --- small DOM helpers -----------------------------------------------------------------------------
 
+/** A table row headed by `label` (a `th` with row scope, so screen readers name each cell's row). */
+export function headedRow(tbody, label) {
+  const tr = tbody.insertRow();
+  const th = document.createElement("th");
+  th.scope = "row";
+  th.textContent = label;
+  tr.append(th);
+  return tr;
+}
+
 export function cell(row, text, className) {
   const td = row.insertCell();
   td.textContent = text;

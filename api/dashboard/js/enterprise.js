@@ -9,6 +9,7 @@ import {
   fillSelect,
   fmt,
   fmtDay,
+  headedRow,
   readParams,
   setState,
   setupKey,
@@ -197,11 +198,7 @@ async function carbon(chart, tenant, range, signal) {
     const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const p of points) {
-      const tr = tbody.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = fmtDay(p.ts, zone);
-      tr.append(th);
+      const tr = headedRow(tbody, fmtDay(p.ts, zone));
       cell(tr, fmt.co2(p.co2e_kg), "num");
       cell(tr, fmt.co2(p.scope1_kg), "num");
       cell(tr, fmt.co2(p.scope2_location_kg), "num");

@@ -10,6 +10,7 @@ import {
   fillSelect,
   fmt,
   fmtTime,
+  headedRow,
   problemOf,
   readParams,
   setState,
@@ -242,11 +243,7 @@ async function nodes(vpp, duration, signal) {
     const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const n of rows) {
-      const tr = tbody.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = n.node ?? "(no node)";
-      tr.append(th);
+      const tr = headedRow(tbody, n.node || "(no node)");
       cell(tr, fmt.kw(n.up_kw), "num");
       cell(tr, fmt.kw(n.down_kw), "num");
       cell(tr, fmt.count(n.devices_online), "num");
@@ -269,11 +266,7 @@ async function staleDevices(vpp, signal) {
     const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const d of devices) {
-      const tr = tbody.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = d.tenant ? `${d.tenant} / ${d.device}` : d.device;
-      tr.append(th);
+      const tr = headedRow(tbody, d.tenant ? `${d.tenant} / ${d.device}` : d.device);
       cell(tr, d.last_seen ? fmtTime(d.last_seen, zone, { seconds: true }) : "never");
       cell(tr, interval(d.telemetry_interval_s), "num");
     }
