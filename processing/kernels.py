@@ -477,6 +477,25 @@ def _bucket_pass(
                     g_i32[1, h] += 1
                     g_i32[2 + MEASURED, h] += 1
                     continue
+                if not valid or first > last:
+                    # A new head made with its first contribution: the common case in small batches.
+                    if ng == capacity:
+                        return -1
+                    g_i32[0, ng] = s
+                    g_i64[0, ng] = first
+                    g_i64[1, ng] = h if valid else -1
+                    g_float[0, ng] = q
+                    g_float[1, ng] = q
+                    g_i32[1, ng] = 1
+                    g_i32[2 + MEASURED, ng] = 1
+                    g_i32[2 + ESTIMATED, ng] = 0
+                    g_i32[2 + SUBSTITUTED, ng] = 0
+                    g_i32[5, ng] = 0
+                    per_series[s, col] = ng
+                    per_series[s, col + 1] = first
+                    per_series[s, col + 2] = batch_no
+                    ng += 1
+                    continue
                 quality = MEASURED
             elif t1 - t0 <= max_interp_gap_ms:
                 quality = ESTIMATED
