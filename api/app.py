@@ -13,7 +13,10 @@ from psycopg_pool import AsyncConnectionPool
 from api import auth, problems
 from api.auth import ensure_bootstrap_admin
 from api.grading import load_schemes
+from api.query import SiteCache
 from api.routes import carbon, dashboard, factors, keys, load, readings, registry
+from api.routes import dr as dr_routes
+from api.routes import vpp as vpp_routes
 from api.tou import load_calendars
 from meterflow.settings import Settings
 from processing.carbon import sync_packaged_factors
@@ -31,6 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await ensure_bootstrap_admin(pool, admin_key)
         async with pool.connection() as conn:
             await sync_packaged_factors(conn)
+        read_pool = AsyncConnectionPool(
+            cfg.db.conninfo(), min_size=1, max_size=cfg.db.pool_max, kwargs={"autocommit": True}, open=False
+        )
+        await read_pool.open(wait=True, timeout=30)
+        app.state.read_pool = read_pool
         try:
             yield
         finally:
@@ -38,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             trailing = getattr(app.state, "trailing_broker_reload", None)
             if trailing is not None:
                 await asyncio.gather(trailing, return_exceptions=True)
+            await read_pool.close()
             await pool.close()
 
     app = FastAPI(
@@ -51,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tou_calendars = load_calendars(cfg.api.tou_calendars_file)
     app.state.grading_schemes = load_schemes(cfg.api.grading_schemes_file)
     auth.install(app, cfg)
+    app.state.site_cache = SiteCache(cfg.api.key_cache_s)
     problems.install(app)
     app.include_router(registry.router)
     app.include_router(readings.router)
@@ -59,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(factors.router)
     app.include_router(keys.router)
     app.include_router(dashboard.router)
+    app.include_router(vpp_routes.router)
+    app.include_router(dr_routes.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,7 +38,7 @@ def _response(
     title: str,
     detail: str,
     instance: str,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     **extra: object,
 ) -> JSONResponse:
     body = {
@@ -68,6 +70,12 @@ def install(app: FastAPI) -> None:
         return _response(
             exc.status_code, slug, str(exc.detail), str(exc.detail), request.url.path, exc.headers
         )
+
+    @app.exception_handler(psycopg.errors.DataError)
+    async def _data(request: Request, exc: psycopg.errors.DataError) -> JSONResponse:
+        # SQLSTATE class 22: a value the database cannot take (a NUL byte in text, a number out of
+        # range), which only a request can bring.
+        return _response(400, "invalid-value", "Invalid value", str(exc).splitlines()[0], request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import psycopg
-from fastapi import Request
+from fastapi import Request, Response
 from psycopg_pool import AsyncConnectionPool
 
 from api.auth import Principal, require_tenant
@@ -22,6 +24,38 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 def pool(request: Request) -> AsyncConnectionPool:
     p: AsyncConnectionPool = request.app.state.pool
     return p
+
+
+def read_pool(request: Request) -> AsyncConnectionPool:
+    """Autocommit connections for the hot read routes: no BEGIN and COMMIT round trips."""
+    p: AsyncConnectionPool = request.app.state.read_pool
+    return p
+
+
+def json_response(payload: dict[str, Any]) -> Response:
+    """orjson straight to bytes: for large point lists, validating and serialising them through the
+    response model would cost more than the query (the model still documents the shape)."""
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+class SiteCache:
+    """(site, tenant filter) -> the sites rows, kept `ttl_s` seconds: a site's tenant, zone and area
+    change rarely, and the lookup would otherwise be a second query on every load request."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[tuple[str, str | None], tuple[float, list[tuple[Any, ...]]]] = {}
+
+    def get(self, key: tuple[str, str | None]) -> list[tuple[Any, ...]] | None:
+        entry = self._entries.get(key)
+        if entry is None or time.monotonic() - entry[0] > self.ttl_s:
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, str | None], rows: list[tuple[Any, ...]]) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic(), rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +103,13 @@ def tenant_zone(name: Any) -> ZoneInfo:
 
 
 async def resolve_site(
-    conn: psycopg.AsyncConnection[Any], who: Principal, site: str, tenant: str | None, *, aggregate: bool
+    conn: psycopg.AsyncConnection[Any],
+    who: Principal,
+    site: str,
+    tenant: str | None,
+    *,
+    aggregate: bool,
+    cache: SiteCache | None = None,
 ) -> SiteRef:
     """The site as this key may see it. Enterprise keys see their own tenant's sites; operators also see
     other tenants' aggregates (`aggregate`), as the contract allows; admins see everything. A site id is
@@ -78,12 +118,16 @@ async def resolve_site(
         if tenant is not None:
             require_tenant(who, tenant)
         tenant = who.tenant
-    cur = await conn.execute(
-        "SELECT s.tenant_id, t.timezone, s.floor_area_m2, s.province FROM sites s JOIN tenants t USING (tenant_id) "
-        "WHERE s.site_id = %(site)s AND (%(tenant)s::text IS NULL OR s.tenant_id = %(tenant)s) LIMIT 2",
-        {"site": site, "tenant": tenant},
-    )
-    rows = await cur.fetchall()
+    rows = cache.get((site, tenant)) if cache is not None else None
+    if rows is None:
+        cur = await conn.execute(
+            "SELECT s.tenant_id, t.timezone, s.floor_area_m2, s.province FROM sites s JOIN tenants t USING (tenant_id) "
+            "WHERE s.site_id = %(site)s AND (%(tenant)s::text IS NULL OR s.tenant_id = %(tenant)s) LIMIT 2",
+            {"site": site, "tenant": tenant},
+        )
+        rows = await cur.fetchall()
+        if cache is not None and rows:
+            cache.put((site, tenant), rows)
     if not rows:
         raise Problem(404, "not-found", "Not found", f"no site {site!r} visible to this key")
     if len(rows) > 1:

@@ -163,6 +163,19 @@ def processor() -> None:
 
 
 @app.command()
+def vpp() -> None:
+    """Run the vpp service (VPP flexibility capacity from live telemetry) until SIGTERM."""
+    from prometheus_client import start_http_server
+
+    from processing.vpp import VppService
+
+    settings = _settings()
+    if settings.vpp.metrics_port:
+        start_http_server(settings.vpp.metrics_port, addr="127.0.0.1")
+    asyncio.run(VppService(settings).run())
+
+
+@app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="default: METERFLOW_API__HOST")] = None,
     port: Annotated[int | None, typer.Option(help="default: METERFLOW_API__PORT")] = None,
@@ -214,12 +227,15 @@ def fleet_generate(
         str, typer.Option("--format", help="json-batch, json-single or sparkplug")
     ] = "json-batch",
     max_devices_per_gateway: int = 200,
+    vpp_buildings: Annotated[
+        int, typer.Option(help="campus feeders that join the VPP as building loads (shed in dr_events)")
+    ] = 0,
 ) -> None:
     """Write a fleet description generated from a few numbers (edit it, then `simulate --fleet`)."""
     spec = _generated_fleet(
         enterprises=enterprises, sites_per_enterprise=sites_per_enterprise, meters_per_site=meters_per_site,
         vpp_resources=vpp_resources, seed=seed, interval_s=interval_s, payload_format=payload_format,
-        max_devices_per_gateway=max_devices_per_gateway,
+        max_devices_per_gateway=max_devices_per_gateway, vpp_buildings=vpp_buildings,
     )  # fmt: skip
     spec.dump(out)
     gateways = sum(1 for _ in spec.gateways())
@@ -378,7 +394,13 @@ def run(
     key = _admin_key(settings)
     os.environ["METERFLOW_BOOTSTRAP_ADMIN_KEY"] = key
     base = f"http://{settings.api.host}:{settings.api.port}"
-    for name, argv in (("api", ["api"]), ("collector", ["collector"]), ("processor", ["processor"])):
+    services = (
+        ("api", ["api"]),
+        ("collector", ["collector"]),
+        ("processor", ["processor"]),
+        ("vpp", ["vpp"]),
+    )
+    for name, argv in services:
         pid, log_file = stack.start_app(settings, stack.AppProcess(name, argv))
         _step(f"{name} running (pid {pid}), log {log_file}")
     _wait_ready(base)
@@ -665,6 +687,46 @@ def bench_vpp(
     _report(
         f"{resources:,} resources recomputed in {result['value']} ms (numba); numpy vectorised "
         f"{result['peer_value']} ms; ratio {result['ratio']} (target < 100 ms)",
+        result,
+        as_json,
+    )
+
+
+@bench_app.command("api")
+def bench_api(
+    devices: Annotated[int, typer.Option(help="meters with 1-minute aggregates (10 sites)")] = 1000,
+    days: Annotated[int, typer.Option(help="days of aggregates, from 2026-10-01 local")] = 30,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 2,
+    pool_max: Annotated[int, typer.Option(help="database connections per worker")] = 8,
+    connections: Annotated[int, typer.Option(help="concurrent HTTP connections")] = 16,
+    seconds: Annotated[float, typer.Option(help="seconds per route")] = 10.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Query API routes under concurrent load (wrk, else httpx) beside /healthz and the route's SQL run
+    directly with psycopg; loads its data set first if missing (needs the database)."""
+    from bench.api import TARGET_P99_MS, TARGET_RPS, run_api_bench
+
+    settings = _settings()
+    result = run_api_bench(
+        settings,
+        devices=devices,
+        days=days,
+        workers=workers,
+        pool_max=pool_max,
+        connections=connections,
+        seconds=seconds,
+        tick=_step,
+    )
+    table = Table("route", "p50 ms", "p99 ms", "requests/s", "errors")
+    for name, f in cast("dict[str, dict[str, float]]", result["routes"]).items():
+        table.add_row(
+            name, f"{f['p50_ms']:.2f}", f"{f['p99_ms']:.2f}", f"{f['rps']:,.0f}", f"{f['errors']:.0f}"
+        )
+    console.print(table)
+    _report(
+        f"one site, one day at 15 min: p99 {result['p99_ms']} ms (target <= {TARGET_P99_MS:g}), "
+        f"{result['value']:,} requests/s (target >= {TARGET_RPS:g}); /healthz {result['peer_value']:,} "
+        f"requests/s; ratio {result['ratio']}",
         result,
         as_json,
     )

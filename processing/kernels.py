@@ -307,6 +307,315 @@ def _order_by_series(series: I32, n_series: int, out: I64) -> None:
         next_slot[s] += 1
 
 
+@njit(cache=True, nogil=True)
+def _group_bound(
+    series: I32, ts: I64, read_flag: I8, start: I64, widths: I64, scratch: I64, batch_no: int
+) -> int:
+    """The most (series, bucket) groups any width can get from a batch whose register pass is done: a
+    series' groups lie between the earliest start of its intervals and flagged reads, and its last read.
+    `scratch[s]` holds the batch that last saw s and the earliest and latest times so far."""
+    k = 0
+    for i in range(series.size):
+        s = series[i]
+        f = read_flag[i]
+        t = ts[i]
+        lo = start[i] if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE) else t
+        if scratch[s, 0] != batch_no:
+            scratch[s, 0] = batch_no
+            scratch[s, 1] = lo
+            scratch[s, 2] = t
+            k += 1
+        else:
+            scratch[s, 1] = min(scratch[s, 1], lo)
+            scratch[s, 2] = max(scratch[s, 2], t)
+    span_sum = 0
+    for i in range(series.size):
+        s = series[i]
+        if scratch[s, 0] == batch_no:
+            span_sum += max(scratch[s, 2] - scratch[s, 1], 0)
+            scratch[s, 0] = -1
+    need = 0
+    for w in range(widths.size):
+        need = max(need, span_sum // widths[w] + 2 * k)
+    return need
+
+
+@njit(cache=True, nogil=True)
+def _register_pass(
+    series: I32,
+    ts: I64,
+    value: F64,
+    install_after: F64,
+    multiplier: F64,
+    anchor_ts: I64,
+    anchor_val: F64,
+    pending_ts: I64,
+    pending_val: F64,
+    register_max: F64,
+    resolution: F64,
+    max_rate_per_ms: F64,
+    read_flag: I8,
+    start: I64,
+    qty: F64,
+) -> None:
+    """The rules of `_registers_to_intervals`, keeping per read only the interval that gets spread: it
+    ends at the read and starts at `start[i]` (the anchor, or the drop a rebaseline confirmed; the
+    interval before that drop is unknown and spreads nothing)."""
+    has_install = install_after.size > 0
+    has_multiplier = multiplier.size > 0
+    for i in range(series.size):
+        s = series[i]
+        t = ts[i]
+        v = value[i]
+        anchor_next = v
+        if has_install and not math.isnan(install_after[i]):
+            anchor_next = install_after[i]
+        if anchor_ts[s] == NO_TS:
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            read_flag[i] = READ_FIRST
+            continue
+        d = v - anchor_val[s]
+        flag = READ_OK
+        if (
+            d < 0.0
+            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
+            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
+        ):
+            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
+            flag = READ_ROLLOVER
+        if 0.0 <= d <= max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]:
+            start[i] = anchor_ts[s]
+            qty[i] = d * multiplier[i] if has_multiplier else d
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            if pending_ts[s] != NO_TS:
+                pending_ts[s] = NO_TS
+            read_flag[i] = flag
+        elif pending_ts[s] != NO_TS and (
+            0.0 <= v - pending_val[s] <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]
+        ):
+            start[i] = pending_ts[s]
+            qty[i] = (v - pending_val[s]) * multiplier[i] if has_multiplier else v - pending_val[s]
+            anchor_ts[s] = t
+            anchor_val[s] = anchor_next
+            pending_ts[s] = NO_TS
+            read_flag[i] = READ_REBASELINE
+        elif v < anchor_val[s]:
+            # A drop may be a reset the next read confirms; an up-jump is a glitch and anchors nothing.
+            pending_ts[s] = t
+            pending_val[s] = v
+            read_flag[i] = READ_NEGATIVE
+        else:
+            read_flag[i] = READ_IMPLAUSIBLE
+
+
+@njit(cache=True, nogil=True)
+def _bucket_pass(
+    series: I32,
+    ts: I64,
+    read_flag: I8,
+    start: I64,
+    qty: F64,
+    width: int,
+    max_interp_gap_ms: int,
+    per_series: I64,
+    col: int,
+    batch_no: int,
+    capacity: int,
+    g_i32: I32,
+    g_i64: I64,
+    g_float: F64,
+) -> int:
+    """Spread each read's interval over the `width` buckets it overlaps and add it, and each flagged
+    read, to its (series, bucket) group. Returns the number of groups, or -1 as soon as the group
+    buffers are full (the caller grows them and runs this again with a new `batch_no`).
+
+    `per_series[s, col:col + 3]` holds s's head (its group with the latest bucket), that bucket, and
+    the batch that set the head. A series' groups form a list by falling bucket from the head
+    (`g_i64[1]` links each to the one before), so nothing needs clearing between batches. Contributions
+    land at or after the head, except those of an interval that reaches back past a flagged read: finding
+    a group needs no search and, while reads stay within a bucket or two of the last, no division."""
+    ng = 0
+    for i in range(series.size):
+        f = read_flag[i]
+        if f == READ_FIRST:
+            continue
+        flagged = f in (READ_NEGATIVE, READ_IMPLAUSIBLE)
+        s = series[i]
+        t1 = ts[i]
+        t0 = t1 if flagged else start[i]
+        if t1 <= t0 and not flagged:
+            continue
+        h = per_series[s, col]
+        last = per_series[s, col + 1]
+        valid = per_series[s, col + 2] == batch_no
+        # The bucket of the interval's start (or of a flagged read), from the last one if near.
+        if last <= t0 < last + width:
+            first = last
+        elif last + width <= t0 < last + 2 * width:
+            first = last + width
+        else:
+            first = t0 - t0 % width
+        q = qty[i]
+        if flagged:
+            steps = 1
+            quality = NO_QUALITY
+        else:
+            if t1 - first <= width:
+                steps = 1
+            elif t1 - first <= 2 * width:
+                steps = 2
+            else:
+                steps = (t1 - 1 - first) // width + 1
+            if steps == 1:
+                if valid and first == last:
+                    # The head's bucket: the common case, a read soon after the last.
+                    g_float[0, h] += q
+                    if math.isnan(g_float[1, h]) or q > g_float[1, h]:
+                        g_float[1, h] = q
+                    g_i32[1, h] += 1
+                    g_i32[2 + MEASURED, h] += 1
+                    continue
+                if not valid or first > last:
+                    # A new head made with its first contribution: the common case in small batches.
+                    if ng == capacity:
+                        return -1
+                    g_i32[0, ng] = s
+                    g_i64[0, ng] = first
+                    g_i64[1, ng] = h if valid else -1
+                    g_float[0, ng] = q
+                    g_float[1, ng] = q
+                    g_i32[1, ng] = 1
+                    g_i32[2 + MEASURED, ng] = 1
+                    g_i32[2 + ESTIMATED, ng] = 0
+                    g_i32[2 + SUBSTITUTED, ng] = 0
+                    g_i32[5, ng] = 0
+                    per_series[s, col] = ng
+                    per_series[s, col + 1] = first
+                    per_series[s, col + 2] = batch_no
+                    ng += 1
+                    continue
+                quality = MEASURED
+            elif t1 - t0 <= max_interp_gap_ms:
+                quality = ESTIMATED
+            else:
+                quality = SUBSTITUTED
+        span = t1 - t0
+        booked = 0.0
+        for step in range(steps):
+            b = first + step * width
+            # Find (or make) the group of (s, b).
+            if not valid or b > last:
+                if ng == capacity:
+                    return -1
+                g = ng
+                ng += 1
+                g_i32[0, g] = s
+                g_i64[0, g] = b
+                g_i64[1, g] = h if valid else -1
+                g_float[0, g] = 0.0
+                g_float[1, g] = np.nan
+                for c in range(1, 6):
+                    g_i32[c, g] = 0
+                h = g
+                last = b
+                valid = True
+            elif b == last:
+                g = h
+            else:
+                # Behind the head: walk back to it, or link a new group in where it belongs.
+                after = h
+                g = g_i64[1, h]
+                while g >= 0 and g_i64[0, g] > b:
+                    after = g
+                    g = g_i64[1, g]
+                if g < 0 or g_i64[0, g] != b:
+                    if ng == capacity:
+                        return -1
+                    new = ng
+                    ng += 1
+                    g_i32[0, new] = s
+                    g_i64[0, new] = b
+                    g_i64[1, new] = g
+                    g_i64[1, after] = new
+                    g_float[0, new] = 0.0
+                    g_float[1, new] = np.nan
+                    for c in range(1, 6):
+                        g_i32[c, new] = 0
+                    g = new
+            if flagged:
+                g_i32[5, g] += 1
+                continue
+            if step == steps - 1:
+                # The remainder, not a computed share, so the shares add up to the delta exactly.
+                share = q - booked
+            else:
+                overlap = min(t1, b + width) - max(t0, b)
+                share = q * (overlap / span)
+                booked += share
+            g_float[0, g] += share
+            if math.isnan(g_float[1, g]) or share > g_float[1, g]:
+                g_float[1, g] = share
+            g_i32[1, g] += 1
+            g_i32[2 + quality, g] += 1
+        per_series[s, col] = h
+        per_series[s, col + 1] = last
+        per_series[s, col + 2] = batch_no
+    return ng
+
+
+@njit(cache=True, nogil=True)
+def _register_buckets(
+    series: I32,
+    ts: I64,
+    value: F64,
+    install_after: F64,
+    multiplier: F64,
+    anchor_ts: I64,
+    anchor_val: F64,
+    pending_ts: I64,
+    pending_val: F64,
+    register_max: F64,
+    resolution: F64,
+    max_rate_per_ms: F64,
+    read_flag: I8,
+    batch_no: int,
+    registers_done: bool,
+    widths: I64,
+    max_interp_gap_ms: int,
+    start: I64,
+    qty: F64,
+    per_series: I64,
+    scratch: I64,
+    capacity: int,
+    g_i32: I32,
+    g_i64: I64,
+    g_float: F64,
+    n_groups: I64,
+) -> int:
+    """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width in one call. Returns 0
+    when done; -1 (having changed nothing) when a series index is out of range; otherwise the groups
+    the buffers need: the caller grows them and calls again with `registers_done`, which reruns only
+    the bucket passes."""
+    if not registers_done:
+        for i in range(series.size):
+            if series[i] < 0 or series[i] >= anchor_ts.size:
+                return -1
+        _register_pass(
+            series, ts, value, install_after, multiplier, anchor_ts, anchor_val, pending_ts, pending_val,
+            register_max, resolution, max_rate_per_ms, read_flag, start, qty,
+        )  # fmt: skip
+    for w in range(widths.size):
+        n_groups[w] = _bucket_pass(
+            series, ts, read_flag, start, qty, widths[w], max_interp_gap_ms, per_series, 3 * w, batch_no,
+            capacity, g_i32[w], g_i64[w], g_float[w],
+        )  # fmt: skip
+        if n_groups[w] < 0:
+            return _group_bound(series, ts, read_flag, start, widths, scratch, batch_no)
+    return 0
+
+
 # --- typed wrappers -------------------------------------------------------------------------------
 
 
@@ -480,6 +789,108 @@ def reduce_by_key(series: I32, bucket_ms: I64, qty: F64, quality: I8, flagged: I
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterBuckets:
+    read_flag: I8  # per input read, READ_*
+    buckets: tuple[Buckets, ...]  # one per width, in the order the widths were given
+
+
+class RegisterBucketer:
+    """Register reads -> interval energy per (series, bucket) for several bucket widths, in one kernel
+    call per batch: what `registers_to_intervals`, `prorate` and `reduce_by_key` (with each negative or
+    implausible read added as a flag in its bucket, as the processor books them) give together, without
+    their intermediate arrays. Its buffers are kept and reused from call to call, so a stream of small
+    batches pays one dispatch and a few small copies per batch.
+
+    Unlike `registers_to_intervals`, the reads need not be sorted by series: any order in which each
+    series' reads are in time order will do, such as arrival (time) order or (series, ts) order."""
+
+    def __init__(self, widths_ms: tuple[int, ...], max_interp_gap_ms: int) -> None:
+        self.widths_ms = widths_ms
+        self.max_interp_gap_ms = max_interp_gap_ms
+        self._widths = np.array(widths_ms, np.int64)
+        self._no_values = np.empty(0, np.float64)
+        self._batch_no = 0
+        self._n_groups = np.zeros(len(widths_ms), np.int64)
+        # Per series and width: the head group, its bucket and the batch that set it (none yet).
+        self._per_series = np.empty((0, 3 * len(widths_ms)), np.int64)
+        self._scratch = np.empty((0, 3), np.int64)  # per series, for bounding the groups
+        self._start = np.empty(0, np.int64)  # per read: where the interval it closes starts
+        self._qty = np.empty(0, np.float64)  # and the quantity in it
+        self._capacity = 0
+        self._grow_groups(1024)
+
+    def _grow_groups(self, need: int) -> None:
+        self._capacity = max(need, 2 * self._capacity)
+        nw = len(self.widths_ms)
+        self._g_i32 = np.empty((nw, 6, self._capacity), np.int32)  # series, n, n per quality, n flagged
+        self._g_i64 = np.empty((nw, 2, self._capacity), np.int64)  # bucket, previous group of the series
+        self._g_float = np.empty((nw, 2, self._capacity), np.float64)  # total, max
+        self._buffers()
+
+    def _buffers(self) -> None:
+        self._tail = (
+            self._widths, self.max_interp_gap_ms, self._start, self._qty, self._per_series, self._scratch,
+            self._capacity, self._g_i32, self._g_i64, self._g_float, self._n_groups,
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        series: I32,
+        ts: I64,
+        value: F64,
+        state: RegisterState,
+        params: RegisterParams,
+        *,
+        install_after: F64 | None = None,
+        multiplier: F64 | None = None,
+    ) -> RegisterBuckets:
+        """As `registers_to_intervals`, then `prorate` and `reduce_by_key` per width. Updates `state`
+        in place. Raises ValueError (and changes nothing) if a series index is outside the state."""
+        n = series.size
+        if state.anchor_ts.size > self._per_series.shape[0] or n > self._start.size:
+            self._grow_reads(state.anchor_ts.size, n)
+        read_flag = np.empty(n, np.int8)
+        head = (
+            series, ts, value,
+            self._no_values if install_after is None else install_after,
+            self._no_values if multiplier is None else multiplier,
+            state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
+            params.register_max, params.resolution, params.max_rate_per_ms, read_flag,
+        )  # fmt: skip
+        self._batch_no += 1
+        need = _register_buckets(*head, self._batch_no, False, *self._tail)
+        while need > 0:
+            self._grow_groups(need)
+            self._batch_no += 1
+            need = _register_buckets(*head, self._batch_no, True, *self._tail)
+        if need < 0:
+            raise ValueError("a series index is out of range")
+        out = []
+        for w, groups in enumerate(self._n_groups.tolist()):
+            series_of, n_all, measured, estimated, substituted, flagged = self._g_i32[w, :, :groups].copy()
+            total, max_value = self._g_float[w, :, :groups].copy()
+            bucket_ms = self._g_i64[w, 0, :groups].copy()
+            out.append(
+                Buckets(
+                    series_of, bucket_ms, total, n_all, max_value, measured, estimated, substituted, flagged
+                )
+            )
+        return RegisterBuckets(read_flag, tuple(out))
+
+    def _grow_reads(self, n_series: int, n_reads: int) -> None:
+        extra = n_series - self._per_series.shape[0]
+        if extra > 0:
+            self._per_series = np.concatenate(
+                [self._per_series, np.full((extra, self._per_series.shape[1]), NO_TS, np.int64)]
+            )
+            self._scratch = np.concatenate([self._scratch, np.full((extra, 3), NO_TS, np.int64)])
+        if n_reads > self._start.size:
+            self._start = np.empty(n_reads, np.int64)
+            self._qty = np.empty(n_reads, np.float64)
+        self._buffers()
+
+
 def instantaneous_buckets(series: I32, ts: I64, value: F64, abs_limit: F64, width_ms: int) -> Buckets:
     """Average and maximum inputs per bucket for instantaneous metrics (power, SOC): values beyond
     `abs_limit[series]` (rated x margin; inf when unknown) are spikes, flagged and left out."""
@@ -507,3 +918,6 @@ def warm_up() -> None:
     )
     instantaneous_buckets(series, ts, np.array([1.0, 2.0, 3.0]), np.array([np.inf]), 60_000)
     order_by_series(series, 1)
+    RegisterBucketer((60_000,), 3_600_000)(
+        series, ts, np.array([1.0, 2.0, 3.0]), RegisterState.empty(1), params
+    )

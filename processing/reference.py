@@ -171,6 +171,18 @@ def energy_buckets(booked: list[Interval], width_ms: int, max_interp_gap_ms: int
     return rows
 
 
+def register_buckets(
+    booked: list[Interval], outcome: dict[tuple[int, int], str], width_ms: int, max_interp_gap_ms: int
+) -> BucketRows:
+    """What the processor books for registers: the energy, and each rejected read as a flag in its
+    bucket."""
+    rows = energy_buckets(booked, width_ms, max_interp_gap_ms)
+    for (s, ts), what in outcome.items():
+        if what in ("negative", "implausible"):
+            add(rows, (s, bucket_start(ts, width_ms)), 0.0, kernels.NO_QUALITY, True)
+    return rows
+
+
 def instantaneous(
     samples: list[tuple[int, int, float]], abs_limit: dict[int, float], width_ms: int
 ) -> BucketRows:
@@ -216,7 +228,7 @@ def intervals_from_kernel(result: kernels.Intervals) -> list[Interval]:
     )  # fmt: skip
 
 
-def read_flags_from_kernel(result: kernels.Intervals) -> list[str]:
+def read_flags_from_kernel(result: kernels.Intervals | kernels.RegisterBuckets) -> list[str]:
     return [kernels.READ_FLAG_NAMES[f] for f in result.read_flag.tolist()]
 
 

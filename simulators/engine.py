@@ -26,6 +26,7 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
 MINUTE_MS = 60_000
+QUARTER_MS = 15 * MINUTE_MS
 DAY_MS = 86_400_000
 # 1970-01-01 was a Thursday; Monday = 0 as in datetime.weekday().
 _EPOCH_WEEKDAY = 3
@@ -205,6 +206,22 @@ class Simulation:
         )
         self.site_threshold_kw = PEAK_SHAVING_THRESHOLD * site_feeder_kw
 
+        # DR events: building loads of the event's VPP shed their share; the shed energy per device and
+        # 15-minute bucket is the ground truth of what the event delivered.
+        self.shed_share = np.array([d.sheddable_share for d in self.devices])
+        self.max_shed_ms = np.array(
+            [np.inf if d.max_shed_min is None else d.max_shed_min * MINUTE_MS for d in self.devices]
+        )
+        vpp_names = sorted({d.vpp for d in self.devices if d.vpp is not None})
+        dev_vpp = [-1 if d.vpp is None else vpp_names.index(d.vpp) for d in self.devices]
+        self.dev_vpp = np.array(dev_vpp, dtype=np.int64)
+        self.dr_events = [
+            (vpp_names.index(ev.vpp), int(ev.start.timestamp() * 1000), int(ev.end.timestamp() * 1000))
+            for ev in spec.dr_events
+            if ev.vpp in vpp_names
+        ]
+        self.shed_kwh: dict[int, F64] = {}
+
         # EV sessions: plug-in and departure instants and the energy still wanted.
         self.ev_arrive = np.zeros(n, dtype=np.int64)
         self.ev_depart = np.zeros(n, dtype=np.int64)
@@ -340,6 +357,8 @@ class Simulation:
         p[m] = np.where(generation > standby, -generation, standby)
         m = k == K_EV
         p[m] = self._ev_power(ts, m, local_day, site)
+        if self.dr_events:
+            self._shed(ts, p)
 
         # Batteries see their site's load after everything else behind the same grid meter.
         electric_load = np.isin(k, (K_FACTORY, K_COMMERCIAL, K_BTS, K_PV, K_EV))
@@ -366,6 +385,22 @@ class Simulation:
         m = k == K_GRID
         p[m] = net[site[m]]
         return p, soc_report
+
+    def _shed(self, ts: int, p: F64) -> None:
+        """Building loads of a VPP in a DR event drop their sheddable share of the load over [ts, ts + tick)."""
+        shedding = np.zeros(p.size, dtype=np.bool_)
+        for vpp, start, end in self.dr_events:
+            if start <= ts < end:
+                # A building sheds for at most its maximum duration, then takes its load back.
+                shedding |= (self.dev_vpp == vpp) & (ts - start < self.max_shed_ms)
+        shedding &= self.shed_share > 0
+        if not shedding.any():
+            return
+        shed = np.where(shedding, self.shed_share * np.maximum(p, 0.0), 0.0)
+        p -= shed
+        bucket = ts - ts % QUARTER_MS
+        booked = self.shed_kwh.setdefault(bucket, np.zeros(p.size))
+        booked += shed * self.dt_h
 
     def _ev_power(self, ts: int, m: npt.NDArray[np.bool_], local_day: I64, site: I64) -> F64:
         """Chargers plug in once per local day with some probability, charge at their rating until the

@@ -16,9 +16,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from simulators.encoding import GatewayEncoder
-from simulators.engine import MeterExchange
+from simulators.engine import BATTERY_EFFICIENCY, MeterExchange
 from simulators.runner import RunOptions, RunResult, run
-from simulators.spec import FleetSpec
+from simulators.spec import DeviceSpec, FleetSpec
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,47 @@ def register_fleet(
                                 "topology_node": d.topology_node,
                             },
                         )
+                        model = resource_model(d)
+                        if model is not None:
+                            resp = http.put(
+                                f"/v1/devices/{d.device}/resource", json={"tenant": e.tenant, **model}
+                            )
+                            if resp.status_code != 200:
+                                raise RegistrationError(
+                                    f"PUT resource of {d.device} failed: {resp.status_code} {resp.text}"
+                                )
     return creds
+
+
+# A base station keeps this share of its backup battery for outages; the VPP never dispatches it.
+BASE_STATION_RESERVE_PCT = 50.0
+# EV chargers in the fleet charge at their rating or not at all; they may be slowed down to this share.
+EV_MIN_SHARE = 0.25
+
+
+def resource_model(d: DeviceSpec) -> dict[str, object] | None:
+    """The resource model (PUT /v1/devices/{device}/resource) of a simulated VPP resource, matching how
+    simulators/engine.py drives it."""
+    if d.vpp is None or d.role != "resource":
+        return None
+    if d.type == "battery":
+        return {"resource_class": "battery", "efficiency": BATTERY_EFFICIENCY}
+    if d.type == "pv":
+        return {"resource_class": "pv", "curtailable": True}
+    if d.type == "ev_charger":
+        return {"resource_class": "ev_charger", "min_power_kw": round(d.rated_power_kw * EV_MIN_SHARE, 3)}
+    if d.sheddable_share > 0:
+        model: dict[str, object] = {"resource_class": "building_load", "sheddable_share": d.sheddable_share}
+        if d.max_shed_min is not None:
+            model["max_shed_min"] = d.max_shed_min
+        return model
+    if d.type == "base_station":
+        return {
+            "resource_class": "base_station",
+            "reserved_soc_pct": BASE_STATION_RESERVE_PCT,
+            "efficiency": 1.0,
+        }
+    return None
 
 
 class GatewayClient:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from meterflow.contract import DEVICE_PATTERN, GATEWAY_PATTERN, TENANT_PATTERN
 
@@ -63,6 +63,9 @@ class DeviceSpec(_Spec):
     soc_max_pct: Annotated[float, Field(ge=0, le=100)] = 95.0
     vpp: str | None = None
     topology_node: str | None = None
+    # A building load in a VPP: this share of its current load is shed during the VPP's DR events.
+    sheddable_share: Annotated[float, Field(ge=0, le=1)] = 0.0
+    max_shed_min: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -79,6 +82,10 @@ class DeviceSpec(_Spec):
             raise ValueError("soc_min_pct must be below soc_max_pct")
         if self.type != "meter" and self.carrier != "electricity":
             raise ValueError("only meters measure carriers other than electricity")
+        if self.sheddable_share > 0 and (
+            self.vpp is None or self.type != "meter" or self.carrier != "electricity"
+        ):
+            raise ValueError("only an electricity meter in a VPP (a building load) can shed load")
         return self
 
     @property
@@ -130,10 +137,25 @@ class EnterpriseSpec(_Spec):
     sites: list[SiteSpec]
 
 
+class DrEventSpec(_Spec):
+    """A demand-response event: every building load of the VPP sheds its sheddable share in [start, end)."""
+
+    vpp: str
+    start: AwareDatetime
+    end: AwareDatetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end <= self.start:
+            raise ValueError("a DR event ends after it starts")
+        return self
+
+
 class FleetSpec(_Spec):
     version: Literal[1] = 1
     seed: int = 0
     enterprises: list[EnterpriseSpec]
+    dr_events: list[DrEventSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:
@@ -213,12 +235,15 @@ def generate_fleet(
     payload_format: PayloadFormat = "json-batch",
     max_devices_per_gateway: int = 200,
     tenant_prefix: str = "",
+    vpp_buildings: int = 0,
 ) -> FleetSpec:
     """A plausible fleet from a few numbers: factories and office campuses, plus a telecom operator
     whose tower sites hold the 5G base stations when VPP resources are asked for.
 
     VPP resources are spread round-robin over the sites as batteries, PV, EV chargers and base stations.
     `tenant_prefix` keeps several generated fleets apart on one installation (tests, demos).
+    `vpp_buildings` office-campus feeders join the VPP as building loads that shed 20 % of their load
+    (for up to two hours) during the fleet's DR events.
     """
     rng = random.Random(seed)
     specs: list[EnterpriseSpec] = []
@@ -232,6 +257,7 @@ def generate_fleet(
         per_site_resources[i % n_sites].append(kind)
 
     site_index = 0
+    buildings_left = vpp_buildings
     for e in range(enterprises):
         commercial = e % 3 == 2
         profile: SiteProfile = "commercial" if commercial else "factory"
@@ -241,6 +267,8 @@ def generate_fleet(
             province, lat, lon = _LOCATIONS[(e + s) % len(_LOCATIONS)]
             prefix = f"s{s:02d}"
             devices = _site_meters(rng, prefix, profile, meters_per_site, interval_s)
+            if commercial and buildings_left:
+                devices, buildings_left = _building_loads(devices, buildings_left, vpp, site_index)
             devices += _resources(rng, prefix, per_site_resources[site_index], vpp, site_index, interval_s)
             site_index += 1
             sites.append(
@@ -350,6 +378,31 @@ def _site_meters(
             )
         )
     return devices
+
+
+BUILDING_SHED_SHARE = 0.2  # the average reduction office buildings sustained in trials (reference 5.1)
+BUILDING_MAX_SHED_MIN = 120.0
+
+
+def _building_loads(
+    devices: list[DeviceSpec], wanted: int, vpp: str, site_index: int
+) -> tuple[list[DeviceSpec], int]:
+    """Turn up to `wanted` of a campus's feeders into VPP building loads; returns how many are still wanted."""
+    out = []
+    for d in devices:
+        if wanted and d.role == "submeter" and d.carrier == "electricity":
+            d = d.model_copy(
+                update={
+                    "role": "resource",
+                    "vpp": vpp,
+                    "topology_node": f"node-{site_index % 40:02d}",
+                    "sheddable_share": BUILDING_SHED_SHARE,
+                    "max_shed_min": BUILDING_MAX_SHED_MIN,
+                }
+            )
+            wanted -= 1
+        out.append(d)
+    return out, wanted
 
 
 def _resources(

@@ -9,6 +9,8 @@ Layout of a truth directory:
 - ``energy_15m.parquet``: the same for complete 15-minute buckets.
 - ``emissions_daily.parquet``: per enterprise and local calendar day, the grid-boundary quantities and
   their kgCO2e under both Scope 2 methods (see docs/carbon-methodology.md), with the factor ids.
+- ``dr_shed_15m.parquet``: per building load and 15-minute bucket, the energy it shed in DR events
+  (``shed_kwh``; delivered kW = shed_kwh / 0.25 h).
 - ``faults.jsonl``: every injected reading fault and register event (spikes, glitches, frozen runs,
   meter exchanges, armed rollovers).
 - ``manifest.json``: the run (seed, window, fleet size), the fault rates and the expected outcome
@@ -118,6 +120,7 @@ class TruthRecorder:
             self._energy_15m(energy_1m).write_parquet(self.out_dir / "energy_15m.parquet")
             self._emissions_daily(energy_1m).write_parquet(self.out_dir / "emissions_daily.parquet")
         self._write_faults(fault_log, armed_rollovers)
+        self._dr_shed().write_parquet(self.out_dir / "dr_shed_15m.parquet")
         manifest: dict[str, Any] = {
             "seed": self.sim.spec.seed,
             "start": _iso(self.first_bucket),
@@ -138,6 +141,28 @@ class TruthRecorder:
         }
         (self.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         return manifest
+
+    def _dr_shed(self) -> pl.DataFrame:
+        """Load shed in DR events per building and 15-minute bucket: the delivery meterflow must measure."""
+        spec_rows = list(self.sim.spec.devices())
+        rows = [
+            (spec_rows[i][0].tenant, self.sim.device_names[i], spec_rows[i][3].vpp, bucket, float(kwh[i]))
+            for bucket, kwh in sorted(self.sim.shed_kwh.items())
+            for i in np.flatnonzero(kwh > 0).tolist()
+        ]
+        return pl.DataFrame(
+            rows,
+            schema={
+                "tenant": pl.String,
+                "device": pl.String,
+                "vpp": pl.String,
+                "bucket_start_ms": pl.Int64,
+                "shed_kwh": pl.Float64,
+            },
+            orient="row",
+        ).with_columns(
+            bucket_start=pl.from_epoch("bucket_start_ms", time_unit="ms").dt.replace_time_zone("UTC")
+        )
 
     def _energy_15m(self, energy_1m: pl.LazyFrame) -> pl.DataFrame:
         return (

@@ -31,7 +31,7 @@ from api.models import (
     Page,
 )
 from api.problems import Problem
-from api.query import pool, resolve_tenant, time_range
+from api.query import pool, read_pool, resolve_tenant, time_range
 from api.routes.registry import _insert
 from meterflow.carbon.accounting import CARRIER_FIELDS, QUANTITY_FIELDS
 from meterflow.carbon.factors import FactorLibrary
@@ -120,7 +120,7 @@ async def enterprise_carbon(
     """Scope 1 and Scope 2 (location- and market-based) emissions per local day, month or year, by
     carrier, with the factor ids behind them."""
     settings: Settings = request.app.state.settings
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         zone = await resolve_tenant(conn, who, tenant)
         lo, hi = time_range(start, end, zone)
         first, last = _local_days(lo, hi, zone)
@@ -246,7 +246,7 @@ async def _account(request: Request, who: PrincipalDep, tenant: str, year: int, 
         raise Problem(
             404, "not-found", "Not found", f"no grading scheme {scheme!r}; known: {sorted(schemes.schemes)}"
         )
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         zone = await resolve_tenant(conn, who, tenant)
         library = await factor_library(request, conn)
         first, last = date(year, 1, 1), date(year + 1, 1, 1)

@@ -131,10 +131,11 @@ async def create_factor(body: EmissionFactorIn, who: PrincipalDep, request: Requ
             candidate = {**row, "library_version": library.version + 1, "superseded_by": None}
             try:
                 library_from_rows([*stored, candidate])
-            except (ValidationError, ValueError) as exc:
-                raise Problem(
-                    422, "invalid-factor", "Invalid factor", str(exc).splitlines()[-1][:500]
-                ) from exc
+            except ValidationError as exc:
+                reason = "; ".join(str(e["msg"]) for e in exc.errors())
+                raise Problem(422, "invalid-factor", "Invalid factor", reason[:500]) from exc
+            except ValueError as exc:
+                raise Problem(422, "invalid-factor", "Invalid factor", str(exc)[:500]) from exc
             await conn.execute(
                 f"INSERT INTO emission_factors ({', '.join(FACTOR_COLUMNS)}, origin, replaces, created_by) VALUES "
                 f"({', '.join('%(' + c + ')s' for c in FACTOR_COLUMNS)}, 'admin', %(replaces)s, %(created_by)s)",

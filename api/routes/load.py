@@ -4,17 +4,17 @@ averages of averages); time-of-use split and energy use intensity from the same 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from psycopg.rows import dict_row
 
 from api.auth import PrincipalDep
-from api.models import LoadPoint, QualityCounts, SiteEui, SiteLoad, SiteTou, TouCalendarOut, TouSlot
+from api.models import SiteEui, SiteLoad, SiteTou, TouCalendarOut, TouSlot
 from api.problems import Problem
-from api.query import check_points, pool, resolve_site, time_range
+from api.query import check_points, json_response, read_pool, resolve_site, time_range
 from api.tou import Calendars, split
 from meterflow.settings import Settings
 
@@ -95,10 +95,13 @@ def _period_end(ts: datetime, interval: str, zone: ZoneInfo) -> datetime:
 
 def _point(
     row: dict[str, Any], interval: str, zone: ZoneInfo, lo: datetime, hi: datetime, now: datetime
-) -> LoadPoint:
+) -> dict[str, Any]:
+    """One point as plain data (the route answers hundreds of points many times a second; the
+    response model documents and tests the shape)."""
     imp, exp = float(row["imp"]), float(row["exp"])
     energy = imp - exp
     quarters = int(row["quarters"])
+    bucket: datetime = row["bucket"]
     if interval == "1m":
         hours = 1 / 60
         peak = energy * 60
@@ -106,36 +109,37 @@ def _point(
     else:
         hours = 0.25 * quarters if interval != "15m" else 0.25
         peak = float(row["peak_quarter_kwh"] or 0.0) * 4
-        start = max(row["bucket"], lo)
-        end = min(_period_end(row["bucket"], interval, zone), hi, now)
-        expected = max(0, int((end - start) / QUARTER))
-        complete = quarters >= expected
-    counts = QualityCounts(
-        measured=int(row["n_measured"]),
-        estimated=int(row["n_estimated"]),
-        substituted=int(row["n_substituted"]),
-        flagged=int(row["n_flagged"]),
-        uncalibrated=int(row["n_uncalibrated"]),
-    )
-    quality: Literal["measured", "estimated", "substituted"] = (
-        "substituted" if counts.substituted else "estimated" if counts.estimated else "measured"
-    )
-    return LoadPoint(
-        ts=row["bucket"].astimezone(zone),
-        energy_kwh=energy,
-        import_kwh=imp,
-        export_kwh=exp,
-        avg_kw=energy / hours if hours else 0.0,
-        peak_kw=peak,
-        quality=quality,
-        complete=complete,
-        counts=counts,
-        late_corrections=int(row["late_corrections"]),
-        corrected_at=row["corrected_at"],
-    )
+        if interval == "15m":
+            complete = True
+        else:
+            first = bucket if bucket > lo else lo
+            last = min(_period_end(bucket, interval, zone), hi, now)
+            # In UTC: aware datetimes sharing a zone subtract as wall-clock times (DST days).
+            span = last.astimezone(UTC) - first.astimezone(UTC)
+            complete = quarters >= max(0, int(span / QUARTER))
+    substituted, estimated = int(row["n_substituted"]), int(row["n_estimated"])
+    return {
+        "ts": bucket.astimezone(zone),
+        "energy_kwh": energy,
+        "import_kwh": imp,
+        "export_kwh": exp,
+        "avg_kw": energy / hours if hours else 0.0,
+        "peak_kw": peak,
+        "quality": "substituted" if substituted else "estimated" if estimated else "measured",
+        "complete": complete,
+        "counts": {
+            "measured": int(row["n_measured"]),
+            "estimated": estimated,
+            "substituted": substituted,
+            "flagged": int(row["n_flagged"]),
+            "uncalibrated": int(row["n_uncalibrated"]),
+        },
+        "late_corrections": int(row["late_corrections"]),
+        "corrected_at": row["corrected_at"],
+    }
 
 
-@router.get("/sites/{site}/load")
+@router.get("/sites/{site}/load", response_model=SiteLoad)
 async def site_load(
     site: str,
     who: PrincipalDep,
@@ -144,12 +148,12 @@ async def site_load(
     end: End,
     interval: Interval = "15m",
     tenant: str | None = None,
-) -> SiteLoad:
+) -> Response:
     """Net imported energy, average and peak demand and data quality of a site's boundary meters per
     interval in [start, end). Intervals without data are left out (a bucket with no row is missing)."""
     settings: Settings = request.app.state.settings
-    async with pool(request).connection() as conn:
-        ref = await resolve_site(conn, who, site, tenant, aggregate=True)
+    async with read_pool(request).connection() as conn:
+        ref = await resolve_site(conn, who, site, tenant, aggregate=True, cache=request.app.state.site_cache)
         lo, hi = time_range(start, end, ref.zone)
         check_points(hi - lo, WIDTH[interval], settings.api.max_points)
         async with conn.cursor(row_factory=dict_row) as cur:
@@ -159,19 +163,21 @@ async def site_load(
             )
             rows = await cur.fetchall()
     now = datetime.now(ref.zone)
-    return SiteLoad(
-        tenant=ref.tenant,
-        site=site,
-        interval=interval,
-        timezone=ref.zone.key,
-        points=[_point(r, interval, ref.zone, lo, hi, now) for r in rows],
+    return json_response(
+        {
+            "tenant": ref.tenant,
+            "site": site,
+            "interval": interval,
+            "timezone": ref.zone.key,
+            "points": [_point(r, interval, ref.zone, lo, hi, now) for r in rows],
+        }
     )
 
 
 async def _quarters(
     request: Request, ref_tenant: str, site: str, lo: datetime, hi: datetime
 ) -> list[tuple[datetime, float]]:
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         cur = await conn.execute(
             f"SELECT bucket, imp - exp FROM ({_net_per_bucket('agg_15m')}) q ORDER BY bucket",
             {"tenant": ref_tenant, "site": site, "start": lo, "end": hi},
@@ -211,7 +217,7 @@ async def site_tou(
 ) -> SiteTou:
     """A site's net imported energy split by time-of-use slot, with peak-valley ratio and load factor."""
     settings: Settings = request.app.state.settings
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         ref = await resolve_site(conn, who, site, tenant, aggregate=True)
     lo, hi = time_range(start, end, ref.zone)
     check_points(hi - lo, QUARTER, settings.api.max_points)
@@ -266,7 +272,7 @@ async def site_eui(
     tenant: str | None = None,
 ) -> SiteEui:
     """Energy use intensity of a building: net imported electricity per m2 of floor area."""
-    async with pool(request).connection() as conn:
+    async with read_pool(request).connection() as conn:
         ref = await resolve_site(conn, who, site, tenant, aggregate=True)
     lo, hi = time_range(start, end, ref.zone)
     if hi - lo > timedelta(days=3700):

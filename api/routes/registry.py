@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import orjson
 import psycopg
 from fastapi import APIRouter, Query, Request
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from api.auth import PrincipalDep, require_admin, require_tenant
+from api.auth import PrincipalDep, require_admin, require_tenant, require_writer
 from api.models import (
     Device,
     DeviceIn,
@@ -69,6 +71,36 @@ async def _select(request: Request, sql: str, params: dict[str, Any]) -> list[di
         return await cur.fetchall()
 
 
+Limit = Annotated[int, Query(ge=1, le=5000, description="page size")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
+
+
+def _cursor(values: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(values)).decode()
+
+
+def _after(cursor: str | None, width: int) -> list[str]:
+    """The sort key a page starts after; empty strings (before everything) for the first page."""
+    if cursor is None:
+        return [""] * width
+    try:
+        values = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError) as exc:
+        raise Problem(400, "bad-cursor", "Invalid cursor", "pass next_cursor back unchanged") from exc
+    if not isinstance(values, list) or len(values) != width or not all(isinstance(v, str) for v in values):
+        raise Problem(400, "bad-cursor", "Invalid cursor", "pass next_cursor back unchanged")
+    return [str(v) for v in values]
+
+
+def _page(
+    rows: list[dict[str, Any]], limit: int, keys: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], str | None]:
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, _cursor([str(rows[-1][k]) for k in keys])
+
+
 def _scope(who: PrincipalDep, tenant: str | None) -> str | None:
     """Tenant filter for list routes: enterprise keys see only their own tenant."""
     if who.role == "admin":
@@ -99,15 +131,25 @@ async def create_enterprise(body: EnterpriseIn, who: PrincipalDep, request: Requ
 
 
 @router.get("/enterprises")
-async def list_enterprises(who: PrincipalDep, request: Request) -> Page[Enterprise]:
-    """Enterprises visible to this key."""
+async def list_enterprises(
+    who: PrincipalDep,
+    request: Request,
+    industry_code: str | None = None,
+    limit: Limit = 1000,
+    cursor: Cursor = None,
+) -> Page[Enterprise]:
+    """Enterprises visible to this key, in tenant order."""
+    (after,) = _after(cursor, 1)
     rows = await _select(
         request,
         f"SELECT {_TENANT_COLS} FROM tenants "
-        "WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY tenant_id",
-        {"tenant": _scope(who, None)},
+        "WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
+        "AND (%(industry)s::text IS NULL OR industry_code = %(industry)s) AND tenant_id > %(after)s "
+        "ORDER BY tenant_id LIMIT %(limit)s",
+        {"tenant": _scope(who, None), "industry": industry_code, "after": after, "limit": limit + 1},
     )
-    return Page[Enterprise](data=[Enterprise.model_validate(r) for r in rows])
+    rows, next_cursor = _page(rows, limit, ("tenant",))
+    return Page[Enterprise](data=[Enterprise.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/enterprises/{tenant}")
@@ -143,14 +185,31 @@ async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site
 
 
 @router.get("/sites")
-async def list_sites(who: PrincipalDep, request: Request, tenant: str | None = None) -> Page[Site]:
+async def list_sites(
+    who: PrincipalDep,
+    request: Request,
+    tenant: str | None = None,
+    province: str | None = None,
+    limit: Limit = 1000,
+    cursor: Cursor = None,
+) -> Page[Site]:
+    """Sites visible to this key, in (tenant, site) order."""
+    after_tenant, after_site = _after(cursor, 2)
     rows = await _select(
         request,
-        f"SELECT {_SITE_COLS} FROM sites WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
-        "ORDER BY tenant_id, site_id",
-        {"tenant": _scope(who, tenant)},
+        f"SELECT {_SITE_COLS} FROM sites WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
+        "AND (%(province)s::text IS NULL OR province = %(province)s) AND (tenant_id, site_id) > (%(at)s, %(as)s) "
+        "ORDER BY tenant_id, site_id LIMIT %(limit)s",
+        {
+            "tenant": _scope(who, tenant),
+            "province": province,
+            "at": after_tenant,
+            "as": after_site,
+            "limit": limit + 1,
+        },
     )
-    return Page[Site](data=[Site.model_validate(r) for r in rows])
+    rows, next_cursor = _page(rows, limit, ("tenant", "site"))
+    return Page[Site](data=[Site.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 # --- gateways --------------------------------------------------------------------------------------
@@ -183,14 +242,25 @@ async def create_gateway(body: GatewayIn, who: PrincipalDep, request: Request) -
 
 
 @router.get("/gateways")
-async def list_gateways(who: PrincipalDep, request: Request, tenant: str | None = None) -> Page[Gateway]:
+async def list_gateways(
+    who: PrincipalDep,
+    request: Request,
+    tenant: str | None = None,
+    enabled: bool | None = None,
+    limit: Limit = 1000,
+    cursor: Cursor = None,
+) -> Page[Gateway]:
+    """Gateways visible to this key, in gateway order."""
+    (after,) = _after(cursor, 1)
     rows = await _select(
         request,
-        f"SELECT {_GATEWAY_COLS} FROM gateways WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
-        "ORDER BY gateway_id",
-        {"tenant": _scope(who, tenant)},
+        f"SELECT {_GATEWAY_COLS} FROM gateways WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
+        "AND (%(enabled)s::boolean IS NULL OR enabled = %(enabled)s) AND gateway_id > %(after)s "
+        "ORDER BY gateway_id LIMIT %(limit)s",
+        {"tenant": _scope(who, tenant), "enabled": enabled, "after": after, "limit": limit + 1},
     )
-    return Page[Gateway](data=[Gateway.model_validate(r) for r in rows])
+    rows, next_cursor = _page(rows, limit, ("gateway",))
+    return Page[Gateway](data=[Gateway.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.post("/gateways/{gateway}/credentials")
@@ -293,15 +363,31 @@ async def list_devices(
     request: Request,
     tenant: str | None = None,
     site: str | None = None,
-    limit: int = Query(default=500, ge=1, le=5000),
+    device_type: str | None = None,
+    vpp: str | None = None,
+    limit: Limit = 500,
+    cursor: Cursor = None,
 ) -> Page[Device]:
+    """Devices visible to this key, in (tenant, device) order."""
+    after_tenant, after_device = _after(cursor, 2)
     rows = await _select(
         request,
         f"SELECT {_DEVICE_COLS} FROM devices WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
-        "AND (%(site)s::text IS NULL OR site_id = %(site)s) ORDER BY tenant_id, device_id LIMIT %(limit)s",
-        {"tenant": _scope(who, tenant), "site": site, "limit": limit},
+        "AND (%(site)s::text IS NULL OR site_id = %(site)s) AND (%(type)s::text IS NULL OR device_type = %(type)s) "
+        "AND (%(vpp)s::text IS NULL OR vpp = %(vpp)s) AND (tenant_id, device_id) > (%(at)s, %(ad)s) "
+        "ORDER BY tenant_id, device_id LIMIT %(limit)s",
+        {
+            "tenant": _scope(who, tenant),
+            "site": site,
+            "type": device_type,
+            "vpp": vpp,
+            "at": after_tenant,
+            "ad": after_device,
+            "limit": limit + 1,
+        },
     )
-    return Page[Device](data=[Device.model_validate(r) for r in rows])
+    rows, next_cursor = _page(rows, limit, ("tenant", "device"))
+    return Page[Device](data=[Device.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 # --- meter exchanges and multipliers ---------------------------------------------------------------
@@ -351,8 +437,9 @@ _CERTIFICATE_COLS = (
 async def create_green_certificates(
     body: GreenCertificateIn, who: PrincipalDep, request: Request
 ) -> GreenCertificate:
-    """Record a block of green electricity certificates retired for a period (market-based Scope 2). Admin only."""
-    require_admin(who)
+    """Record a block of green electricity certificates retired for a period (market-based Scope 2).
+    Admins, or the enterprise's own key."""
+    require_writer(who, body.tenant)
     if body.period_end <= body.period_start:
         raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
     row = await _insert(

@@ -61,7 +61,7 @@ def serve(base: Settings, **api: object) -> Iterator[ApiServer]:
     options: dict[str, object] = {"rate_limit_per_s": 100_000.0, "rate_limit_burst": 100_000, **api}
     settings = Settings(
         bootstrap_admin_key=SecretStr(admin_key),
-        api=ApiSettings(**options),  # type: ignore[arg-type]
+        api=ApiSettings(**options),
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")

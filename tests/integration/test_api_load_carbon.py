@@ -300,6 +300,7 @@ def test_final_factor_replacing_a_provisional_one_recomputes(api: ApiServer, fle
                 },
             )
             assert clash.status_code == 422  # one factor per slot in force: supersede it instead
+            assert "same kind, region and year" in clash.json()["detail"]
             final = http.post(
                 "/v1/emission-factors",
                 json={

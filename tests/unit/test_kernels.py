@@ -224,6 +224,134 @@ def test_micro_batches_carry_state_to_the_same_buckets(fleet, cuts):
     assert_rows_match(from_reference, want, scale)
 
 
+WIDTHS = (WIDTH, 15 * WIDTH, 60 * WIDTH)
+
+
+def bucketer_run(
+    bucketer: k.RegisterBucketer,
+    reads: list[ref.Read],
+    registers: dict[int, ref.Register],
+    state: k.RegisterState,
+) -> k.RegisterBuckets:
+    """The fused kernel on reads in the order given (arrival order: each series' reads in time order)."""
+    return bucketer(
+        np.array([r.series for r in reads], np.int32),
+        np.array([r.ts for r in reads], np.int64),
+        np.array([r.value for r in reads], np.float64),
+        state,
+        params(registers),
+        install_after=np.array([math.nan if r.install_after is None else r.install_after for r in reads]),
+        multiplier=np.array([r.multiplier for r in reads]),
+    )
+
+
+def separate_kernels(result: k.Intervals, series: np.ndarray, ts: np.ndarray, width: int) -> k.Buckets:
+    """What the processor did before the fused kernel: prorate, then reduce with the flagged reads."""
+    parts = k.prorate(result, width, INTERP_LIMIT)
+    flagged = np.isin(result.read_flag, (k.READ_NEGATIVE, k.READ_IMPLAUSIBLE))
+    fs, ft = series[flagged], ts[flagged]
+    return k.reduce_by_key(
+        np.concatenate([result.series[parts.interval], fs]).astype(np.int32),
+        np.concatenate([parts.bucket_ms, ft - ft % width]),
+        np.concatenate([parts.qty, np.zeros(fs.size)]),
+        np.concatenate([parts.quality, np.full(fs.size, k.NO_QUALITY, np.int8)]),
+        np.concatenate([np.zeros(parts.qty.size, np.int8), np.ones(fs.size, np.int8)]),
+        width,
+    )
+
+
+@PROPERTY
+@given(fleets(), st.lists(st.integers(0, 200), max_size=6))
+def test_fused_bucketer_matches_the_reference_and_the_separate_kernels(fleet, cuts):
+    reads, registers = fleet
+    n_series = max(registers) + 1
+    bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
+    state = k.RegisterState.empty(n_series)
+    separate_state = k.RegisterState.empty(n_series)
+    ref_states: dict[int, ref.SeriesState] = {}
+    got: list[ref.BucketRows] = [{} for _ in WIDTHS]
+    want: list[ref.BucketRows] = [{} for _ in WIDTHS]
+    scale = 1.0
+    bounds = sorted({0, len(reads), *(c for c in cuts if c < len(reads))})
+    for lo, hi in itertools.pairwise(bounds):
+        batch = reads[lo:hi]
+        result = bucketer_run(bucketer, batch, registers, state)
+        booked, outcome = ref.intervals(batch, registers, ref_states)
+        assert ref.read_flags_from_kernel(result) == [outcome[r.series, r.ts] for r in batch]
+        ordered, separate = kernel_intervals(batch, registers, separate_state)
+        series = np.array([r.series for r in ordered], np.int32)
+        ts = np.array([r.ts for r in ordered], np.int64)
+        scale = max([scale, *(abs(i.qty) for i in booked)])
+        for w, width in enumerate(WIDTHS):
+            buckets = result.buckets[w]
+            keys = list(zip(buckets.series.tolist(), buckets.bucket_ms.tolist(), strict=True))
+            assert len(set(keys)) == len(keys), "one row per (series, bucket) and batch"
+            # The same additions in the same order as the separate kernels: equal to the last bit.
+            fused = {key: exact(row) for key, row in ref.rows_from_kernel(buckets).items()}
+            assert fused == {
+                key: exact(row)
+                for key, row in ref.rows_from_kernel(separate_kernels(separate, series, ts, width)).items()
+            }
+            ref.merge(got[w], ref.rows_from_kernel(buckets))
+            ref.merge(want[w], ref.register_buckets(booked, outcome, width, INTERP_LIMIT))
+    for w in range(len(WIDTHS)):
+        assert_rows_match(got[w], want[w], scale)
+    for name in ("anchor_ts", "anchor_val", "pending_ts", "pending_val"):
+        assert np.array_equal(getattr(state, name), getattr(separate_state, name)), name
+
+
+def test_an_interval_reaching_back_past_a_flagged_read_meets_its_flag():
+    # 0 at T0, a glitch at 2.5 min (flagged in minute 2), then 4.0 at 4 min: the interval (0, 4 min]
+    # spreads over minutes 0 to 3, and minute 2 holds both the flag and a quarter of the energy.
+    bucketer = k.RegisterBucketer((WIDTH,), INTERP_LIMIT)
+    p = k.RegisterParams(np.array([99_999.99]), np.array([0.01]), np.array([60 * KW]))
+    ts = T0 + np.array([0, 150_000, 240_000], np.int64)
+    result = bucketer(np.zeros(3, np.int32), ts, np.array([0.0, 900.0, 0.4]), k.RegisterState.empty(1), p)
+    assert ref.read_flags_from_kernel(result) == ["first", "implausible", "ok"]
+    rows = ref.rows_from_kernel(result.buckets[0])
+    assert sorted((b - T0) // WIDTH for _, b in rows) == [0, 1, 2, 3]
+    assert [rows[0, T0 + m * WIDTH].n_flagged for m in range(4)] == [0, 0, 1, 0]
+    assert [rows[0, T0 + m * WIDTH].total for m in range(4)] == pytest.approx([0.1] * 4)
+    assert {rows[0, T0 + m * WIDTH].by_quality[k.ESTIMATED] for m in range(4)} == {1}
+
+
+def test_buffers_that_fill_mid_batch_grow_and_the_batch_is_bucketed_once():
+    # Three meters silent for 30 hours: 5,400 one-minute groups from one batch, far past the first
+    # buffers, then a small batch on the grown ones.
+    bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
+    registers = dict.fromkeys(range(3), REGISTERS[3])
+    state = k.RegisterState.empty(3)
+    separate_state = k.RegisterState.empty(3)
+    batches = [
+        [ref.Read(s, T0 + s, 10.0 * s) for s in range(3)],
+        [ref.Read(s, T0 + 30 * 3_600_000 + s, 10.0 * s + 50.0) for s in range(3)],
+        [ref.Read(s, T0 + 30 * 3_600_000 + 60_000 + s, 10.0 * s + 50.5) for s in range(3)],
+    ]
+    for batch in batches:
+        result = bucketer_run(bucketer, batch, registers, state)
+        ordered, separate = kernel_intervals(batch, registers, separate_state)
+        series = np.array([r.series for r in ordered], np.int32)
+        ts = np.array([r.ts for r in ordered], np.int64)
+        for w, width in enumerate(WIDTHS):
+            assert {key: exact(row) for key, row in ref.rows_from_kernel(result.buckets[w]).items()} == {
+                key: exact(row)
+                for key, row in ref.rows_from_kernel(separate_kernels(separate, series, ts, width)).items()
+            }
+    assert result.buckets[0].total.sum() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("series", [[0, 1], [0, -1]], ids=["unknown", "negative"])
+def test_fused_bucketer_refuses_unknown_series_and_changes_nothing(series):
+    bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
+    state = k.RegisterState.empty(1)
+    state.anchor_ts[0], state.anchor_val[0] = 0, 5.0
+    p = k.RegisterParams(np.array([99_999.99]), np.array([0.01]), np.array([math.inf]))
+    with pytest.raises(ValueError):
+        bucketer(np.array(series, np.int32), np.array([1, 2], np.int64), np.array([6.0, 7.0]), state, p)
+    assert (state.anchor_ts.tolist(), state.anchor_val.tolist()) == ([0], [5.0])
+    assert state.pending_ts.tolist() == [k.NO_TS]
+
+
 @st.composite
 def contributions(draw: st.DrawFn) -> tuple[np.ndarray, ...]:
     n = draw(st.integers(1, 60))

@@ -192,7 +192,6 @@ export const fmt = {
     isNumber(v) ? (Math.abs(v) >= 100_000 ? `${number(v / 1000, 1)} MWh` : `${number(v, 1)} kWh`) : missing,
   co2: (kg) =>
     isNumber(kg) ? (Math.abs(kg) >= 1000 ? `${number(kg / 1000, 2)} tCO₂e` : `${number(kg, 1)} kgCO₂e`) : missing,
-  tco2: (kg) => (isNumber(kg) ? `${number(kg / 1000, 3)} tCO₂e` : missing),
   count: (v) => (isNumber(v) ? number(v, 0) : missing),
   plain: (v, digits = 2) => (isNumber(v) ? number(v, digits) : missing),
 };
@@ -264,6 +263,16 @@ export function addDays(day, n) {
 }
 
 // --- small DOM helpers -----------------------------------------------------------------------------
+
+/** A table row headed by `label` (a `th` with row scope, so screen readers name each cell's row). */
+export function headedRow(tbody, label) {
+  const tr = tbody.insertRow();
+  const th = document.createElement("th");
+  th.scope = "row";
+  th.textContent = label;
+  tr.append(th);
+  return tr;
+}
 
 export function cell(row, text, className) {
   const td = row.insertCell();

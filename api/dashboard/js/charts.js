@@ -27,7 +27,10 @@ export function timeChart(host, { series, zone, unit, windowSeconds = null, span
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), typeof zone === "function" ? zone() : zone),
     legend: { live: true },
     cursor: { drag: { x: false, y: false } },
-    scales: { x: { time: true }, y: { range: (_u, min, max) => yRange(min, max) } },
+    scales: {
+      x: { time: true, range: (_u, min, max) => xRange(fixedX, min, max) },
+      y: { range: (_u, min, max) => yRange(min, max) },
+    },
     axes: [
       { stroke: "#444", grid: { stroke: "#e5e5e5" } },
       {
@@ -43,20 +46,31 @@ export function timeChart(host, { series, zone, unit, windowSeconds = null, span
       ...series.map((s) => ({
         label: s.label,
         stroke: s.color,
-        width: 2,
+        width: s.width ?? 2,
+        dash: s.dash,
         fill: s.bars ? `${s.color}cc` : undefined,
         paths: s.bars ? barPaths : undefined,
-        points: { show: false },
+        // Without `show`, uPlot marks the points itself where they are sparse (a single point, say).
+        points: s.points ? { show: true, size: 7 } : s.bars ? { show: false } : {},
         spanGaps,
         value: (_u, v) => (v == null ? "–" : `${v.toLocaleString(undefined, { maximumFractionDigits: 1 })} ${s.unit}`),
       })),
     ],
   };
   let data = [[], ...series.map(() => [])];
+  // The period asked for, when there is one: missing data then shows as a gap, not a stretched line.
+  let fixedX = null;
   const plot = new uPlot(opts, data, canvasHost);
   new ResizeObserver(() => plot.setSize({ width: Math.max(canvasHost.clientWidth, 240), height: HEIGHT })).observe(
     canvasHost,
   );
+
+  // A live chart always spans its whole window, ending now, and forgets what slid out of it.
+  const slide = (end) => {
+    fixedX = [end - windowSeconds, end];
+    const keep = data[0].findIndex((t) => t >= end - windowSeconds);
+    if (keep > 0) data = data.map((col) => col.slice(keep));
+  };
 
   const publish = () => {
     const xs = data[0];
@@ -68,8 +82,12 @@ export function timeChart(host, { series, zone, unit, windowSeconds = null, span
   };
 
   return {
+    setRange(from, to) {
+      fixedX = [from, to];
+    },
     setData(xs, ...ys) {
       data = [xs, ...ys];
+      if (windowSeconds) slide(Date.now() / 1000);
       plot.setData(data);
       publish();
     },
@@ -82,16 +100,19 @@ export function timeChart(host, { series, zone, unit, windowSeconds = null, span
         data[0].push(x);
         ys.forEach((v, i) => data[i + 1].push(v));
       }
-      if (windowSeconds) {
-        const from = x - windowSeconds;
-        const keep = data[0].findIndex((t) => t >= from);
-        if (keep > 0) data = data.map((col) => col.slice(keep));
-      }
+      if (windowSeconds) slide(Math.max(x, Date.now() / 1000));
       plot.setData(data);
       publish();
     },
     points: () => data[0].length,
   };
+}
+
+function xRange(fixed, min, max) {
+  if (fixed) return fixed;
+  if (min == null || max == null) return [Date.now() / 1000 - 3600, Date.now() / 1000];
+  // A single point: half a day either side, so a lone daily bar is not stretched over years.
+  return min === max ? [min - 43_200, max + 43_200] : [min, max];
 }
 
 function yRange(min, max) {

@@ -9,6 +9,7 @@ import {
   fillSelect,
   fmt,
   fmtDay,
+  headedRow,
   readParams,
   setState,
   setupKey,
@@ -33,9 +34,10 @@ async function main() {
   await setupKey();
   const charts = {
     load: timeChart($("load"), {
+      // The peak first and dashed, so the average is drawn over it where they coincide (15 minutes).
       series: [
+        { label: "Peak", color: COLORS.peak, unit: "kW", width: 1.5, dash: [6, 4] },
         { label: "Average", color: COLORS.load, unit: "kW" },
-        { label: "Peak", color: COLORS.peak, unit: "kW" },
       ],
       zone: () => zone,
       unit: "kW",
@@ -43,7 +45,7 @@ async function main() {
     carbon: timeChart($("carbon"), {
       series: [
         { label: "Total", color: COLORS.carbon, unit: "kgCO₂e", bars: true },
-        { label: "Market-based", color: COLORS.market, unit: "kgCO₂e" },
+        { label: "Market-based", color: COLORS.market, unit: "kgCO₂e", points: true },
       ],
       zone: () => zone,
       unit: "kgCO₂e",
@@ -142,10 +144,11 @@ async function load(chart, tenant, site, range, signal) {
       { signal },
     );
     const points = body.points || [];
+    chart.setRange(seconds(range.start), seconds(range.end));
     chart.setData(
       points.map((p) => seconds(p.ts)),
-      points.map((p) => p.avg_kw),
       points.map((p) => p.peak_kw),
+      points.map((p) => p.avg_kw),
     );
     const energy = points.reduce((sum, p) => sum + (p.energy_kwh ?? 0), 0);
     const avgs = points.map((p) => p.avg_kw).filter(Number.isFinite);
@@ -176,24 +179,26 @@ function quality(points) {
 async function carbon(chart, tenant, range, signal) {
   const panel = $("carbon");
   setState(panel, "loading");
+  chart.setRange(seconds(range.start), seconds(range.end));
   try {
     const body = await api(`/enterprises/${enc(tenant)}/carbon`, { ...range, interval: "1d" }, { signal });
     const points = body.points || [];
     const market = (p) =>
-      Number.isFinite(p.scope1_kg) && Number.isFinite(p.scope2_market_kg) ? p.scope1_kg + p.scope2_market_kg : null;
+      Number.isFinite(p.co2e_market_kg)
+        ? p.co2e_market_kg
+        : Number.isFinite(p.scope1_kg) && Number.isFinite(p.scope2_market_kg)
+          ? p.scope1_kg + p.scope2_market_kg
+          : null;
+    // Each bar stands over the middle of its local day, not astride two days.
     chart.setData(
-      points.map((p) => seconds(p.ts)),
+      points.map((p) => seconds(p.ts) + 43_200),
       points.map((p) => p.co2e_kg),
       points.map(market),
     );
-    const tbody = panel.querySelector("tbody");
+    const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const p of points) {
-      const tr = tbody.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = fmtDay(p.ts, zone);
-      tr.append(th);
+      const tr = headedRow(tbody, fmtDay(p.ts, zone));
       cell(tr, fmt.co2(p.co2e_kg), "num");
       cell(tr, fmt.co2(p.scope1_kg), "num");
       cell(tr, fmt.co2(p.scope2_location_kg), "num");
@@ -212,30 +217,31 @@ async function account(tenant, year, signal) {
   $("account-year").textContent = `· ${year}`;
   try {
     const acc = await api(`/enterprises/${enc(tenant)}/carbon-account`, { year }, { signal });
-    $("acc-scope1").textContent = fmt.tco2(acc.scope1_kg);
-    $("acc-scope2-location").textContent = fmt.tco2(acc.scope2_location_kg);
-    $("acc-scope2-market").textContent = fmt.tco2(acc.scope2_market_kg);
-    $("acc-intensity").textContent = intensity(acc.intensity, acc.intensity_unit);
+    $("acc-scope1").textContent = fmt.co2(acc.scope1_kg);
+    $("acc-scope2-location").textContent = fmt.co2(acc.scope2_location_kg);
+    $("acc-scope2-market").textContent = fmt.co2(acc.scope2_market_kg);
+    const [value, note] = intensity(acc.intensity, acc.intensity_unit);
+    $("acc-intensity").textContent = value;
+    $("acc-intensity-note").textContent = note;
     const grade = acc.grade;
-    $("acc-grade").textContent = grade ? grade.label : "Not graded";
+    // A scheme may place the enterprise in a level yet refuse a grade (too few peers in its industry).
+    $("acc-grade").textContent = grade?.label || "Not graded";
     $("acc-grade-scheme").textContent = grade
-      ? [grade.scheme, grade.level ? `level ${grade.level}` : ""].filter(Boolean).join(" · ")
-      : acc.grade_reason || acc.not_graded_reason || "";
-    panel.dataset.grade = grade ? grade.label : "";
+      ? [grade.scheme_name || grade.scheme, grade.level ? `level ${grade.level}` : "", grade.refused || ""]
+          .filter(Boolean)
+          .join(" · ")
+      : "Grading needs the year's value added (submit it as an output value).";
+    panel.dataset.grade = grade?.label || "";
     setState(panel, "ready");
   } catch (err) {
     showError(panel, err);
   }
 }
 
+/** [figure, note]: tCO2 per 10,000 CNY of value added, the carbon-efficiency schemes' metric. */
 function intensity(value, unit) {
-  if (value === null || value === undefined) return "not available (no output value submitted)";
-  if (typeof value === "number") return `${fmt.plain(value, 3)} ${unit || "tCO₂e per 10,000 CNY"}`;
-  // An object such as {"value": ..., "unit": ...}.
-  if (typeof value === "object" && Number.isFinite(value.value)) {
-    return `${fmt.plain(value.value, 3)} ${value.unit || unit || ""}`.trim();
-  }
-  return "–";
+  if (typeof value === "number") return [fmt.plain(value, 3), unit || "tCO₂ per 10,000 CNY of value added"];
+  return ["–", "no value added submitted for this year"];
 }
 
 main().catch((err) => {

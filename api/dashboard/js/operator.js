@@ -10,6 +10,7 @@ import {
   fillSelect,
   fmt,
   fmtTime,
+  headedRow,
   problemOf,
   readParams,
   setState,
@@ -91,11 +92,12 @@ function show(chart) {
   const duration = $("duration").value;
   writeParams({ vpp, duration });
   for (const id of ["capacity", "live", "nodes", "stale-devices"]) setState($(id), "loading");
+  $("live").dataset.updates = "0";
   chart.setData([], [], []);
   capacityNow(vpp, duration, chart, signal);
-  history(vpp, chart, signal).then(() => live(vpp, duration, chart, signal));
-  tables(vpp, signal);
-  const timer = setInterval(() => tables(vpp, signal), TABLES_MS);
+  history(vpp, duration, chart, signal).then(() => live(vpp, duration, chart, signal));
+  tables(vpp, duration, signal);
+  const timer = setInterval(() => tables(vpp, duration, signal), TABLES_MS);
   signal.addEventListener("abort", () => clearInterval(timer));
 }
 
@@ -120,17 +122,19 @@ function onCapacity(c, chart) {
   panel.dataset.downKw = String(c.down_kw);
   setState(panel, "ready");
   chart.append(c.as_of ? seconds(c.as_of) : Date.now() / 1000, c.up_kw, c.down_kw);
-  setState($("live"), "ready");
+  const live = $("live");
+  live.dataset.updates = String(Number(live.dataset.updates || 0) + 1);
+  setState(live, "ready");
 }
 
-async function history(vpp, chart, signal) {
+async function history(vpp, duration, chart, signal) {
   const end = new Date();
   const start = new Date(end.getTime() - WINDOW_S * 1000);
   const live = $("live");
   try {
     const body = await api(
       `/vpps/${enc(vpp)}/capacity/history`,
-      { start: start.toISOString(), end: end.toISOString(), interval: "1m" },
+      { start: start.toISOString(), end: end.toISOString(), interval: "1m", duration_min: duration },
       { signal },
     );
     const points = body.points || [];
@@ -227,23 +231,19 @@ function liveMode(mode, text) {
   $("live-mode").textContent = `· ${text}`;
 }
 
-async function tables(vpp, signal) {
-  await Promise.all([nodes(vpp, signal), staleDevices(vpp, signal)]);
+async function tables(vpp, duration, signal) {
+  await Promise.all([nodes(vpp, duration, signal), staleDevices(vpp, signal)]);
 }
 
-async function nodes(vpp, signal) {
+async function nodes(vpp, duration, signal) {
   const panel = $("nodes");
   try {
-    const body = await api(`/vpps/${enc(vpp)}/capacity/nodes`, {}, { signal });
+    const body = await api(`/vpps/${enc(vpp)}/capacity/nodes`, { duration_min: duration }, { signal });
     const rows = [...(body.nodes || [])].sort((a, b) => (b.up_kw ?? 0) - (a.up_kw ?? 0));
-    const tbody = panel.querySelector("tbody");
+    const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const n of rows) {
-      const tr = tbody.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = n.node ?? "(no node)";
-      tr.append(th);
+      const tr = headedRow(tbody, n.node || "(no node)");
       cell(tr, fmt.kw(n.up_kw), "num");
       cell(tr, fmt.kw(n.down_kw), "num");
       cell(tr, fmt.count(n.devices_online), "num");
@@ -263,14 +263,10 @@ async function staleDevices(vpp, signal) {
   try {
     const body = await api(`/vpps/${enc(vpp)}/stale-devices`, {}, { signal });
     const devices = body.devices || [];
-    const tbody = panel.querySelector("tbody");
+    const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const d of devices) {
-      const tr = tbody.insertRow();
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = d.tenant ? `${d.tenant} / ${d.device}` : d.device;
-      tr.append(th);
+      const tr = headedRow(tbody, d.tenant ? `${d.tenant} / ${d.device}` : d.device);
       cell(tr, d.last_seen ? fmtTime(d.last_seen, zone, { seconds: true }) : "never");
       cell(tr, interval(d.telemetry_interval_s), "num");
     }
