@@ -135,6 +135,8 @@ class ProcessingSettings(_Group):
     # Raw readings older than this many days are dropped (whole chunks) and their audit entries
     # retired. None keeps everything: carbon records must be kept for at least five years.
     raw_retention_days: int | None = Field(default=None, ge=1)
+    # How often each processor applies that retention between polls (it is idempotent).
+    retention_every_s: float = Field(default=3600.0, gt=0)
 
 
 class VppSettings(_Group):

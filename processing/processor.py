@@ -27,6 +27,7 @@ from processing.audit import AuditError, AuditLog
 from processing.columns import ColumnBuilder, Columns, UndecodableRecord
 from processing.keys import KeyIds
 from processing.registry import RegistryView
+from processing.retention import apply_retention
 from processing.series import SeriesTable
 from processing.writer import BatchOutcome, BatchWriter
 
@@ -155,11 +156,28 @@ class Processor:
         await self._producer.start()
         await self._consumer.start()
         log.info("processor consuming %s as group %s", self.topic, self.group)
+        retention_due = time.monotonic()
         try:
             while not self._stop.is_set():
                 await self._step()
+                if self.settings.processing.raw_retention_days and time.monotonic() >= retention_due:
+                    await self._apply_retention()
+                    retention_due = time.monotonic() + self.settings.processing.retention_every_s
         finally:
             await self._shutdown()
+
+    async def _apply_retention(self) -> None:
+        async with self.write_lock:
+            try:
+                await apply_retention(self.conn, self.settings)
+            except psycopg.Error as exc:
+                # Retention is housekeeping: a failed round is retried at the next one, polls go on.
+                await self.conn.rollback()
+                log.error(
+                    "retention failed, retrying in %.0f s: %s",
+                    self.settings.processing.retention_every_s,
+                    exc,
+                )
 
     async def _step(self) -> None:
         p = self.settings.processing
