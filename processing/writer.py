@@ -11,6 +11,7 @@ the commit, so a failed transaction leaves nothing half-applied.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -134,10 +135,33 @@ class BatchWriter:
             for p, batch_id in audit_batches.items():
                 audit_ids[part == p] = batch_id
             gateways = pgcopy.TextTable(cols.record_gateway)
-            if fresh.any():
-                await store.copy_readings(
-                    cur, self._stream(cols, gateways, s, ts, value, rec, fresh, audit_ids)
-                )
+            state = RegisterState(
+                t.state.anchor_ts.copy(), t.state.anchor_val.copy(), t.state.pending_ts.copy(),
+                t.state.pending_val.copy(),
+            )  # fmt: skip
+            deltas: Parts = {table: [] for table, _ in WIDTHS}
+            flag_rows: list[tuple[str, str, str, int, str]] = []
+            is_register = t.kind[s] == KIND_REGISTER
+            is_instantaneous = t.kind[s] == KIND_INSTANTANEOUS
+            # A register read older than the newest stored one may change how stored reads after it
+            # were judged (a flagged drop may have been a meter exchange), so only fresh reads are
+            # booked in order; the others take the replay path below.
+            in_order, inst_fresh = fresh & is_register, fresh & is_instantaneous
+
+            def book_fresh() -> None:
+                self._registers(s[in_order], ts[in_order], value[in_order], state, deltas, flag_rows, out)
+                if inst_fresh.any():
+                    n = int(inst_fresh.sum())
+                    self._instantaneous(
+                        s[inst_fresh], ts[inst_fresh], value[inst_fresh], np.zeros(n, np.bool_), deltas,
+                        flag_rows, out,
+                    )  # fmt: skip
+
+            # The server stores the fresh readings while a worker thread books them: both cores busy.
+            await asyncio.gather(
+                self._copy_fresh(cur, self._stream(cols, gateways, s, ts, value, rec, fresh, audit_ids)),
+                asyncio.to_thread(book_fresh),
+            )
             late = np.zeros(s.size, np.bool_)
             if not fresh.all():
                 inserted_old = await store.insert_unless_stored(
@@ -151,19 +175,7 @@ class BatchWriter:
             out.inserted = int(inserted.sum())
             out.duplicates += int((~inserted).sum())
 
-            state = RegisterState(
-                t.state.anchor_ts.copy(), t.state.anchor_val.copy(), t.state.pending_ts.copy(),
-                t.state.pending_val.copy(),
-            )  # fmt: skip
-            deltas: Parts = {table: [] for table, _ in WIDTHS}
-            flag_rows: list[tuple[str, str, str, int, str]] = []
-
-            is_register = t.kind[s] == KIND_REGISTER
-            # A register read older than the newest stored one may change how stored reads after it
-            # were judged (a flagged drop may have been a meter exchange), so it takes the replay path.
-            in_order = inserted & is_register & fresh
-            self._registers(s[in_order], ts[in_order], value[in_order], state, deltas, flag_rows, out)
-            behind = inserted & is_register & ~in_order
+            behind = late & is_register
             unflag: set[tuple[str, str, str, int]] = set()
             if behind.any():
                 newest = np.maximum(t.last_ts, 0)
@@ -171,9 +183,18 @@ class BatchWriter:
                 await self._late_registers(
                     cur, s[behind], ts[behind], newest, state, deltas, flag_rows, unflag, out
                 )
-            inst = inserted & (t.kind[s] == KIND_INSTANTANEOUS)
-            if inst.any():
-                self._instantaneous(s[inst], ts[inst], value[inst], late[inst], deltas, flag_rows, out)
+            inst_late = late & is_instantaneous
+            if inst_late.any():
+                n = int(inst_late.sum())
+                self._instantaneous(
+                    s[inst_late],
+                    ts[inst_late],
+                    value[inst_late],
+                    np.ones(n, np.bool_),
+                    deltas,
+                    flag_rows,
+                    out,
+                )
 
             await store.insert_flags(cur, [f for f in flag_rows if f[:4] not in unflag])
             await store.clear_flags(cur, sorted(unflag))
@@ -200,6 +221,11 @@ class BatchWriter:
             if i is not None and t.known[i] and t.state.anchor_ts[i] == ts_ms:
                 t.state.anchor_val[i] = install
         self.registry.new_exchanges.clear()
+
+    @staticmethod
+    async def _copy_fresh(cur: store.Cur, stream: bytes) -> None:
+        if len(stream) > len(pgcopy.SIGNATURE) + len(pgcopy.TRAILER):
+            await store.copy_readings(cur, stream)
 
     def _stream(
         self, cols: Columns, gateways: pgcopy.TextTable, s: I32, ts: I64, value: F64, rec: I32,
