@@ -14,10 +14,17 @@ import contextlib
 import logging
 import signal
 import time
+from dataclasses import dataclass
 
 import orjson
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge, Histogram
 
 from meterflow.contract import now_ms
@@ -61,12 +68,14 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     # the offsets they read are committed ones and the connection is idle.
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.processor.rebalances += 1
         async with self.processor.write_lock:
             # Another processor may write these partitions next: forget what we cached about them.
             self.processor.audit.forget(tp.partition for tp in revoked)
             self.processor.series.forget_all()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.processor.rebalances += 1
         async with self.processor.write_lock:
             await self.processor.seek_to_stored(assigned)
 
@@ -77,6 +86,17 @@ def warm_up() -> None:
     pgcopy.warm_up()
 
 
+@dataclass(slots=True)
+class _Poll:
+    """Records of one poll, decoded; `rebalances` is the processor's count when they were fetched."""
+
+    batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    builder: ColumnBuilder
+    next_offsets: dict[int, int]
+    rebalances: int
+    fetched_at: float
+
+
 class Processor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -85,6 +105,7 @@ class Processor:
         self._stop = asyncio.Event()
         self.write_lock = asyncio.Lock()
         self.readings_done = 0  # readings in committed polls (benchmarks watch it)
+        self.rebalances = 0
         self.polls = 0
         self.series = SeriesTable()
         self.registry = RegistryView()
@@ -157,13 +178,30 @@ class Processor:
         await self._consumer.start()
         log.info("processor consuming %s as group %s", self.topic, self.group)
         retention_due = time.monotonic()
+        # The next poll is fetched and decoded while the current one is written (decoding runs
+        # whenever the write waits for the database).
+        pending: asyncio.Task[_Poll | None] | None = None
         try:
             while not self._stop.is_set():
-                await self._step()
+                poll = await (pending or self._fetch())
+                pending = None
+                if poll is None:
+                    continue
+                if poll.rebalances != self.rebalances:
+                    # Positions were reset to the stored offsets: these records come again.
+                    continue
+                columns = poll.builder.finish()
+                pending = asyncio.create_task(self._fetch())
+                await self._write_poll(poll, columns)
                 if self.settings.processing.raw_retention_days and time.monotonic() >= retention_due:
                     await self._apply_retention()
                     retention_due = time.monotonic() + self.settings.processing.retention_every_s
         finally:
+            if pending is not None:
+                # Fetched, not written: the stored offsets bring these records back next time.
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
             await self._shutdown()
 
     async def _apply_retention(self) -> None:
@@ -179,12 +217,13 @@ class Processor:
                     exc,
                 )
 
-    async def _step(self) -> None:
+    async def _fetch(self) -> _Poll | None:
         p = self.settings.processing
+        rebalances = self.rebalances
         batches = await self.consumer.getmany(timeout_ms=p.poll_timeout_ms, max_records=p.max_batch_records)
         if not batches:
-            return
-        started = time.perf_counter()
+            return None
+        fetched_at = time.perf_counter()
         builder = ColumnBuilder.start(self.series)
         next_offsets: dict[int, int] = {}
         for tp, records in batches.items():
@@ -195,9 +234,11 @@ class Processor:
                 except UndecodableRecord as exc:
                     await self._dead_letter(tp, rec.offset, rec.value or b"", str(exc))
             next_offsets[tp.partition] = records[-1].offset + 1
-        columns = builder.finish()
+        return _Poll(batches, builder, next_offsets, rebalances, fetched_at)
+
+    async def _write_poll(self, poll: _Poll, columns: Columns) -> None:
         async with self.write_lock:
-            outcome = await self._write(columns, next_offsets)
+            outcome = await self._write(columns, poll.next_offsets)
         self.readings_done += outcome.readings
         self.polls += 1
         READINGS.inc(outcome.readings)
@@ -207,13 +248,13 @@ class Processor:
         AGG_ROWS.inc(outcome.aggregate_rows)
         for kind, count in outcome.flags.items():
             FLAGS.labels(kind).inc(count)
-        BATCH_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SECONDS.observe(time.perf_counter() - poll.fetched_at)
         with contextlib.suppress(Exception):
-            await self.consumer.commit({tp: next_offsets[tp.partition] for tp in batches})
-        for tp in batches:
+            await self.consumer.commit({tp: poll.next_offsets[tp.partition] for tp in poll.batches})
+        for tp in poll.batches:
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
-                LAG.labels(str(tp.partition)).set(max(0, highwater - next_offsets[tp.partition]))
+                LAG.labels(str(tp.partition)).set(max(0, highwater - poll.next_offsets[tp.partition]))
 
     async def _write(self, columns: Columns, next_offsets: dict[int, int]) -> BatchOutcome:
         await self.registry.refresh(self.conn, refresh_s=self.settings.ingest.registry_refresh_s)

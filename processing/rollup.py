@@ -155,7 +155,7 @@ def roll_up(device: Merged, targets: list[tuple[I64, I64]]) -> Merged | None:
 
 def mark_uncalibrated(device: Merged, series: SeriesTable, registry: RegistryView) -> None:
     """Readings of a meter whose calibration was due before their bucket count as uncalibrated."""
-    due = np.full(len(series.keys), np.iinfo(np.int64).max, np.int64)
+    due = np.full(series.kind.size, np.iinfo(np.int64).max, np.int64)
     for si in np.unique(device.key).tolist():
         tenant, dev, _ = series.keys[si]
         info = registry.devices.get((tenant, dev))

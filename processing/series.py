@@ -82,18 +82,19 @@ class SeriesTable:
         self.state.pending_ts[series] = NO_TS
 
     def forget_all(self) -> None:
-        self.forget(np.arange(len(self.keys), dtype=np.int32))
+        self.forget(np.arange(self.kind.size, dtype=np.int32))
 
     def refresh_params(self, registry: RegistryView, *, margin: float) -> None:
         """Recompute plausibility limits and register shapes when the registry or the series changed."""
-        if self._params_revision == registry.revision and self._params_size == len(self.keys):
+        # Only series whose arrays exist: the next poll may be adding keys while this one is written.
+        n = self.kind.size
+        if self._params_revision == registry.revision and self._params_size == n:
             return
-        n = len(self.keys)
         register_max = np.full(n, np.inf)
         resolution = np.zeros(n)
         max_rate = np.full(n, np.inf)
         abs_limit = np.full(n, np.inf)
-        for i, (tenant, device, metric) in enumerate(self.keys):
+        for i, (tenant, device, metric) in enumerate(self.keys[:n]):
             info = registry.devices.get((tenant, device))
             if info is None:
                 continue

@@ -218,7 +218,8 @@ class BatchWriter:
         t = self.series
         for key, ts_ms, install in self.registry.new_exchanges:
             i = t.index.get(key)
-            if i is not None and t.known[i] and t.state.anchor_ts[i] == ts_ms:
+            # A series the next poll's decoding just added has no state yet (nor arrays).
+            if i is not None and i < t.known.size and t.known[i] and t.state.anchor_ts[i] == ts_ms:
                 t.state.anchor_val[i] = install
         self.registry.new_exchanges.clear()
 
