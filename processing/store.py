@@ -15,16 +15,22 @@ import psycopg
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Cur = psycopg.AsyncCursor[tuple[Any, ...]]
 
+AGG_TABLES = ("agg_1m", "agg_15m", "agg_1h")
+
+# One stage per use in a poll, emptied by the commit: no TRUNCATE (a new file per call) between uses.
 _STAGE_DDL = (
     """CREATE TEMP TABLE IF NOT EXISTS readings_stage (
         series_id integer, ts timestamptz, value double precision, gateway_id text,
         received_at timestamptz, audit_batch bigint
     ) ON COMMIT DELETE ROWS""",
-    """CREATE TEMP TABLE IF NOT EXISTS agg_stage (
-        agg_key_id integer, bucket timestamptz, total double precision, n integer,
-        max_value double precision, n_measured integer, n_estimated integer, n_substituted integer,
-        n_flagged integer, n_uncalibrated integer, late_corrections integer
-    ) ON COMMIT DELETE ROWS""",
+    *(
+        f"""CREATE TEMP TABLE IF NOT EXISTS {table}_stage (
+            agg_key_id integer, bucket timestamptz, total double precision, n integer,
+            max_value double precision, n_measured integer, n_estimated integer, n_substituted integer,
+            n_flagged integer, n_uncalibrated integer, late_corrections integer
+        ) ON COMMIT DELETE ROWS"""
+        for table in AGG_TABLES
+    ),
 )
 
 # The column order pgcopy's encoders write.
@@ -54,7 +60,7 @@ async def copy_readings(cur: Cur, stream: bytes, table: str = "reading_values") 
 
 async def insert_unless_stored(cur: Cur, stream: bytes) -> list[tuple[int, int]]:
     """Readings that may already be stored: insert the new ones, return their (series_id, ts_ms); the
-    rest are duplicates."""
+    rest are duplicates. Once per poll (the stage empties at commit)."""
     await _copy(cur, "readings_stage", READING_COLUMNS, stream)
     await cur.execute(f"""
         INSERT INTO reading_values ({READING_COLUMNS})
@@ -62,7 +68,6 @@ async def insert_unless_stored(cur: Cur, stream: bytes) -> list[tuple[int, int]]
         ON CONFLICT (series_id, ts) DO NOTHING
         RETURNING series_id, (extract(epoch FROM ts) * 1000)::bigint""")
     inserted = await cur.fetchall()
-    await cur.execute("TRUNCATE readings_stage")
     return [(int(series), int(ts)) for series, ts in inserted]
 
 
@@ -137,12 +142,9 @@ async def insert_flags(cur: Cur, rows: Sequence[tuple[str, str, str, int, str]])
         )
 
 
-async def next_audit_batch(cur: Cur) -> int:
-    await cur.execute("SELECT nextval('audit_batch_seq')")
-    row = await cur.fetchone()
-    if row is None:
-        raise RuntimeError("nextval returned no row")
-    return int(row[0])
+async def next_audit_batches(cur: Cur, n: int) -> list[int]:
+    await cur.execute("SELECT nextval('audit_batch_seq') FROM generate_series(1, %s)", (n,))
+    return [int(row[0]) for row in await cur.fetchall()]
 
 
 async def copy_aggregates(cur: Cur, table: str, stream: bytes) -> None:
@@ -150,13 +152,15 @@ async def copy_aggregates(cur: Cur, table: str, stream: bytes) -> None:
     await _copy(cur, f"{table}_values", AGG_COLUMNS, stream)
 
 
-async def upsert_aggregates(cur: Cur, table: str, stream: bytes) -> None:
+async def upsert_aggregates(cur: Cur, table: str, streams: Sequence[bytes]) -> None:
     """Add deltas to the aggregate rows: every column is a sum or a count (the maximum only grows), so a
-    batch and a late correction are the same operation."""
-    await _copy(cur, "agg_stage", AGG_COLUMNS, stream)
+    batch and a late correction are the same operation. Once per table and poll; the streams' keys must
+    not repeat (one upsert may touch a row only once)."""
+    for stream in streams:
+        await _copy(cur, f"{table}_stage", AGG_COLUMNS, stream)
     await cur.execute(f"""
         INSERT INTO {table}_values AS a ({AGG_COLUMNS}, corrected_at)
-        SELECT {AGG_COLUMNS}, CASE WHEN late_corrections > 0 THEN now() END FROM agg_stage
+        SELECT {AGG_COLUMNS}, CASE WHEN late_corrections > 0 THEN now() END FROM {table}_stage
         ON CONFLICT (agg_key_id, bucket) DO UPDATE SET
             total = a.total + EXCLUDED.total,
             n = a.n + EXCLUDED.n,
@@ -169,7 +173,6 @@ async def upsert_aggregates(cur: Cur, table: str, stream: bytes) -> None:
             late_corrections = a.late_corrections + EXCLUDED.late_corrections,
             corrected_at = COALESCE(EXCLUDED.corrected_at, a.corrected_at),
             updated_at = now()""")
-    await cur.execute("TRUNCATE agg_stage")
 
 
 async def save_offsets(cur: Cur, *, group: str, topic: str, next_offsets: Mapping[int, int]) -> None:

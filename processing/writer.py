@@ -130,7 +130,9 @@ class BatchWriter:
         async with conn.transaction(), conn.cursor() as cur:
             # One audit batch per partition: each partition's chain verifies its own rows.
             partitions = np.unique(part).tolist()
-            audit_batches = {p: await store.next_audit_batch(cur) for p in partitions}
+            audit_batches = dict(
+                zip(partitions, await store.next_audit_batches(cur, len(partitions)), strict=True)
+            )
             audit_ids = np.zeros(s.size, np.int64)
             for p, batch_id in audit_batches.items():
                 audit_ids[part == p] = batch_id
@@ -436,8 +438,7 @@ class BatchWriter:
         ids = t.agg_id[device.key]
         if new_row.any():
             await store.copy_aggregates(cur, table, rollup.encode(device, ids, np.flatnonzero(new_row)))
-        if not new_row.all():
-            await store.upsert_aggregates(cur, table, rollup.encode(device, ids, np.flatnonzero(~new_row)))
+        upserts = [rollup.encode(device, ids, np.flatnonzero(~new_row))] if not new_row.all() else []
         rows = device.key.size
         sel = np.flatnonzero(device.rollup)
         targets = rollup.rollup_targets(
@@ -448,10 +449,10 @@ class BatchWriter:
             entity_ids = np.array(
                 await self.key_ids.agg_ids([self.entities.keys[k] for k in rolled.key.tolist()]), np.int32
             )
-            await store.upsert_aggregates(
-                cur, table, rollup.encode(rolled, entity_ids, np.arange(rolled.key.size))
-            )
+            upserts.append(rollup.encode(rolled, entity_ids, np.arange(rolled.key.size)))
             rows += rolled.key.size
+        if upserts:
+            await store.upsert_aggregates(cur, table, upserts)
         return rows
 
 
