@@ -323,7 +323,7 @@ async def _psycopg_load(
                 t0 = time.perf_counter()
                 async with pool.connection() as conn:
                     cur = await conn.execute(sql, params)
-                    await cur.fetchall()
+                    await cur.fetchall()  # the points as JSON text, as the route receives them
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -344,7 +344,7 @@ def run_api_bench(
     seconds: float,
     tick: Callable[[str], None],
 ) -> dict[str, object]:
-    from api.routes.load import SQL
+    from api.routes.load import POINTS_SQL
 
     tick(f"loading {days} days of 1-minute aggregates for {devices:,} meters (skipping days already there)")
     t0 = time.perf_counter()
@@ -381,7 +381,7 @@ def run_api_bench(
     direct = asyncio.run(
         _psycopg_load(
             settings,
-            SQL["15m"],
+            POINTS_SQL["15m"],
             {"tenant": TENANT, "site": site, "start": day, "end": day + timedelta(days=1), "tz": ZONE.key},
             connections,
             seconds,
