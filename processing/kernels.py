@@ -15,6 +15,10 @@ Three steps turn a batch of readings into bucket aggregates:
 3. `reduce_by_key`: contributions are summed per (series, bucket): total, count, maximum, and counts
    per quality class.
 
+`RegisterBucketer` does all three for every bucket width in one kernel call per batch, over reads in
+arrival order, with buffers reused from batch to batch: the processor's path for in-order register
+reads. The separate steps remain for the late-read replay.
+
 `processing.reference` holds slow, obviously correct versions of the same rules; property tests compare
 the two. State that outlives a batch (each series' anchor read) lives in arrays the caller owns.
 """
