@@ -34,8 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await ensure_bootstrap_admin(pool, admin_key)
         async with pool.connection() as conn:
             await sync_packaged_factors(conn)
+        # Generic plans: a prepared statement on a hypertable otherwise gets a custom plan, that is a
+        # full planning with chunk exclusion, on every execution; TimescaleDB excludes chunks at run time.
         read_pool = AsyncConnectionPool(
-            cfg.db.conninfo(), min_size=1, max_size=cfg.db.pool_max, kwargs={"autocommit": True}, open=False
+            cfg.db.conninfo(),
+            min_size=1,
+            max_size=cfg.db.pool_max,
+            kwargs={"autocommit": True, "options": "-c plan_cache_mode=force_generic_plan"},
+            open=False,
         )
         await read_pool.open(wait=True, timeout=30)
         app.state.read_pool = read_pool

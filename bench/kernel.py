@@ -19,7 +19,8 @@ register deltas, first all at once, then as a stream of small micro-batches:
   array, as numba gets its register state.
 
 Each peer runs in a child process (``python -m bench.kernel``), so polars starts with
-``POLARS_MAX_THREADS=1`` whatever the parent imported, and each engine's memory is its own.
+``POLARS_MAX_THREADS=1`` whatever the parent imported, and each engine's memory is its own. Every figure
+is the best of ROUNDS, timed in the CPU time of the engine's process.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ T0_MS = 1_767_225_600_000
 INTERP_LIMIT_MS = 15 * 60_000
 RESOLUTION = 0.001
 ROUNDS = 3
+
+# Every engine runs on one thread, and other work shares this machine's cores: the CPU time a process
+# used measures the engine, where wall time would also measure whoever else was running.
+cpu_seconds = time.process_time
 PEERS = ("polars", "pandas")
 
 
@@ -146,11 +151,11 @@ def run_numba(r: Readings, params: k.RegisterParams, batch: int | None) -> tuple
     for _ in range(ROUNDS):
         state = k.RegisterState.empty(n_devices)
         parts = []
-        started = time.perf_counter()
+        started = cpu_seconds()
         for lo in range(0, r.device.size, step):
             hi = lo + step
             parts.append(bucketer(r.device[lo:hi], r.ts[lo:hi], r.value[lo:hi], state, params).buckets[0])
-        best = min(best, time.perf_counter() - started)
+        best = min(best, cpu_seconds() - started)
     return best, numba_totals(parts)
 
 
@@ -266,7 +271,7 @@ def _time_way(module: ModuleType, way: Way, r: Readings, batch: int) -> tuple[fl
     best, frames = float("inf"), list[Any]()
     for _ in range(ROUNDS):
         frames = []
-        started = time.perf_counter()
+        started = cpu_seconds()
         if batch == 0:
             frames.append(way(module, r, None))
         else:
@@ -275,7 +280,7 @@ def _time_way(module: ModuleType, way: Way, r: Readings, batch: int) -> tuple[fl
                 chunk = r.slice(lo, lo + batch)
                 frames.append(way(module, chunk, prev))
                 prev[chunk.device] = chunk.value  # in time order, so each device's last read wins
-        best = min(best, time.perf_counter() - started)
+        best = min(best, cpu_seconds() - started)
     return best, frames
 
 
@@ -361,6 +366,7 @@ def run_kernel_bench(
         "ratio": round(large["numba"] / large["polars"], 2),
         "pandas_value": round(large["pandas"]),
         "peer_ways": large_ways,
+        "clock": f"process CPU time, best of {ROUNDS}",
         "readings": r.device.size,
         "devices": devices,
         "target_ratio": 3,

@@ -698,7 +698,7 @@ def bench_api(
     days: Annotated[int, typer.Option(help="days of aggregates, from 2026-10-01 local")] = 30,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 2,
     pool_max: Annotated[int, typer.Option(help="database connections per worker")] = 8,
-    connections: Annotated[int, typer.Option(help="concurrent HTTP connections")] = 16,
+    connections: Annotated[int, typer.Option(help="concurrent HTTP connections")] = 8,
     seconds: Annotated[float, typer.Option(help="seconds per route")] = 10.0,
     as_json: JsonFlag = False,
 ) -> None:

@@ -15,6 +15,10 @@ Three steps turn a batch of readings into bucket aggregates:
 3. `reduce_by_key`: contributions are summed per (series, bucket): total, count, maximum, and counts
    per quality class.
 
+`RegisterBucketer` does all three for every bucket width in one kernel call per batch, over reads in
+arrival order, with buffers reused from batch to batch: the processor's path for in-order register
+reads. The separate steps remain for the late-read replay.
+
 `processing.reference` holds slow, obviously correct versions of the same rules; property tests compare
 the two. State that outlives a batch (each series' anchor read) lives in arrays the caller owns.
 """
@@ -53,6 +57,10 @@ READ_FLAG_NAMES: Final = ("ok", "first", "rollover", "negative", "implausible", 
 
 # A drop from above this share of the register's maximum to a small value is a rollover.
 ROLLOVER_ZONE: Final = 0.9
+
+# Indexing with unsigned integers spares numba's negative-index wraparound, a measurable share of the
+# fused kernel's time; used only where the index is known to be in range.
+U = np.uint64
 
 # Beyond this many cells a dense (series x bucket) grid would cost more than sorting the keys.
 DENSE_GRID_LIMIT: Final = 1 << 22
@@ -364,7 +372,7 @@ def _register_pass(
     has_install = install_after.size > 0
     has_multiplier = multiplier.size > 0
     for i in range(series.size):
-        s = series[i]
+        s = U(series[i])
         t = ts[i]
         v = value[i]
         anchor_next = v
@@ -442,14 +450,14 @@ def _bucket_pass(
         if f == READ_FIRST:
             continue
         flagged = f in (READ_NEGATIVE, READ_IMPLAUSIBLE)
-        s = series[i]
+        s = U(series[i])
         t1 = ts[i]
         t0 = t1 if flagged else start[i]
         if t1 <= t0 and not flagged:
             continue
-        h = per_series[s, col]
-        last = per_series[s, col + 1]
-        valid = per_series[s, col + 2] == batch_no
+        h = per_series[s, U(col)]
+        last = per_series[s, U(col + 1)]
+        valid = per_series[s, U(col + 2)] == batch_no
         # The bucket of the interval's start (or of a flagged read), from the last one if near.
         if last <= t0 < last + width:
             first = last
@@ -471,29 +479,29 @@ def _bucket_pass(
             if steps == 1:
                 if valid and first == last:
                     # The head's bucket: the common case, a read soon after the last.
-                    g_float[0, h] += q
-                    if math.isnan(g_float[1, h]) or q > g_float[1, h]:
-                        g_float[1, h] = q
-                    g_i32[1, h] += 1
-                    g_i32[2 + MEASURED, h] += 1
+                    g_float[0, U(h)] += q
+                    if math.isnan(g_float[1, U(h)]) or q > g_float[1, U(h)]:
+                        g_float[1, U(h)] = q
+                    g_i32[1, U(h)] += 1
+                    g_i32[2 + MEASURED, U(h)] += 1
                     continue
                 if not valid or first > last:
                     # A new head made with its first contribution: the common case in small batches.
                     if ng == capacity:
                         return -1
-                    g_i32[0, ng] = s
-                    g_i64[0, ng] = first
-                    g_i64[1, ng] = h if valid else -1
-                    g_float[0, ng] = q
-                    g_float[1, ng] = q
-                    g_i32[1, ng] = 1
-                    g_i32[2 + MEASURED, ng] = 1
-                    g_i32[2 + ESTIMATED, ng] = 0
-                    g_i32[2 + SUBSTITUTED, ng] = 0
-                    g_i32[5, ng] = 0
-                    per_series[s, col] = ng
-                    per_series[s, col + 1] = first
-                    per_series[s, col + 2] = batch_no
+                    g_i32[0, U(ng)] = s
+                    g_i64[0, U(ng)] = first
+                    g_i64[1, U(ng)] = h if valid else -1
+                    g_float[0, U(ng)] = q
+                    g_float[1, U(ng)] = q
+                    g_i32[1, U(ng)] = 1
+                    g_i32[2 + MEASURED, U(ng)] = 1
+                    g_i32[2 + ESTIMATED, U(ng)] = 0
+                    g_i32[2 + SUBSTITUTED, U(ng)] = 0
+                    g_i32[5, U(ng)] = 0
+                    per_series[s, U(col)] = ng
+                    per_series[s, U(col + 1)] = first
+                    per_series[s, U(col + 2)] = batch_no
                     ng += 1
                     continue
                 quality = MEASURED
@@ -511,13 +519,13 @@ def _bucket_pass(
                     return -1
                 g = ng
                 ng += 1
-                g_i32[0, g] = s
-                g_i64[0, g] = b
-                g_i64[1, g] = h if valid else -1
-                g_float[0, g] = 0.0
-                g_float[1, g] = np.nan
+                g_i32[0, U(g)] = s
+                g_i64[0, U(g)] = b
+                g_i64[1, U(g)] = h if valid else -1
+                g_float[0, U(g)] = 0.0
+                g_float[1, U(g)] = np.nan
                 for c in range(1, 6):
-                    g_i32[c, g] = 0
+                    g_i32[c, U(g)] = 0
                 h = g
                 last = b
                 valid = True
@@ -526,26 +534,26 @@ def _bucket_pass(
             else:
                 # Behind the head: walk back to it, or link a new group in where it belongs.
                 after = h
-                g = g_i64[1, h]
-                while g >= 0 and g_i64[0, g] > b:
+                g = g_i64[1, U(h)]
+                while g >= 0 and g_i64[0, U(g)] > b:
                     after = g
-                    g = g_i64[1, g]
-                if g < 0 or g_i64[0, g] != b:
+                    g = g_i64[1, U(g)]
+                if g < 0 or g_i64[0, U(g)] != b:
                     if ng == capacity:
                         return -1
                     new = ng
                     ng += 1
-                    g_i32[0, new] = s
-                    g_i64[0, new] = b
-                    g_i64[1, new] = g
-                    g_i64[1, after] = new
-                    g_float[0, new] = 0.0
-                    g_float[1, new] = np.nan
+                    g_i32[0, U(new)] = s
+                    g_i64[0, U(new)] = b
+                    g_i64[1, U(new)] = g
+                    g_i64[1, U(after)] = new
+                    g_float[0, U(new)] = 0.0
+                    g_float[1, U(new)] = np.nan
                     for c in range(1, 6):
-                        g_i32[c, new] = 0
+                        g_i32[c, U(new)] = 0
                     g = new
             if flagged:
-                g_i32[5, g] += 1
+                g_i32[5, U(g)] += 1
                 continue
             if step == steps - 1:
                 # The remainder, not a computed share, so the shares add up to the delta exactly.
@@ -554,14 +562,14 @@ def _bucket_pass(
                 overlap = min(t1, b + width) - max(t0, b)
                 share = q * (overlap / span)
                 booked += share
-            g_float[0, g] += share
-            if math.isnan(g_float[1, g]) or share > g_float[1, g]:
-                g_float[1, g] = share
-            g_i32[1, g] += 1
-            g_i32[2 + quality, g] += 1
-        per_series[s, col] = h
-        per_series[s, col + 1] = last
-        per_series[s, col + 2] = batch_no
+            g_float[0, U(g)] += share
+            if math.isnan(g_float[1, U(g)]) or share > g_float[1, U(g)]:
+                g_float[1, U(g)] = share
+            g_i32[1, U(g)] += 1
+            g_i32[2 + quality, U(g)] += 1
+        per_series[s, U(col)] = h
+        per_series[s, U(col + 1)] = last
+        per_series[s, U(col + 2)] = batch_no
     return ng
 
 

@@ -170,6 +170,8 @@ class FactorLibrary(_Frozen):
     _region_of: dict[str, str] = PrivateAttr()
     # (kind, region) -> data year -> factor, for the electricity selection rule.
     _electricity: dict[tuple[str, str], dict[int, EmissionFactor]] = PrivateAttr()
+    _selections: dict[tuple[str, int, str | None], FactorSelection] = PrivateAttr(default_factory=dict)
+    _fuel_selections: dict[str, FactorSelection] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _index(self) -> FactorLibrary:
@@ -226,6 +228,16 @@ class FactorLibrary(_Frozen):
             raise ValueError(f"unknown province {province!r}; known: {sorted(self._region_of)}") from None
 
     def electricity(self, kind: ElectricityKind, year: int, province: str | None) -> FactorSelection:
+        """See `_electricity_selection`; memoised per library, since carbon is computed per site and day."""
+        key = (kind, year, province)
+        selection = self._selections.get(key)
+        if selection is None:
+            selection = self._selections[key] = self._electricity_selection(kind, year, province)
+        return selection
+
+    def _electricity_selection(
+        self, kind: ElectricityKind, year: int, province: str | None
+    ) -> FactorSelection:
         """The electricity factor meterflow uses for consumption in ``year`` in ``province``.
 
         Places are tried from the most specific: the province, its grid region, then national. The first
@@ -244,13 +256,17 @@ class FactorLibrary(_Frozen):
                 stand_in = max(published) < year
                 return FactorSelection(factor=factor, provisional=stand_in or factor.status == "provisional")
         if kind == "market_residual":
-            return self.electricity("location_based", year, province)
+            return self._electricity_selection("location_based", year, province)
         raise LookupError(f"no {kind} electricity factor for {year} or earlier")
 
     def fuel(self, carrier: FuelCarrier) -> FactorSelection:
         """The default factor for natural gas, diesel or purchased heat (not tied to a data year)."""
-        factor = self.get(self.fuel_defaults[carrier])
-        return FactorSelection(factor=factor, provisional=factor.status == "provisional")
+        selection = self._fuel_selections.get(carrier)
+        if selection is None:
+            factor = self.get(self.fuel_defaults[carrier])
+            selection = FactorSelection(factor=factor, provisional=factor.status == "provisional")
+            self._fuel_selections[carrier] = selection
+        return selection
 
 
 def load(path: Path | None = None) -> FactorLibrary:

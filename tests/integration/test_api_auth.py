@@ -170,3 +170,25 @@ def test_foreign_enterprise_key_never_reads_another_tenant(api: ApiServer, fleet
                     else:
                         assert r.headers["content-type"] == "application/problem+json", where
     assert walked >= 30
+
+
+def test_operator_reads_aggregates_across_tenants_but_not_their_accounts(
+    api: ApiServer, fleet: Fleet
+) -> None:
+    """Contract: operators see VPP capacity and aggregates across tenants, no other tenant's raw readings
+    (nor its carbon account, which is the enterprise's own)."""
+    _, key = _key(api, "operator", fleet.tenant)
+    day = {"start": "2025-03-10T00:00:00+08:00", "end": "2025-03-11T00:00:00+08:00"}
+    with api.client(key) as http:
+        load = http.get(f"/v1/sites/{fleet.other_site}/load", params={**day, "tenant": fleet.other})
+        assert load.status_code == 200 and load.json()["tenant"] == fleet.other
+        readings = http.get(
+            f"/v1/devices/{fleet.other_device}/readings", params={**day, "tenant": fleet.other}
+        )
+        assert readings.status_code == 404
+        carbon = http.get(f"/v1/enterprises/{fleet.other}/carbon", params=day)
+        assert carbon.status_code == 404
+        assert (
+            http.get(f"/v1/enterprises/{fleet.other}/carbon-account", params={"year": 2025}).status_code
+            == 404
+        )
