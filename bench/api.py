@@ -41,7 +41,7 @@ TENANT = "bench-api"
 ZONE = ZoneInfo("Asia/Shanghai")
 FIRST_DAY = datetime(2026, 10, 1, tzinfo=ZONE)
 SITES = 10
-COLUMNS = "scope, tenant_id, entity_id, metric, bucket, total, n, max_value, n_measured"
+COLUMNS = "agg_key_id, bucket, total, n, max_value, n_measured"
 TARGET_P99_MS = 50.0
 TARGET_RPS = 500.0
 
@@ -84,17 +84,22 @@ def _day_energy(day: int, devices: int) -> np.ndarray:
     return energy
 
 
-def _frame(
-    scope: str, entities: list[str], buckets: list[datetime], values: np.ndarray, n: int
-) -> pl.DataFrame:
+def _key_ids(conn: psycopg.Connection[Any], scope: str, entities: list[str]) -> list[int]:
+    """The aggregate key of each entity (migration 0007), created when missing."""
+    rows = conn.execute(
+        "SELECT agg_key_of(%s, %s, e, 'energy_import_kwh') FROM unnest(%s::text[]) WITH ORDINALITY AS u(e, i) "
+        "ORDER BY i",
+        (scope, TENANT, entities),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def _frame(key_ids: list[int], buckets: list[datetime], values: np.ndarray, n: int) -> pl.DataFrame:
     """Rows (bucket-major) for one table: values is (buckets, entities)."""
     rows, cols = values.shape
     return pl.DataFrame(
         {
-            "scope": [scope] * (rows * cols),
-            "tenant_id": [TENANT] * (rows * cols),
-            "entity_id": entities * rows,
-            "metric": ["energy_import_kwh"] * (rows * cols),
+            "agg_key_id": np.tile(np.array(key_ids, np.int32), rows),
             "bucket": np.repeat(np.array([b.isoformat() for b in buckets]), cols),
             "total": values.reshape(-1),
             "n": np.full(rows * cols, n, dtype=np.int32),
@@ -107,7 +112,8 @@ def _frame(
 def _copy(cur: psycopg.Cursor[Any], table: str, frame: pl.DataFrame) -> None:
     buffer = io.BytesIO()
     frame.write_csv(buffer, include_header=False)
-    with cur.copy(f"COPY {table} ({COLUMNS}) FROM STDIN (FORMAT csv)") as copy:
+    # Straight into the value table: the compatibility view's trigger would take a row at a time.
+    with cur.copy(f"COPY {table}_values ({COLUMNS}) FROM STDIN (FORMAT csv)") as copy:
         view = buffer.getbuffer()
         for lo in range(0, len(view), 8 << 20):
             copy.write(view[lo : lo + (8 << 20)])
@@ -122,6 +128,7 @@ def ensure_data(settings: Settings, devices: int, days: int, tick: Callable[[str
         device_ids = [_device(d) for d in range(devices)]
         site_of = np.arange(devices) % SITES
         site_ids = [_site(s) for s in range(SITES)]
+        device_keys, site_keys = _key_ids(conn, "device", device_ids), _key_ids(conn, "site", site_ids)
         for day in range(days):
             start = FIRST_DAY + timedelta(days=day)
             last_hour = start + timedelta(hours=23)
@@ -145,14 +152,14 @@ def ensure_data(settings: Settings, devices: int, days: int, tick: Callable[[str
                 ):
                     per_device = minute.reshape(1440 // width, width, devices).sum(axis=1)
                     per_site = sites_minute.reshape(1440 // width, width, SITES).sum(axis=1)
-                    _copy(cur, table, _frame("device", device_ids, stamps, per_device, width))
+                    _copy(cur, table, _frame(device_keys, stamps, per_device, width))
                     # The site rows last: the 1-hour site table's last row marks the day done.
-                    _copy(cur, table, _frame("site", site_ids, stamps, per_site, width * devices // SITES))
+                    _copy(cur, table, _frame(site_keys, stamps, per_site, width * devices // SITES))
                     written += per_device.size + per_site.size
             tick(f"day {day + 1}/{days} loaded ({time.perf_counter() - t0:.1f} s)")
         if written:
             for table in ("agg_1m", "agg_15m", "agg_1h"):
-                conn.execute(f"ANALYZE {table}")
+                conn.execute(f"ANALYZE {table}_values")
     return written
 
 
