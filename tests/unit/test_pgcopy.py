@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_readings_match_reference(gateways: list[str], data: st.DataObject) -> N
             max_size=30,
         )
     )
-    cols = list(zip(*rows, strict=True)) if rows else [[]] * 6
+    cols: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * 6
     stream = pgcopy.encode_readings(
         np.array(cols[0], np.int32), np.array(cols[1], np.int64), np.array(cols[2], np.float64),
         np.array(cols[3], np.int32), pgcopy.TextTable(gateways), np.array(cols[4], np.int64),
