@@ -811,9 +811,12 @@ class RegisterBucketer:
     batches pays one dispatch and a few small copies per batch.
 
     Unlike `registers_to_intervals`, the reads need not be sorted by series: any order in which each
-    series' reads are in time order will do, such as arrival (time) order or (series, ts) order."""
+    series' reads are in time order will do, such as arrival (time) order or (series, ts) order. The
+    arrays it returns are its own copies; one call at a time (its buffers are shared between calls)."""
 
     def __init__(self, widths_ms: tuple[int, ...], max_interp_gap_ms: int) -> None:
+        if not widths_ms or min(widths_ms) <= 0:
+            raise ValueError(f"bucket widths must be positive, got {widths_ms}")
         self.widths_ms = widths_ms
         self.max_interp_gap_ms = max_interp_gap_ms
         self._widths = np.array(widths_ms, np.int64)

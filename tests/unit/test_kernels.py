@@ -315,6 +315,21 @@ def test_an_interval_reaching_back_past_a_flagged_read_meets_its_flag():
     assert {rows[0, T0 + m * WIDTH].by_quality[k.ESTIMATED] for m in range(4)} == {1}
 
 
+def test_an_empty_batch_gives_empty_buckets_and_bad_widths_are_refused():
+    result = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)(
+        np.empty(0, np.int32),
+        np.empty(0, np.int64),
+        np.empty(0),
+        k.RegisterState.empty(2),
+        params({0: REGISTERS[0], 1: REGISTERS[1]}),
+    )
+    assert result.read_flag.size == 0
+    assert [b.series.size for b in result.buckets] == [0, 0, 0]
+    for widths in [(), (WIDTH, 0)]:
+        with pytest.raises(ValueError):
+            k.RegisterBucketer(widths, INTERP_LIMIT)
+
+
 def test_buffers_that_fill_mid_batch_grow_and_the_batch_is_bucketed_once():
     # Three meters silent for 30 hours: 5,400 one-minute groups from one batch, far past the first
     # buffers, then a small batch on the grown ones.
