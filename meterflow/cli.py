@@ -414,6 +414,7 @@ def run(
     console.print(
         f"\n[bold green]meterflow is running.[/]\n"
         f"  API        {base}/docs  (admin key: {key_source})\n"
+        f"  dashboard  {base}/dashboard/  (asks for the admin key once)\n"
         f'  readings   curl -H "Authorization: Bearer $(cat .stack/app/admin-key)" '
         f"'{base}/v1/devices/s00-main/readings?tenant=factory-000&{window}'\n"
         f"  status     meterflow stack status\n"
