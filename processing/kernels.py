@@ -67,90 +67,6 @@ DENSE_GRID_LIMIT: Final = 1 << 22
 
 
 @njit(cache=True, nogil=True)
-def _registers_to_intervals(
-    series: I32,
-    ts: I64,
-    value: F64,
-    install_after: F64,
-    multiplier: F64,
-    anchor_ts: I64,
-    anchor_val: F64,
-    pending_ts: I64,
-    pending_val: F64,
-    register_max: F64,
-    resolution: F64,
-    max_rate_per_ms: F64,
-    out_series: I32,
-    out_t0: I64,
-    out_t1: I64,
-    out_qty: F64,
-    out_bad: I8,
-    read_flag: I8,
-) -> int:
-    m = 0
-    for i in range(series.size):
-        s = series[i]
-        t = ts[i]
-        v = value[i]
-        anchor_next = v if math.isnan(install_after[i]) else install_after[i]
-        if anchor_ts[s] == NO_TS:
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            read_flag[i] = READ_FIRST
-            continue
-        d = v - anchor_val[s]
-        flag = READ_OK
-        if (
-            d < 0.0
-            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
-            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
-        ):
-            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
-            flag = READ_ROLLOVER
-        limit = max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]
-        if 0.0 <= d <= limit:
-            out_series[m] = s
-            out_t0[m] = anchor_ts[s]
-            out_t1[m] = t
-            out_qty[m] = d * multiplier[i]
-            out_bad[m] = 0
-            m += 1
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            pending_ts[s] = NO_TS
-            read_flag[i] = flag
-            continue
-        if pending_ts[s] != NO_TS:
-            dp = v - pending_val[s]
-            if 0.0 <= dp <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]:
-                out_series[m] = s
-                out_t0[m] = anchor_ts[s]
-                out_t1[m] = pending_ts[s]
-                out_qty[m] = 0.0
-                out_bad[m] = 1
-                m += 1
-                out_series[m] = s
-                out_t0[m] = pending_ts[s]
-                out_t1[m] = t
-                out_qty[m] = dp * multiplier[i]
-                out_bad[m] = 0
-                m += 1
-                anchor_ts[s] = t
-                anchor_val[s] = anchor_next
-                pending_ts[s] = NO_TS
-                read_flag[i] = READ_REBASELINE
-                continue
-        if v < anchor_val[s]:
-            # A drop may be a reset the next read confirms; an up-jump is a glitch and anchors nothing.
-            pending_ts[s] = t
-            pending_val[s] = v
-            read_flag[i] = READ_NEGATIVE
-        else:
-            read_flag[i] = READ_IMPLAUSIBLE
-    return m
-
-
-@njit(cache=True, nogil=True)
 def _prorate_count(t0: I64, t1: I64, bad: I8, width_ms: int) -> int:
     n = 0
     for j in range(t0.size):
@@ -365,10 +281,12 @@ def _register_pass(
     read_flag: I8,
     start: I64,
     qty: F64,
+    unknown_from: I64,
 ) -> None:
-    """The rules of `_registers_to_intervals`, keeping per read only the interval that gets spread: it
-    ends at the read and starts at `start[i]` (the anchor, or the drop a rebaseline confirmed; the
-    interval before that drop is unknown and spreads nothing)."""
+    """The register rules (step 1 above), read by read: each read's flag and, when it books, the
+    interval it closes: from `start[i]` (the anchor, or the drop a rebaseline confirmed) to the read,
+    holding `qty[i]`. A rebaseline also leaves the unknown interval's start, the anchor before the
+    drop, in `unknown_from[i]`."""
     has_install = install_after.size > 0
     has_multiplier = multiplier.size > 0
     for i in range(series.size):
@@ -403,6 +321,7 @@ def _register_pass(
         elif pending_ts[s] != NO_TS and (
             0.0 <= v - pending_val[s] <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]
         ):
+            unknown_from[i] = anchor_ts[s]
             start[i] = pending_ts[s]
             qty[i] = (v - pending_val[s]) * multiplier[i] if has_multiplier else v - pending_val[s]
             anchor_ts[s] = t
@@ -416,6 +335,54 @@ def _register_pass(
             read_flag[i] = READ_NEGATIVE
         else:
             read_flag[i] = READ_IMPLAUSIBLE
+
+
+@njit(cache=True, nogil=True)
+def _registers_to_intervals(
+    series: I32,
+    ts: I64,
+    value: F64,
+    install_after: F64,
+    multiplier: F64,
+    anchor_ts: I64,
+    anchor_val: F64,
+    pending_ts: I64,
+    pending_val: F64,
+    register_max: F64,
+    resolution: F64,
+    max_rate_per_ms: F64,
+    read_flag: I8,
+    start: I64,
+    qty: F64,
+    unknown_from: I64,
+    out_series: I32,
+    out_t0: I64,
+    out_t1: I64,
+    out_qty: F64,
+    out_bad: I8,
+) -> int:
+    _register_pass(
+        series, ts, value, install_after, multiplier, anchor_ts, anchor_val, pending_ts, pending_val,
+        register_max, resolution, max_rate_per_ms, read_flag, start, qty, unknown_from,
+    )  # fmt: skip
+    m = 0
+    for i in range(series.size):
+        f = read_flag[i]
+        if f == READ_REBASELINE:
+            out_series[m] = series[i]
+            out_t0[m] = unknown_from[i]
+            out_t1[m] = start[i]
+            out_qty[m] = 0.0
+            out_bad[m] = 1
+            m += 1
+        if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE):
+            out_series[m] = series[i]
+            out_t0[m] = start[i]
+            out_t1[m] = ts[i]
+            out_qty[m] = qty[i]
+            out_bad[m] = 0
+            m += 1
+    return m
 
 
 @njit(cache=True, nogil=True)
@@ -594,6 +561,7 @@ def _register_buckets(
     max_interp_gap_ms: int,
     start: I64,
     qty: F64,
+    unknown_from: I64,
     per_series: I64,
     scratch: I64,
     capacity: int,
@@ -612,7 +580,7 @@ def _register_buckets(
                 return -1
         _register_pass(
             series, ts, value, install_after, multiplier, anchor_ts, anchor_val, pending_ts, pending_val,
-            register_max, resolution, max_rate_per_ms, read_flag, start, qty,
+            register_max, resolution, max_rate_per_ms, read_flag, start, qty, unknown_from,
         )  # fmt: skip
     for w in range(widths.size):
         n_groups[w] = _bucket_pass(
@@ -698,10 +666,7 @@ def registers_to_intervals(
     `install_after[i]` (NaN when none) is the install read of a meter exchanged right after read i;
     `multiplier[i]` scales the quantity of the interval ending at read i. Updates `state` in place."""
     n = series.size
-    if install_after is None:
-        install_after = np.full(n, np.nan)
-    if multiplier is None:
-        multiplier = np.ones(n)
+    no_values = np.empty(0, np.float64)
     out_series = np.empty(2 * n, np.int32)
     out_t0 = np.empty(2 * n, np.int64)
     out_t1 = np.empty(2 * n, np.int64)
@@ -709,10 +674,13 @@ def registers_to_intervals(
     out_bad = np.empty(2 * n, np.int8)
     read_flag = np.empty(n, np.int8)
     m = _registers_to_intervals(
-        series, ts, value, install_after, multiplier,
+        series, ts, value,
+        no_values if install_after is None else install_after,
+        no_values if multiplier is None else multiplier,
         state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
         params.register_max, params.resolution, params.max_rate_per_ms,
-        out_series, out_t0, out_t1, out_qty, out_bad, read_flag,
+        read_flag, np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64),
+        out_series, out_t0, out_t1, out_qty, out_bad,
     )  # fmt: skip
     return Intervals(out_series[:m], out_t0[:m], out_t1[:m], out_qty[:m], out_bad[:m], read_flag)
 
@@ -828,6 +796,7 @@ class RegisterBucketer:
         self._scratch = np.empty((0, 3), np.int64)  # per series, for bounding the groups
         self._start = np.empty(0, np.int64)  # per read: where the interval it closes starts
         self._qty = np.empty(0, np.float64)  # and the quantity in it
+        self._unknown_from = np.empty(0, np.int64)
         self._capacity = 0
         self._grow_groups(1024)
 
@@ -841,7 +810,8 @@ class RegisterBucketer:
 
     def _buffers(self) -> None:
         self._tail = (
-            self._widths, self.max_interp_gap_ms, self._start, self._qty, self._per_series, self._scratch,
+            self._widths, self.max_interp_gap_ms, self._start, self._qty, self._unknown_from,
+            self._per_series, self._scratch,
             self._capacity, self._g_i32, self._g_i64, self._g_float, self._n_groups,
         )  # fmt: skip
 
@@ -899,6 +869,7 @@ class RegisterBucketer:
         if n_reads > self._start.size:
             self._start = np.empty(n_reads, np.int64)
             self._qty = np.empty(n_reads, np.float64)
+            self._unknown_from = np.empty(n_reads, np.int64)
         self._buffers()
 
 
