@@ -87,6 +87,8 @@ class BatchWriter:
         self.max_gap_ms = int(p.max_interp_gap_s * 1000)
         self.margin = p.plausibility_margin
         self.entities = rollup.EntityIndex()
+        # In-order register reads of a poll, bucketed at every width by one fused kernel call.
+        self.bucketer = kernels.RegisterBucketer(tuple(width for _, width in WIDTHS), self.max_gap_ms)
 
     async def load_unknown_series(self, conn: store.Conn, series: I32) -> None:
         t = self.series
@@ -306,11 +308,12 @@ class BatchWriter:
         if s.size == 0:
             return
         install, multiplier = self._schedules(s, ts)
-        intervals = kernels.registers_to_intervals(
+        result = self.bucketer(
             s, ts, value, state, self.series.params, install_after=install, multiplier=multiplier
         )
-        flagged = self._flags(s, ts, intervals.read_flag, flag_rows, out)
-        self._book_intervals(intervals, deltas, flag_series=s[flagged], flag_ts=ts[flagged])
+        self._flags(s, ts, result.read_flag, flag_rows, out)
+        for (table, _), buckets in zip(WIDTHS, result.buckets, strict=True):
+            deltas[table].append(rollup.Part(buckets, 1, False, rollup=True))
 
     def _flags(
         self,
