@@ -3,11 +3,13 @@ binary COPY of the same raw rows into a hypertable shaped like the processor's, 
 
 A fleet of registered meters (an energy register and active power every minute, a grid meter per site
 so site and enterprise roll-ups are written too) is produced to a topic of its own as the collector
-produces it (v2 records). One processor, in this process, consumes it with its real write path: raw
-readings, 1-minute / 15-minute / 1-hour aggregates per device, site and enterprise, audit entries and
-offsets per transaction. The rate is measured from its first committed poll to its last, so consumer
-group start-up is left out. The peer then copies the same raw rows, in polls of the same size, with
-nothing else: the ceiling of the raw write alone.
+produces it (v2 records). `--processors` `meterflow processor` processes (default 2, one per core
+here) consume it in one consumer group with their real write path: raw readings, 1-minute / 15-minute
+/ 1-hour aggregates per device, site and enterprise, audit entries and offsets per transaction. The
+rate is measured once the group has settled (every process holds its share of the partitions), to the
+last commit, over the readings the database gained in between; process start-up and the first
+rebalances are left out. The peer then copies the same raw rows, in transactions as large as a full
+poll, with nothing else, from one connection: the ceiling of the raw write alone.
 
 Readings are dated in 2001 under a tenant of their own (`bench-<id>`), so they never mix with live data;
 raw readings are append-only, so they stay until retention removes 2001.
@@ -16,11 +18,15 @@ raw readings are append-only, so they stay until retention removes 2001.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -31,7 +37,7 @@ from psycopg import sql
 from ingest.records import Partitioner, RecordBatch
 from meterflow.contract import DeviceReadings, Reading
 from meterflow.settings import Settings
-from processing import pgcopy, processor, store
+from processing import pgcopy, store
 
 T0_MS = int(datetime(2001, 6, 1, tzinfo=UTC).timestamp() * 1000)
 METERS_PER_SITE = 50
@@ -163,8 +169,87 @@ async def _bare_copy(
             await conn.commit()
 
 
+def _start_processors(env: dict[str, str], logs: Path, n: int) -> list[subprocess.Popen[bytes]]:
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(n):
+        with (logs / f"bench-processor-{i}.log").open("wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "meterflow", "processor"], env=env, stdout=log, stderr=log
+                )
+            )
+    return procs
+
+
+_ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
+
+
+def _settled(logs: Path, processes: int, partitions: int) -> bool:
+    """Every processor's latest assignment is in, and together they cover each partition once."""
+    latest = []
+    for i in range(processes):
+        found = _ASSIGNED.findall((logs / f"bench-processor-{i}.log").read_text(errors="replace"))
+        if not found:
+            return False
+        latest.append([int(p) for p in found[-1].split(",") if p.strip()])
+    owned = sorted(p for parts in latest for p in parts)
+    return owned == list(range(partitions))
+
+
+def _stop_processors(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=60)
+
+
+async def _consume(
+    settings: Settings, topic: str, group: str, tenant: str, processes: int, records: int, total: int
+) -> float:
+    """Run `meterflow processor` processes on the topic until the offsets they committed cover every
+    record. The rate runs from the moment the group has settled (every process assigned its share of
+    the partitions; start-up and the first rebalances left out) to the last commit, over the readings
+    committed in between, as the database counts them."""
+    env = {
+        **os.environ,
+        "METERFLOW_KAFKA__READINGS_TOPIC": topic,
+        "METERFLOW_KAFKA__PROCESSOR_GROUP": group,
+        "METERFLOW_PROCESSING__METRICS_PORT": "0",
+    }
+    logs = settings.state_path / "app"
+    procs = await asyncio.to_thread(_start_processors, env, logs, processes)
+    stored = "SELECT count(*) FROM reading_values WHERE series_id IN (SELECT series_id FROM series WHERE tenant_id = %s)"
+    first_at: float | None = None
+    first_count = 0
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.db.conninfo(), autocommit=True) as conn:
+            while True:
+                await asyncio.sleep(0.05)
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"a processor stopped early; see {logs}/bench-processor-*.log")
+                cur = await conn.execute(
+                    "SELECT count(*), coalesce(sum(next_offset), 0) FROM processor_offsets "
+                    "WHERE consumer_group = %s AND topic = %s",
+                    (group, topic),
+                )
+                row = await cur.fetchone()
+                done = int(row[1]) if row else 0
+                if first_at is None and _settled(logs, processes, settings.kafka.partitions):
+                    first_at = time.perf_counter()
+                    first_count = int((await (await conn.execute(stored, (tenant,))).fetchone() or (0,))[0])
+                if done >= records:
+                    finished_at = time.perf_counter()
+                    break
+    finally:
+        await asyncio.to_thread(_stop_processors, procs)
+    if first_at is None:
+        raise RuntimeError("no poll was committed")
+    return (total - first_count) / max(finished_at - first_at, 1e-9)
+
+
 async def _run(
-    settings: Settings, n_readings: int, n_devices: int, tick: Callable[[str], None]
+    settings: Settings, n_readings: int, n_devices: int, processes: int, tick: Callable[[str], None]
 ) -> dict[str, object]:
     suffix = uuid.uuid4().hex[:8]
     tenant, topic, group = f"bench-{suffix}", f"bench.processor.{suffix}", f"bench-processor-{suffix}"
@@ -174,36 +259,11 @@ async def _run(
     async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
         await _register(conn, tenant, n_devices)
     records = await _produce(settings, topic, tenant, registers, power)
-    tick("compiling kernels")
-    await asyncio.to_thread(processor.warm_up)
 
-    bench_settings = settings.model_copy(
-        update={
-            "kafka": settings.kafka.model_copy(update={"readings_topic": topic, "processor_group": group})
-        }
-    )
-    proc = processor.Processor(bench_settings)
-    tick(f"processor consuming {records:,} records")
-    task = asyncio.create_task(proc.run(install_signal_handlers=False))
-    first_at, first_count = None, 0.0
-    try:
-        while True:
-            await asyncio.sleep(0.05)
-            if task.done():
-                task.result()
-                raise RuntimeError("processor stopped before consuming the bench topic")
-            done = proc.readings_done
-            if first_at is None and done > 0:
-                first_at, first_count = time.perf_counter(), done
-            if done >= total:
-                finished_at = time.perf_counter()
-                break
-    finally:
-        proc.stop()
-        with contextlib.suppress(Exception):
-            await task
-    value = (total - first_count) / (finished_at - (first_at or finished_at))
-    per_poll = max(1, round(total / max(proc.polls, 1)))
+    tick(f"{processes} processor process(es) in one consumer group consuming {records:,} records")
+    value = await _consume(settings, topic, group, tenant, processes, records, total)
+    # The peer's transactions are as large as a full poll (the most records a poll takes).
+    per_poll = max(1, settings.processing.max_batch_records * total // records)
     tick(f"bare binary COPY of the same {total:,} rows, {per_poll:,} per transaction")
     peer_value = total / await _bare_copy(settings, tenant, registers, power, per_poll)
     return {
@@ -215,11 +275,12 @@ async def _run(
         "peer_value": round(peer_value),
         "ratio": round(value / peer_value, 3),
         "readings": total,
-        "polls": proc.polls,
+        "readings_per_poll": per_poll,
+        "processors": processes,
     }
 
 
 def run_processor_bench(
-    settings: Settings, *, n_readings: int, n_devices: int, tick: Callable[[str], None]
+    settings: Settings, *, n_readings: int, n_devices: int, processes: int, tick: Callable[[str], None]
 ) -> dict[str, object]:
-    return asyncio.run(_run(settings, n_readings, n_devices, tick))
+    return asyncio.run(_run(settings, n_readings, n_devices, processes, tick))
