@@ -67,7 +67,9 @@ SQL: dict[str, str] = {
     # Energy and quality from the hourly table, peak demand from its quarter hours.
     "1h": f"""
         WITH h AS ({_net_per_bucket("agg_1h")}),
-             p AS (SELECT time_bucket('1 hour', bucket) AS hour, max(imp - exp) AS peak_quarter_kwh,
+             -- Materialized: a generic plan guesses one row per side and would otherwise rescan
+             -- (re-sort) the quarter hours once per hour in a nested loop.
+             p AS MATERIALIZED (SELECT time_bucket('1 hour', bucket) AS hour, max(imp - exp) AS peak_quarter_kwh,
                           count(*) AS quarters
                    FROM ({_net_per_bucket("agg_15m")}) q GROUP BY 1)
         SELECT h.*, p.peak_quarter_kwh, coalesce(p.quarters, 0) AS quarters

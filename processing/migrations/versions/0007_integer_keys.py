@@ -54,6 +54,9 @@ def upgrade() -> None:
     _readings()
     for table, chunk in AGG_TABLES.items():
         _aggregates(table, chunk)
+    # Planner statistics for the new tables now, not whenever autovacuum gets to them.
+    for table in ("series", "reading_values", "agg_keys", *(f"{t}_values" for t in AGG_TABLES)):
+        op.execute(f"ANALYZE {table}")
     if community:
         op.execute(
             "ALTER TABLE reading_values SET (timescaledb.compress, timescaledb.compress_segmentby = 'series_id')"
