@@ -18,6 +18,7 @@ from api.routes import carbon, dashboard, factors, keys, load, readings, registr
 from api.routes import dr as dr_routes
 from api.routes import vpp as vpp_routes
 from api.tou import load_calendars
+from meterflow.runtime import settle_after_start_up
 from meterflow.settings import Settings
 from processing.carbon import sync_packaged_factors
 
@@ -32,6 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.pool = pool
         admin_key = cfg.bootstrap_admin_key.get_secret_value() if cfg.bootstrap_admin_key else None
         await ensure_bootstrap_admin(pool, admin_key)
+        # Fewer, shorter collections: a pause in one lands in some request's tail latency.
+        settle_after_start_up()
         async with pool.connection() as conn:
             await sync_packaged_factors(conn)
         # Generic plans: a prepared statement on a hypertable otherwise gets a custom plan, that is a

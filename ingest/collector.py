@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import logging
 import signal
 import time
@@ -39,6 +38,7 @@ from ingest.registry import Registry, check_ownership, wait_loaded
 from ingest.sparkplug import SparkplugSessions
 from meterflow import sparkplug
 from meterflow.contract import DeadLetterReason, TelemetryTopic, now_ms, parse_telemetry_topic
+from meterflow.runtime import settle_after_start_up
 from meterflow.settings import Settings
 
 if TYPE_CHECKING:
@@ -99,9 +99,6 @@ RECONNECT_MIN_S: Final = 1.0
 RECONNECT_MAX_S: Final = 30.0
 # paho's keepalive and ping checks; they only need to run a few times per keepalive interval.
 MISC_INTERVAL_S: Final = 1.0
-# Garbage collection every 50,000 net allocations rather than 700 (the single-message bench went from
-# 6,300 to 8,700 messages/s).
-GC_THRESHOLDS: Final = (50_000, 20, 100)
 # Topics parsed once: a fleet publishes on a bounded set of them, parsed again after this many.
 MAX_CACHED_TOPICS: Final = 100_000
 
@@ -395,12 +392,9 @@ class Collector:
         self._producer = self._new_producer()
         await self._start_producer()
         await wait_loaded(self.registry, self._stop)
-        # paho allocates a few dozen container objects per message; with the default thresholds a
-        # collection runs every few dozen messages, walking all messages read but not handled yet.
-        # What exists now (modules, schemas, the registry) lives as long as the process: frozen, no
-        # collection walks it again.
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        # paho allocates a few dozen container objects per message; a collection would otherwise
+        # walk every message read but not handled yet, every few dozen messages.
+        settle_after_start_up()
         client = self._client = self._make_client()
         for job in (self._keep_connected(client), self._misc(client)):
             task = asyncio.create_task(job)
