@@ -185,14 +185,12 @@ class Processor:
             while not self._stop.is_set():
                 poll = await (pending or self._fetch())
                 pending = None
-                if poll is None:
-                    continue
-                if poll.rebalances != self.rebalances:
-                    # Positions were reset to the stored offsets: these records come again.
-                    continue
-                columns = poll.builder.finish()
-                pending = asyncio.create_task(self._fetch())
-                await self._write_poll(poll, columns)
+                # A poll fetched before a rebalance is dropped: positions were reset to the stored
+                # offsets, so its records come again.
+                if poll is not None and poll.rebalances == self.rebalances:
+                    columns = poll.builder.finish()
+                    pending = asyncio.create_task(self._fetch())
+                    await self._write_poll(poll, columns)
                 if self.settings.processing.raw_retention_days and time.monotonic() >= retention_due:
                     await self._apply_retention()
                     retention_due = time.monotonic() + self.settings.processing.retention_every_s

@@ -12,7 +12,9 @@ January 2001, and retention is applied with a cutoff of 1 February 2001, so no o
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -299,3 +301,48 @@ async def test_retention_drops_old_chunks_and_retires_their_entries(
     assert (report.entries_checked, report.retired_skipped) == (0, len(old_days))
     await conn.execute("DELETE FROM audit_chain WHERE topic = %s", (topic,))
     await conn.commit()
+
+
+async def test_the_processor_applies_retention_between_polls(
+    conn: psycopg.AsyncConnection[Any], base_settings: Settings
+) -> None:
+    """An idle processor with retention configured drops readings past it on its own."""
+    from deploy.local.services import ensure_topics
+    from processing.processor import Processor
+
+    run = uuid.uuid4().hex[:8]
+    tenant, topic = f"keep-{run}", f"test-retention-{run}"
+    w = Writer(conn, tenant, topic)
+    await w.write(0, _ms(date(2001, 1, 12), 12), 1)
+    days = (datetime.now(UTC).date() - date(2001, 2, 1)).days
+    settings = base_settings.model_copy(
+        update={
+            "processing": base_settings.processing.model_copy(
+                update={"raw_retention_days": days, "retention_every_s": 0.5}
+            ),
+            "kafka": base_settings.kafka.model_copy(
+                update={"readings_topic": topic, "processor_group": f"test-retention-{run}"}
+            ),
+        }
+    )
+    await ensure_topics(settings)
+    processor = Processor(settings)
+    task = asyncio.create_task(processor.run(install_signal_handlers=False))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            cur = await conn.execute("SELECT count(*) FROM readings WHERE tenant_id = %s", (tenant,))
+            left = (await cur.fetchone() or (None,))[0]
+            await conn.commit()
+            if left == 0:
+                break
+            assert not task.done(), "the processor stopped"
+            assert time.monotonic() < deadline, f"{left} readings from 2001-01-12 still stored"
+            await asyncio.sleep(0.5)
+        cur = await conn.execute("SELECT bool_and(retired) FROM audit_chain WHERE topic = %s", (topic,))
+        assert await cur.fetchone() == (True,)
+    finally:
+        processor.stop()
+        await task
+        await conn.execute("DELETE FROM audit_chain WHERE topic = %s", (topic,))
+        await conn.commit()
