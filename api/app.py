@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,35 +28,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = AsyncConnectionPool(cfg.db.conninfo(), min_size=1, max_size=cfg.db.pool_max, open=False)
-        await pool.open(wait=True, timeout=30)
-        app.state.pool = pool
-        admin_key = cfg.bootstrap_admin_key.get_secret_value() if cfg.bootstrap_admin_key else None
-        await ensure_bootstrap_admin(pool, admin_key)
-        # Fewer, shorter collections: a pause in one lands in some request's tail latency.
-        settle_after_start_up()
-        async with pool.connection() as conn:
-            await sync_packaged_factors(conn)
-        # Generic plans: a prepared statement on a hypertable otherwise gets a custom plan, that is a
-        # full planning with chunk exclusion, on every execution; TimescaleDB excludes chunks at run time.
-        read_pool = AsyncConnectionPool(
-            cfg.db.conninfo(),
-            min_size=1,
-            max_size=cfg.db.pool_max,
-            kwargs={"autocommit": True, "options": "-c plan_cache_mode=force_generic_plan"},
-            open=False,
-        )
-        await read_pool.open(wait=True, timeout=30)
-        app.state.read_pool = read_pool
-        try:
-            yield
-        finally:
-            # Let a pending trailing broker reload happen: it is what makes the last credentials live.
-            trailing = getattr(app.state, "trailing_broker_reload", None)
-            if trailing is not None:
-                await asyncio.gather(trailing, return_exceptions=True)
-            await read_pool.close()
-            await pool.close()
+        async with AsyncExitStack() as pools:
+            pool = AsyncConnectionPool(cfg.db.conninfo(), min_size=1, max_size=cfg.db.pool_max, open=False)
+            await pool.open(wait=True, timeout=30)
+            pools.push_async_callback(pool.close)
+            app.state.pool = pool
+            admin_key = cfg.bootstrap_admin_key.get_secret_value() if cfg.bootstrap_admin_key else None
+            await ensure_bootstrap_admin(pool, admin_key)
+            async with pool.connection() as conn:
+                await sync_packaged_factors(conn)
+            # Generic plans: a prepared statement on a hypertable otherwise gets a custom plan, that is a
+            # full planning with chunk exclusion, on every execution; TimescaleDB excludes chunks at run
+            # time.
+            read_pool = AsyncConnectionPool(
+                cfg.db.conninfo(),
+                min_size=1,
+                max_size=cfg.db.pool_max,
+                kwargs={"autocommit": True, "options": "-c plan_cache_mode=force_generic_plan"},
+                open=False,
+            )
+            await read_pool.open(wait=True, timeout=30)
+            pools.push_async_callback(read_pool.close)
+            app.state.read_pool = read_pool
+            # Fewer, shorter collections once everything start-up made exists: a pause in one lands in
+            # some request's tail latency.
+            settle_after_start_up()
+            try:
+                yield
+            finally:
+                # Let a pending trailing broker reload happen: it makes the last credentials live.
+                trailing = getattr(app.state, "trailing_broker_reload", None)
+                if trailing is not None:
+                    await asyncio.gather(trailing, return_exceptions=True)
 
     app = FastAPI(
         title="meterflow",

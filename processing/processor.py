@@ -88,11 +88,13 @@ def warm_up() -> None:
 
 @dataclass(slots=True)
 class _Poll:
-    """Records of one poll, decoded; `rebalances` is the processor's count when they were fetched."""
+    """Records of one poll, decoded; `rebalances` is the processor's count when getmany returned them
+    (the positions they leave the consumer at belong to that assignment)."""
 
     batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     builder: ColumnBuilder
     next_offsets: dict[int, int]
+    undecodable: list[tuple[TopicPartition, int, bytes, str]]
     rebalances: int
     fetched_at: float
 
@@ -185,9 +187,12 @@ class Processor:
             while not self._stop.is_set():
                 poll = await (pending or self._fetch())
                 pending = None
-                # A poll fetched before a rebalance is dropped: positions were reset to the stored
-                # offsets, so its records come again.
-                if poll is not None and poll.rebalances == self.rebalances:
+                if poll is not None and poll.rebalances != self.rebalances:
+                    # Fetched under an assignment that has changed since: drop it, and take every
+                    # assigned partition back to its stored offset so its records come again.
+                    async with self.write_lock:
+                        await self.seek_to_stored(self.consumer.assignment())
+                elif poll is not None:
                     columns = poll.builder.finish()
                     pending = asyncio.create_task(self._fetch())
                     await self._write_poll(poll, columns)
@@ -217,24 +222,30 @@ class Processor:
 
     async def _fetch(self) -> _Poll | None:
         p = self.settings.processing
-        rebalances = self.rebalances
         batches = await self.consumer.getmany(timeout_ms=p.poll_timeout_ms, max_records=p.max_batch_records)
+        # Read right after getmany: a rebalance during it already moved the positions past these
+        # records, and nothing below awaits.
+        rebalances = self.rebalances
         if not batches:
             return None
         fetched_at = time.perf_counter()
         builder = ColumnBuilder.start(self.series)
         next_offsets: dict[int, int] = {}
+        undecodable: list[tuple[TopicPartition, int, bytes, str]] = []
         for tp, records in batches.items():
             for rec in records:
                 RECORDS.inc()
                 try:
                     builder.add(tp.partition, rec.value or b"")
                 except UndecodableRecord as exc:
-                    await self._dead_letter(tp, rec.offset, rec.value or b"", str(exc))
+                    undecodable.append((tp, rec.offset, rec.value or b"", str(exc)))
             next_offsets[tp.partition] = records[-1].offset + 1
-        return _Poll(batches, builder, next_offsets, rebalances, fetched_at)
+        return _Poll(batches, builder, next_offsets, undecodable, rebalances, fetched_at)
 
     async def _write_poll(self, poll: _Poll, columns: Columns) -> None:
+        # Dead letters go out only for polls that are written, so a dropped poll sends none twice.
+        for tp, offset, value, detail in poll.undecodable:
+            await self._dead_letter(tp, offset, value, detail)
         async with self.write_lock:
             outcome = await self._write(columns, poll.next_offsets)
         self.readings_done += outcome.readings

@@ -151,12 +151,6 @@ class RegistryView:
         i = bisect.bisect_right(schedule, (ts_ms, float("inf"))) - 1
         return schedule[i][1] if i >= 0 else 1.0
 
-    def member_at(self, key: DeviceKey, ts_ms: int) -> Membership | None:
-        for period in self.membership.get(key, ()):
-            if period.valid_from_ms <= ts_ms < period.valid_to_ms:
-                return period
-        return None
-
 
 def _ms(value: object) -> int:
     """Epoch milliseconds as the queries compute them; +-infinity (open validity) clamps to sentinels."""

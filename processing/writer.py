@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 WIDTHS: tuple[tuple[str, int], ...] = (("agg_1m", 60_000), ("agg_15m", 900_000), ("agg_1h", 3_600_000))
 
-# Roll-up scopes by device role: the boundary (grid) meters make a site's and an enterprise's energy;
-# resources make their VPP's. Sub-meters stay at device level, so nothing is counted twice.
-_ROLLUP_ROLES = {"grid": ("site", "enterprise"), "resource": ("vpp",)}
-
 
 class AuditAppender(Protocol):
     async def append(
@@ -171,9 +167,11 @@ class BatchWriter:
                 inserted_old = await store.insert_unless_stored(
                     cur, self._stream(cols, gateways, s, ts, value, rec, ~fresh, audit_ids)
                 )
-                new_keys = {(t.by_db_id[series_id], ts_ms) for series_id, ts_ms in inserted_old}
-                for i in np.flatnonzero(~fresh).tolist():
-                    late[i] = (int(s[i]), int(ts[i])) in new_keys
+                if inserted_old:
+                    stored_s = np.array([t.by_db_id[series_id] for series_id, _ in inserted_old], np.int64)
+                    stored_ts = np.array([ts_ms for _, ts_ms in inserted_old], np.int64)
+                    maybe = ~fresh
+                    late[maybe] = np.isin(_pairs(s[maybe], ts[maybe]), _pairs(stored_s, stored_ts))
             inserted = fresh | late
             out.late = int(late.sum())
             out.inserted = int(inserted.sum())
@@ -322,9 +320,8 @@ class BatchWriter:
         read_flag: I8,
         flag_rows: list[tuple[str, str, str, int, str]],
         out: BatchOutcome,
-    ) -> np.ndarray:
-        flagged = _flagged(read_flag)
-        for i in np.flatnonzero(flagged).tolist():
+    ) -> None:
+        for i in np.flatnonzero(_flagged(read_flag)).tolist():
             name = kernels.READ_FLAG_NAMES[int(read_flag[i])]
             flag_rows.append((*self.series.keys[s[i]], int(ts[i]), name))
             out.flags[name] += 1
@@ -332,7 +329,6 @@ class BatchWriter:
             hits = int((read_flag == code).sum())
             if hits:
                 out.flags[kernels.READ_FLAG_NAMES[code]] += hits
-        return flagged
 
     async def _late_registers(
         self,
@@ -457,6 +453,12 @@ class BatchWriter:
         if upserts:
             await store.upsert_aggregates(cur, table, upserts)
         return rows
+
+
+def _pairs(series: np.ndarray, ts_ms: I64) -> np.ndarray:
+    """(series, ts) pairs as one comparable value each, for set operations in numpy."""
+    both = np.ascontiguousarray(np.stack([series.astype(np.int64), ts_ms], axis=1))
+    return both.view(np.dtype((np.void, 16))).ravel()
 
 
 _FLAGGED_READS = (kernels.READ_NEGATIVE, kernels.READ_IMPLAUSIBLE)

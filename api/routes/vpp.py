@@ -6,6 +6,7 @@ VPP; an enterprise key sees the VPPs its own devices belong to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -450,6 +451,11 @@ async def stale_devices(vpp: str, who: PrincipalDep, request: Request) -> StaleD
     return StaleDevices(vpp=vpp, devices=[StaleDevice.model_validate(r) for r in rows])
 
 
+# Every open stream holds one database connection.
+MAX_STREAMS = 64
+_STREAM_SLOTS = asyncio.Semaphore(MAX_STREAMS)
+
+
 @router.get("/vpps/{vpp}/capacity/stream", response_class=StreamingResponse)
 async def capacity_stream(
     vpp: str, who: PrincipalDep, request: Request, duration_min: Duration = 15
@@ -459,12 +465,21 @@ async def capacity_stream(
     _check_duration(request, duration_min)
     await require_vpp(request, who, vpp)
     settings: Settings = request.app.state.settings
-    conn = await psycopg.AsyncConnection.connect(settings.db.conninfo(), autocommit=True)
-    await conn.execute("LISTEN vpp_capacity")
+    if _STREAM_SLOTS.locked():
+        raise Problem(
+            503, "too-many-streams", "Too many live streams",
+            f"this API process serves at most {MAX_STREAMS} capacity streams at once; poll capacity instead",
+        )  # fmt: skip
 
     async def events() -> AsyncIterator[bytes]:
+        # Each stream LISTENs on a connection of its own (outside the pools), opened and closed here
+        # so a stream that never starts holds none.
         last: CapacityNow | None = None
+        conn: psycopg.AsyncConnection[Any] | None = None
+        await _STREAM_SLOTS.acquire()
         try:
+            conn = await psycopg.AsyncConnection.connect(settings.db.conninfo(), autocommit=True)
+            await conn.execute("LISTEN vpp_capacity")
             while True:
                 now = await _capacity_now(conn, vpp, duration_min)
                 if now is not None and (
@@ -483,7 +498,9 @@ async def capacity_stream(
         except psycopg.OperationalError:
             log.warning("capacity stream of %s ended: database connection lost", vpp)
         finally:
-            await conn.close()
+            _STREAM_SLOTS.release()
+            if conn is not None:
+                await conn.close()
 
     return StreamingResponse(
         events(),
