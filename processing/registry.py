@@ -16,12 +16,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
+import numpy as np
 import psycopg
+from numpy.typing import NDArray
 
 log = logging.getLogger(__name__)
 
 DeviceKey = tuple[str, str]
 SeriesKey = tuple[str, str, str]
+I64 = NDArray[np.int64]
+F64 = NDArray[np.float64]
 
 _NEG_INF_MS = -(2**62)
 _POS_INF_MS = 2**62
@@ -144,12 +148,24 @@ class RegistryView:
                 return install
         return None
 
-    def multiplier_at(self, key: DeviceKey, ts_ms: int) -> float:
-        schedule = self.multipliers.get(key)
-        if not schedule:
-            return 1.0
-        i = bisect.bisect_right(schedule, (ts_ms, float("inf"))) - 1
-        return schedule[i][1] if i >= 0 else 1.0
+    def schedules(self, key: SeriesKey, ts_ms: I64) -> tuple[F64 | None, F64 | None]:
+        """For one series' reads: the install read of an exchange registered at each read's time (NaN
+        where none), and the multiplier in effect; None for what the series does not have."""
+        install: F64 | None = None
+        multiplier: F64 | None = None
+        exchanges = self.exchanges.get(key)
+        if exchanges:
+            at = np.array([t for t, _ in exchanges], np.int64)
+            reads = np.array([r for _, r in exchanges], np.float64)
+            pos = np.minimum(np.searchsorted(at, ts_ms), at.size - 1)
+            install = np.where(at[pos] == ts_ms, reads[pos], np.nan)
+        schedule = self.multipliers.get((key[0], key[1]))
+        if schedule:
+            since = np.array([t for t, _ in schedule], np.int64)
+            factor = np.array([f for _, f in schedule], np.float64)
+            i = np.searchsorted(since, ts_ms, side="right") - 1
+            multiplier = np.where(i >= 0, factor[np.maximum(i, 0)], 1.0)
+        return install, multiplier
 
 
 def _ms(value: object) -> int:

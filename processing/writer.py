@@ -242,29 +242,22 @@ class BatchWriter:
     def _schedules(self, s: I32, ts: I64) -> tuple[F64 | None, F64 | None]:
         """Install reads of registered meter exchanges and multipliers, per read (None when no series in
         the poll has any)."""
-        keys = self.series.keys
         install: F64 | None = None
         multiplier: F64 | None = None
         for si in np.unique(s).tolist():
-            key = keys[si]
-            exchanges = self.registry.exchanges.get(key)
-            schedule = self.registry.multipliers.get((key[0], key[1]))
-            if not exchanges and not schedule:
+            key = self.series.keys[si]
+            if key not in self.registry.exchanges and (key[0], key[1]) not in self.registry.multipliers:
                 continue
             rows = np.flatnonzero(s == si)
-            if exchanges:
+            series_install, series_multiplier = self.registry.schedules(key, ts[rows])
+            if series_install is not None:
                 if install is None:
                     install = np.full(s.size, np.nan)
-                at = dict(exchanges)
-                for i in rows.tolist():
-                    read = at.get(int(ts[i]))
-                    if read is not None:
-                        install[i] = read
-            if schedule:
+                install[rows] = series_install
+            if series_multiplier is not None:
                 if multiplier is None:
                     multiplier = np.ones(s.size)
-                for i in rows.tolist():
-                    multiplier[i] = self.registry.multiplier_at((key[0], key[1]), int(ts[i]))
+                multiplier[rows] = series_multiplier
         return install, multiplier
 
     def _book_intervals(
@@ -389,10 +382,7 @@ class BatchWriter:
             self.series.params.resolution[si : si + 1],
             self.series.params.max_rate_per_ms[si : si + 1],
         )
-        install = np.array(
-            [np.nan if (x := self.registry.install_read_at(key, t)) is None else x for t in r_ts]
-        )
-        multiplier = np.array([self.registry.multiplier_at((key[0], key[1]), int(t)) for t in r_ts])
+        install, multiplier = self.registry.schedules(key, r_ts)
         local = RegisterState.empty(1)
         intervals = kernels.registers_to_intervals(
             np.zeros(r_ts.size, np.int32), r_ts, np.array([r[1] for r in reads], np.float64),
