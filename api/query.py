@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import psycopg
 from fastapi import Request, Response
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from api.auth import Principal, require_tenant
@@ -24,6 +25,31 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 def pool(request: Request) -> AsyncConnectionPool:
     p: AsyncConnectionPool = request.app.state.pool
     return p
+
+
+async def fetch_dicts(request: Request, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of one statement on the write pool, as dicts."""
+    async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql, params)
+        rows: list[dict[str, Any]] = await cur.fetchall()
+        return rows
+
+
+async def insert_returning(request: Request, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One INSERT ... RETURNING; a duplicate is 409 and an unknown reference 422, as problem+json."""
+    try:
+        async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, params)
+            row = await cur.fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise Problem(
+            422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
+        ) from exc
+    if row is None:
+        raise RuntimeError("INSERT ... RETURNING returned no row")
+    return row
 
 
 def read_pool(request: Request) -> AsyncConnectionPool:

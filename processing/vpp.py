@@ -215,13 +215,17 @@ class VppService:
         known = self._series_resource.size
         if known == len(self.series):
             return
-        new = self.series.keys[known:]
-        res = np.array([self.fleet.index.get((t, d), flex.NOT_A_RESOURCE) for t, d, _ in new], np.int32)
-        met = np.array(
-            [flex.METRICS.index(m) if m in flex.METRICS else flex.M_OTHER for _, _, m in new], np.int8
-        )
+        res, met = self._codes(self.series.keys[known:])
         self._series_resource = np.concatenate([self._series_resource, res])
         self._series_metric = np.concatenate([self._series_metric, met])
+
+    def _codes(self, keys: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Resource index (NOT_A_RESOURCE for meters) and metric code of each (tenant, device, metric)."""
+        res = np.array([self.fleet.index.get((t, d), flex.NOT_A_RESOURCE) for t, d, _ in keys], np.int32)
+        met = np.array(
+            [flex.METRICS.index(m) if m in flex.METRICS else flex.M_OTHER for _, _, m in keys], np.int8
+        )
+        return res, met
 
     async def load_latest(self) -> None:
         """Latest telemetry of every resource from the last hour of stored readings."""
@@ -236,11 +240,7 @@ class VppService:
         )
         rows = await cur.fetchall()
         await self.conn.commit()
-        resource = np.array([self.fleet.index.get((str(t), str(d)), -1) for t, d, *_ in rows], np.int32)
-        metric = np.array(
-            [flex.METRICS.index(str(m)) if m in flex.METRICS else flex.M_OTHER for _, _, m, *_ in rows],
-            np.int8,
-        )
+        resource, metric = self._codes([(str(t), str(d), str(m)) for t, d, m, *_ in rows])
         ts = np.array([int(r[3].timestamp() * 1000) for r in rows], np.int64)  # type: ignore[attr-defined]
         value = np.array([float(r[4]) for r in rows], np.float64)  # type: ignore[arg-type]
         t = self.telemetry

@@ -31,8 +31,7 @@ from api.models import (
     Page,
 )
 from api.problems import Problem
-from api.query import pool, read_pool, resolve_tenant, time_range
-from api.routes.registry import _insert
+from api.query import insert_returning, pool, read_pool, resolve_tenant, time_range
 from meterflow.carbon.accounting import CARRIER_FIELDS, QUANTITY_FIELDS
 from meterflow.carbon.factors import FactorLibrary
 from meterflow.settings import Settings
@@ -171,7 +170,7 @@ async def submit_output_value(
         raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
     if body.value_added_cny is None and body.output_value_cny is None and body.product_quantity is None:
         raise Problem(422, "empty-submission", "Nothing submitted", "give at least one of the values")
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO output_values (tenant_id, period_start, period_end, value_added_cny, output_value_cny, "
         "product_quantity, product_unit, submitted_by) VALUES (%(tenant)s, %(period_start)s, %(period_end)s, "

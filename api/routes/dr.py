@@ -10,12 +10,12 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request
-from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Principal, PrincipalDep
 from api.models import Page
 from api.problems import Problem
+from api.query import fetch_dicts
 from api.routes.vpp import require_vpp
 from meterflow.settings import Settings
 from processing import dr
@@ -106,13 +106,6 @@ def _require_dispatcher(who: Principal) -> None:
         raise Problem(403, "forbidden", "Operator role required", f"key {who.key_id} has role {who.role}")
 
 
-async def _rows(request: Request, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    async with request.app.state.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(sql, params)
-        rows: list[dict[str, Any]] = await cur.fetchall()
-        return rows
-
-
 _EVENT_COLS = (
     "event_id, vpp, start_at AS start, end_at AS end, direction, committed_kw, baseline, valid_ratio, program, "
     "created_at"
@@ -153,7 +146,7 @@ async def create_event(vpp: str, body: DrEventIn, who: PrincipalDep, request: Re
     await require_vpp(request, who, vpp)
     settings = _settings(request)
     _local_window(settings, body.start, body.end)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         "INSERT INTO dr_events (vpp, start_at, end_at, direction, committed_kw, baseline, valid_ratio, program) "
         "VALUES (%(vpp)s, %(start)s, %(end)s, %(direction)s, %(committed_kw)s, %(baseline)s, %(valid_ratio)s, "
@@ -166,7 +159,7 @@ async def create_event(vpp: str, body: DrEventIn, who: PrincipalDep, request: Re
 @router.get("/vpps/{vpp}/dr-events")
 async def list_events(vpp: str, who: PrincipalDep, request: Request) -> Page[DrEvent]:
     await require_vpp(request, who, vpp)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_EVENT_COLS} FROM dr_events WHERE vpp = %(vpp)s ORDER BY start_at DESC",
         {"vpp": vpp},
@@ -175,7 +168,7 @@ async def list_events(vpp: str, who: PrincipalDep, request: Request) -> Page[DrE
 
 
 async def _event(request: Request, who: Principal, event_id: int) -> DrEvent:
-    rows = await _rows(
+    rows = await fetch_dicts(
         request, f"SELECT {_EVENT_COLS} FROM dr_events WHERE event_id = %(id)s", {"id": event_id}
     )
     if not rows:
@@ -199,7 +192,7 @@ async def _history(
     """Net load kW per local day and interval (NaN where no data), and days with VEE-flagged data."""
     start = datetime.combine(first_day, datetime.min.time(), zone)
     end = datetime.combine(last_day + timedelta(days=1), datetime.min.time(), zone)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         """SELECT bucket, metric, total, n_flagged FROM agg_15m
            WHERE scope = 'vpp' AND tenant_id = '' AND entity_id = %(vpp)s
@@ -232,7 +225,7 @@ async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
     day, first, last = _local_window(settings, event.start, event.end)
     lookback = day - timedelta(days=settings.vpp.dr_lookback_days)
     history, failed = await _history(request, event.vpp, zone, lookback, day)
-    others = await _rows(
+    others = await fetch_dicts(
         request,
         "SELECT start_at, end_at FROM dr_events WHERE vpp = %(vpp)s AND event_id <> %(id)s "
         "AND end_at > %(from)s AND start_at < %(to)s",
@@ -244,7 +237,7 @@ async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
         },
     )
     event_days = {d for r in others for d in _days_touched(r["start_at"], r["end_at"], zone)}
-    holidays = {r["day"] for r in await _rows(request, "SELECT day FROM dr_holidays", {})}
+    holidays = {r["day"] for r in await fetch_dicts(request, "SELECT day FROM dr_holidays", {})}
     excluded = frozenset(event_days | failed | holidays)
     spec = dr.Event(day, first, last, holidays=frozenset(holidays))
     try:
@@ -379,7 +372,7 @@ async def event_report(
 async def put_holiday(day: date, body: HolidayIn, who: PrincipalDep, request: Request) -> Holiday:
     """A holiday: never a baseline day, and not a working day (operator or admin)."""
     _require_dispatcher(who)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         "INSERT INTO dr_holidays (day, name) VALUES (%(day)s, %(name)s) "
         "ON CONFLICT (day) DO UPDATE SET name = EXCLUDED.name RETURNING day, name",
@@ -390,5 +383,5 @@ async def put_holiday(day: date, body: HolidayIn, who: PrincipalDep, request: Re
 
 @router.get("/dr-holidays")
 async def list_holidays(who: PrincipalDep, request: Request) -> Page[Holiday]:
-    rows = await _rows(request, "SELECT day, name FROM dr_holidays ORDER BY day", {})
+    rows = await fetch_dicts(request, "SELECT day, name FROM dr_holidays ORDER BY day", {})
     return Page[Holiday](data=[Holiday.model_validate(r) for r in rows])

@@ -10,10 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-import psycopg
 from fastapi import APIRouter, Query, Request
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from api.auth import PrincipalDep, require_admin, require_tenant, require_writer
 from api.models import (
@@ -36,39 +33,13 @@ from api.models import (
     SiteIn,
 )
 from api.problems import Problem
+from api.query import fetch_dicts, insert_returning
 from meterflow import brokerauth
 from meterflow.contract import gateway_telemetry_topic
 from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["registry"])
-
-
-def _pool(request: Request) -> AsyncConnectionPool:
-    pool: AsyncConnectionPool = request.app.state.pool
-    return pool
-
-
-async def _insert(request: Request, sql: str, params: dict[str, Any]) -> dict[str, Any]:
-    try:
-        async with _pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql, params)
-            row = await cur.fetchone()
-    except psycopg.errors.UniqueViolation as exc:
-        raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
-    except psycopg.errors.ForeignKeyViolation as exc:
-        raise Problem(
-            422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
-        ) from exc
-    if row is None:
-        raise RuntimeError("INSERT ... RETURNING returned no row")
-    return row
-
-
-async def _select(request: Request, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    async with _pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(sql, params)
-        return await cur.fetchall()
 
 
 Limit = Annotated[int, Query(ge=1, le=5000, description="page size")]
@@ -120,7 +91,7 @@ _TENANT_COLS = "tenant_id AS tenant, name, role, industry_code, timezone, annual
 async def create_enterprise(body: EnterpriseIn, who: PrincipalDep, request: Request) -> Enterprise:
     """Register an enterprise (tenant). Admin only."""
     require_admin(who)
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO tenants (tenant_id, name, role, industry_code, timezone, annual_output_value_cny) "
         "VALUES (%(tenant)s, %(name)s, %(role)s, %(industry_code)s, %(timezone)s, %(annual_output_value_cny)s) "
@@ -140,7 +111,7 @@ async def list_enterprises(
 ) -> Page[Enterprise]:
     """Enterprises visible to this key, in tenant order."""
     (after,) = _after(cursor, 1)
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_TENANT_COLS} FROM tenants "
         "WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
@@ -155,7 +126,7 @@ async def list_enterprises(
 @router.get("/enterprises/{tenant}")
 async def get_enterprise(tenant: str, who: PrincipalDep, request: Request) -> Enterprise:
     require_tenant(who, tenant)
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id = %(tenant)s",
         {"tenant": tenant},
@@ -174,7 +145,7 @@ _SITE_COLS = "tenant_id AS tenant, site_id AS site, name, floor_area_m2, timezon
 async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site:
     """Register a site of an enterprise. Admin only."""
     require_admin(who)
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone, province, latitude, longitude) "
         "VALUES (%(tenant)s, %(site)s, %(name)s, %(floor_area_m2)s, %(timezone)s, %(province)s, %(latitude)s, "
@@ -195,7 +166,7 @@ async def list_sites(
 ) -> Page[Site]:
     """Sites visible to this key, in (tenant, site) order."""
     after_tenant, after_site = _after(cursor, 2)
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_SITE_COLS} FROM sites WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
         "AND (%(province)s::text IS NULL OR province = %(province)s) AND (tenant_id, site_id) > (%(at)s, %(as)s) "
@@ -222,7 +193,7 @@ async def create_gateway(body: GatewayIn, who: PrincipalDep, request: Request) -
     """Register a gateway; its MQTT password is returned once and the broker's auth is reloaded."""
     require_admin(who)
     password = secrets.token_urlsafe(24)
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO gateways (tenant_id, gateway_id, mqtt_password_hash) "
         f"VALUES (%(tenant)s, %(gateway)s, %(hash)s) RETURNING {_GATEWAY_COLS}",
@@ -252,7 +223,7 @@ async def list_gateways(
 ) -> Page[Gateway]:
     """Gateways visible to this key, in gateway order."""
     (after,) = _after(cursor, 1)
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_GATEWAY_COLS} FROM gateways WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
         "AND (%(enabled)s::boolean IS NULL OR enabled = %(enabled)s) AND gateway_id > %(after)s "
@@ -268,7 +239,7 @@ async def rotate_gateway_credentials(gateway: str, who: PrincipalDep, request: R
     """Issue a new MQTT password for a gateway (the old one stops working at once). Admin only."""
     require_admin(who)
     password = secrets.token_urlsafe(24)
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         "UPDATE gateways SET mqtt_password_hash = %(hash)s WHERE gateway_id = %(gateway)s "
         f"RETURNING {_GATEWAY_COLS}",
@@ -293,7 +264,7 @@ TRAILING_RELOAD_S = 1.0
 
 async def sync_broker_auth(request: Request) -> None:
     settings: Settings = request.app.state.settings
-    rows = await _select(
+    rows = await fetch_dicts(
         request, "SELECT tenant_id, gateway_id, mqtt_password_hash FROM gateways WHERE enabled", {}
     )
     await asyncio.to_thread(_write_broker_auth, settings, rows)
@@ -348,7 +319,7 @@ _DEVICE_COLS = ", ".join([*(f"{col} AS {name}" for name, col in _DEVICE_FIELDS.i
 async def create_device(body: DeviceIn, who: PrincipalDep, request: Request) -> Device:
     """Register a meter or VPP resource. Admin only."""
     require_admin(who)
-    row = await _insert(
+    row = await insert_returning(
         request,
         f"INSERT INTO devices ({', '.join(_DEVICE_FIELDS.values())}) "
         f"VALUES ({', '.join(f'%({name})s' for name in _DEVICE_FIELDS)}) RETURNING {_DEVICE_COLS}",
@@ -370,7 +341,7 @@ async def list_devices(
 ) -> Page[Device]:
     """Devices visible to this key, in (tenant, device) order."""
     after_tenant, after_device = _after(cursor, 2)
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_DEVICE_COLS} FROM devices WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
         "AND (%(site)s::text IS NULL OR site_id = %(site)s) AND (%(type)s::text IS NULL OR device_type = %(type)s) "
@@ -399,7 +370,7 @@ async def create_meter_exchange(
 ) -> MeterExchange:
     """Register a meter exchange (removal and install reads at one timestamp). Admin only."""
     require_admin(who)
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO meter_exchanges (tenant_id, device_id, metric, ts, removal_read, install_read) "
         "VALUES (%(tenant)s, %(device)s, %(metric)s, %(ts)s, %(removal_read)s, %(install_read)s) "
@@ -415,7 +386,7 @@ async def create_multiplier(
 ) -> Multiplier:
     """Set a device's CT x VT ratios and meter constant from a point in time. Admin only."""
     require_admin(who)
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO meter_multipliers (tenant_id, device_id, effective_from, ct_ratio, vt_ratio, meter_constant) "
         "VALUES (%(tenant)s, %(device)s, %(effective_from)s, %(ct_ratio)s, %(vt_ratio)s, %(meter_constant)s) "
@@ -442,7 +413,7 @@ async def create_green_certificates(
     require_writer(who, body.tenant)
     if body.period_end <= body.period_start:
         raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
-    row = await _insert(
+    row = await insert_returning(
         request,
         "INSERT INTO green_certificates (tenant_id, certificate_id, period_start, period_end, certificates) "
         "VALUES (%(tenant)s, %(certificate)s, %(period_start)s, %(period_end)s, %(certificates)s) "
@@ -456,7 +427,7 @@ async def create_green_certificates(
 async def list_green_certificates(
     who: PrincipalDep, request: Request, tenant: str | None = None
 ) -> Page[GreenCertificate]:
-    rows = await _select(
+    rows = await fetch_dicts(
         request,
         f"SELECT {_CERTIFICATE_COLS} FROM green_certificates WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
         "ORDER BY tenant_id, period_start, certificate_id",

@@ -17,12 +17,12 @@ import psycopg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Principal, PrincipalDep, require_tenant
 from api.models import Page
 from api.problems import Problem
+from api.query import fetch_dicts, pool
 from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN
 from meterflow.settings import Settings
 
@@ -161,17 +161,6 @@ class StaleDevices(BaseModel):
     devices: list[StaleDevice]
 
 
-def _pool(request: Request) -> AsyncConnectionPool:
-    pool: AsyncConnectionPool = request.app.state.pool
-    return pool
-
-
-async def _rows(request: Request, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    async with _pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(sql, params)
-        return await cur.fetchall()
-
-
 def _check_duration(request: Request, duration_min: int) -> None:
     settings: Settings = request.app.state.settings
     if duration_min not in settings.vpp.durations_min:
@@ -189,7 +178,7 @@ def _sees_all(who: Principal) -> bool:
 
 async def require_vpp(request: Request, who: Principal, vpp: str) -> None:
     """404 unless the VPP has resources this key may see."""
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         "SELECT 1 FROM devices WHERE vpp = %(vpp)s AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) LIMIT 1",
         {"vpp": vpp, "tenant": None if _sees_all(who) else who.tenant},
@@ -249,7 +238,7 @@ async def put_resource(device: str, body: ResourceIn, who: PrincipalDep, request
         raise Problem(403, "forbidden", "Not allowed", f"key {who.key_id} cannot register resources")
     params = {"tenant": body.tenant, "device": device, **body.model_dump(exclude={"tenant"})}
     async with (
-        _pool(request).connection() as conn,
+        pool(request).connection() as conn,
         conn.transaction(),
         conn.cursor(row_factory=dict_row) as cur,
     ):
@@ -303,7 +292,7 @@ async def put_resource(device: str, body: ResourceIn, who: PrincipalDep, request
 async def get_resource(device: str, who: PrincipalDep, request: Request, tenant: str) -> Resource:
     if not _sees_all(who):
         require_tenant(who, tenant)
-    rows = await _rows(request, _RESOURCE_SQL, {"tenant": tenant, "device": device})
+    rows = await fetch_dicts(request, _RESOURCE_SQL, {"tenant": tenant, "device": device})
     if not rows:
         raise Problem(404, "not-found", "Not found", f"device {device!r} of {tenant!r} has no resource model")
     return Resource.model_validate(rows[0])
@@ -315,7 +304,7 @@ async def get_resource(device: str, who: PrincipalDep, request: Request, tenant:
 @router.get("/vpps")
 async def list_vpps(who: PrincipalDep, request: Request) -> Page[VppSummary]:
     """VPPs with registered resources visible to this key."""
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         """SELECT d.vpp, count(*) AS resources, count(DISTINCT coalesce(d.topology_node, '')) AS nodes,
                   count(DISTINCT d.tenant_id) AS tenants
@@ -357,7 +346,7 @@ async def capacity_now(
     """Deliverable (derated) and nameplate flexibility up and down, sustained for `duration_min`."""
     _check_duration(request, duration_min)
     await require_vpp(request, who, vpp)
-    async with _pool(request).connection() as conn:
+    async with pool(request).connection() as conn:
         now = await _capacity_now(conn, vpp, duration_min)
     if now is None:
         raise _not_computed(vpp)
@@ -389,7 +378,7 @@ async def capacity_history(
         )
     _check_duration(request, duration_min)
     await require_vpp(request, who, vpp)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         """SELECT time_bucket(%(width)s::interval, bucket) AS ts, avg(up_kw) AS up_kw, avg(down_kw) AS down_kw,
                   avg(nameplate_up_kw) AS nameplate_up_kw, avg(nameplate_down_kw) AS nameplate_down_kw,
@@ -420,13 +409,13 @@ async def capacity_nodes(
     """Capacity per topology node (resources without a node are under "")."""
     _check_duration(request, duration_min)
     await require_vpp(request, who, vpp)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         """SELECT node, up_kw, down_kw, devices_online, devices_stale FROM vpp_node_capacity_now
            WHERE vpp = %(vpp)s AND duration_min = %(duration)s ORDER BY node""",
         {"vpp": vpp, "duration": duration_min},
     )
-    async with _pool(request).connection() as conn:
+    async with pool(request).connection() as conn:
         now = await _capacity_now(conn, vpp, duration_min)
     return NodesCapacity(
         vpp=vpp,
@@ -440,7 +429,7 @@ async def capacity_nodes(
 async def stale_devices(vpp: str, who: PrincipalDep, request: Request) -> StaleDevices:
     """Resources silent for more than 3x their telemetry interval (or never heard), left out of capacity."""
     await require_vpp(request, who, vpp)
-    rows = await _rows(
+    rows = await fetch_dicts(
         request,
         """SELECT tenant_id AS tenant, device_id AS device, last_seen, telemetry_interval_s
            FROM vpp_stale_devices WHERE vpp = %(vpp)s
