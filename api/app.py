@@ -14,7 +14,7 @@ from api import auth, problems
 from api.auth import ensure_bootstrap_admin
 from api.grading import load_schemes
 from api.query import SiteCache
-from api.routes import carbon, dashboard, factors, keys, load, readings, registry
+from api.routes import carbon, dashboard, factors, intensity, keys, load, readings, registry
 from api.routes import dr as dr_routes
 from api.routes import vpp as vpp_routes
 from api.tou import load_calendars
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(vpp_routes.router)
     app.include_router(dr_routes.router)
+    app.include_router(intensity.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -7,7 +7,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from meterflow.contract import DEVICE_PATTERN, GATEWAY_PATTERN, TENANT_PATTERN
+from meterflow.contract import DEVICE_PATTERN, GATEWAY_PATTERN, TENANT_PATTERN, ZONE_PATTERN
 
 T = TypeVar("T")
 
@@ -43,6 +43,10 @@ class SiteIn(_In):
     province: str | None = Field(default=None, description="pinyin id, selects the grid emission factor")
     latitude: Annotated[float, Field(ge=-90, le=90)] | None = None
     longitude: Annotated[float, Field(ge=-180, le=180)] | None = None
+    grid_zone: Annotated[str, Field(pattern=ZONE_PATTERN)] | None = Field(
+        default=None,
+        description="zone of the time-varying grid intensity that applies (e.g. CN-JS); default: the province id",
+    )
 
 
 class Site(SiteIn):
@@ -417,3 +421,68 @@ class ApiKeyOut(BaseModel):
 
 class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="shown once; only its hash is stored")
+
+
+# --- grid intensity (estimated; never part of compliance totals) ----------------------------------------
+
+
+class IntensityZone(BaseModel):
+    zone: str
+    signal_type: str
+    basis: str
+    points: int
+    first: datetime
+    last_end: datetime = Field(description="end of the newest point")
+    sources: list[str]
+
+
+class IntensityPointOut(BaseModel):
+    ts: datetime
+    duration_s: int
+    g_co2e_per_kwh: float
+    is_estimated: bool
+    is_forecast: bool
+    source: str
+    model_version: str | None
+
+
+class ZoneIntensity(BaseModel):
+    zone: str
+    signal_type: str
+    basis: str
+    points: list[IntensityPointOut]
+
+
+class BestWindow(BaseModel):
+    zone: str
+    signal_type: str
+    basis: str
+    window_minutes: int
+    start: datetime | None = Field(description="null when no window in the range is fully covered")
+    end: datetime | None
+    mean_g_co2e_per_kwh: float | None
+
+
+class EstimatedCarbonPoint(BaseModel):
+    ts: datetime
+    electricity_import_kwh: float
+    covered_kwh: float = Field(description="import in intervals fully covered by intensity points")
+    uncovered_kwh: float
+    co2e_kg: float = Field(description="covered_kwh x intensity per 15-minute interval; estimated")
+    mean_g_co2e_per_kwh: float | None = Field(description="co2e_kg / covered_kwh")
+    forecast_kwh: float = Field(description="part of covered_kwh valued with forecast intensity")
+
+
+class EstimatedCarbon(BaseModel):
+    tenant: str
+    interval: str
+    timezone: str
+    signal_type: str
+    basis: str
+    estimated: Literal[True] = True
+    compliance: Literal[False] = Field(
+        default=False, description="never part of compliance totals: those are GET /carbon (annual factors)"
+    )
+    zones: dict[str, str | None] = Field(description="site -> grid zone (null: no zone, all uncovered)")
+    sources: list[str]
+    points: list[EstimatedCarbonPoint]

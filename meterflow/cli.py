@@ -22,6 +22,7 @@ from meterflow.settings import Settings
 
 if TYPE_CHECKING:
     from deploy.local.services import ServiceStatus
+    from ingest.intensity import Parsed as ParsedPoints
     from processing.audit import VerifyReport
     from simulators.publisher import MqttOutcome
     from simulators.runner import RunResult
@@ -42,6 +43,10 @@ audit_app = typer.Typer(help="The audit chain over raw readings.")
 app.add_typer(audit_app, name="audit")
 retention_app = typer.Typer(help="Retention of raw readings.")
 app.add_typer(retention_app, name="retention")
+intensity_app = typer.Typer(
+    help="Time-varying grid carbon intensity (estimated figures, kept out of compliance totals)."
+)
+app.add_typer(intensity_app, name="intensity")
 
 console = Console(stderr=True)
 log = logging.getLogger("meterflow")
@@ -369,6 +374,120 @@ def _admin_key(settings: Settings) -> str:
     return admin_key(settings)
 
 
+# --- grid intensity ----------------------------------------------------------------------------------
+
+
+@intensity_app.command("serve")
+def intensity_serve() -> None:
+    """Run the intensity service (grid intensity points from Kafka into the database) until SIGTERM."""
+    from prometheus_client import start_http_server
+
+    from processing.intensity import IntensityService
+
+    settings = _settings()
+    if settings.intensity.metrics_port:
+        start_http_server(settings.intensity.metrics_port, addr="127.0.0.1")
+    asyncio.run(IntensityService(settings).run())
+
+
+def _publish_parsed(parsed: ParsedPoints, out: Path | None, progress: bool) -> None:
+    for where, why in parsed.rejected:
+        console.print(f"[yellow]rejected[/] {where}: {why}")
+    if out is not None:
+        out.write_text("".join(p.encode().decode() + "\n" for p in parsed.points), encoding="utf-8")
+        _step(f"wrote {len(parsed.points):,} points to {out}")
+    elif parsed.points:
+        from ingest.intensity import publish
+
+        settings = _settings()
+        sent = asyncio.run(publish(settings, parsed.points, progress=progress))
+        _step(f"published {sent:,} points to {settings.kafka.intensity_topic}")
+    if parsed.rejected:
+        console.print(f"[bold red]{len(parsed.rejected):,} rows rejected[/] (not published)")
+        raise typer.Exit(2)
+
+
+OutOption = Annotated[
+    Path | None, typer.Option("--out", help="write the points as JSON lines here; publish nothing")
+]
+
+
+@intensity_app.command("publish")
+def intensity_publish(
+    path: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="points or a saved provider response")
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto, jsonl, csv, electricitymaps or watttime")
+    ] = "auto",
+    zone: Annotated[str | None, typer.Option(help="zone of points that name none")] = None,
+    source: Annotated[str | None, typer.Option(help="source of points that name none")] = None,
+    forecast: Annotated[
+        bool | None, typer.Option("--forecast/--no-forecast", help="mark every point")
+    ] = None,
+    out: OutOption = None,
+    progress: Annotated[bool, typer.Option(help="progress bar")] = True,
+) -> None:
+    """Publish grid intensity points to Kafka (formats: ingest/intensity.py, docs/carbon-methodology.md)."""
+    from ingest.intensity import Defaults, read_points
+
+    try:
+        parsed = read_points(path, fmt, Defaults(zone=zone, source=source, forecast=forecast))
+    except ValueError as exc:
+        console.print(f"[bold red]{path}:[/] {exc}")
+        raise typer.Exit(1) from exc
+    _publish_parsed(parsed, out, progress)
+
+
+@intensity_app.command("estimate")
+def intensity_estimate(
+    mix: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="CSV: ts, duration_s, MWh per mode")
+    ],
+    zone: Annotated[str, typer.Option(help="the zone the mix is of (e.g. jiangsu, CN-JS)")],
+    basis: Annotated[
+        list[str] | None, typer.Option(help="lifecycle and/or direct (repeat); default both")
+    ] = None,
+    out: OutOption = None,
+    progress: Annotated[bool, typer.Option(help="progress bar")] = True,
+) -> None:
+    """Estimate intensity from a generation mix with Electricity Maps' mode factors and publish it."""
+    from ingest.intensity import estimate_from_mix
+    from meterflow.contract import EmissionBasis
+
+    try:
+        bases = [EmissionBasis(b) for b in basis or [b.value for b in EmissionBasis]]
+        parsed = estimate_from_mix(mix.read_text(encoding="utf-8"), zone, bases)
+    except ValueError as exc:
+        console.print(f"[bold red]{mix}:[/] {exc}")
+        raise typer.Exit(1) from exc
+    _publish_parsed(parsed, out, progress)
+
+
+@intensity_app.command("simulate-mix")
+def intensity_simulate_mix(
+    out: Annotated[Path, typer.Option("--out", help="CSV to write")],
+    start: Annotated[str, typer.Option(help="first hour, RFC 3339 (default: yesterday 00:00 UTC)")] = "",
+    hours: Annotated[int, typer.Option(min=1, help="hours of mix")] = 72,
+    seed: Annotated[int, typer.Option(help="random seed")] = 7,
+) -> None:
+    """Write a simulated hourly generation mix (a coal-heavy eastern province) for `intensity estimate`."""
+    from simulators.gridmix import mix_csv, mix_rows
+
+    first = (
+        datetime.fromisoformat(start)
+        if start
+        else datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    )
+    try:
+        rows = mix_rows(first, hours, seed=seed)
+    except ValueError as exc:
+        console.print(f"[bold red]--start:[/] {exc}")
+        raise typer.Exit(1) from exc
+    out.write_text(mix_csv(rows), encoding="utf-8")
+    _step(f"wrote {len(rows)} hours of simulated generation mix to {out}")
+
+
 # --- the whole pipeline ----------------------------------------------------------------------------
 
 
@@ -399,11 +518,14 @@ def run(
         ("collector", ["collector"]),
         ("processor", ["processor"]),
         ("vpp", ["vpp"]),
+        ("intensity", ["intensity", "serve"]),
     )
     for name, argv in services:
         pid, log_file = stack.start_app(settings, stack.AppProcess(name, argv))
         _step(f"{name} running (pid {pid}), log {log_file}")
     _wait_ready(base)
+    zones = _publish_simulated_intensity(settings, enterprises, vpp_resources, interval_s)
+    _step(f"estimated grid intensity published for {', '.join(zones)} (simulated generation mix)")
     sim = ["simulate", "--enterprises", str(enterprises), "--vpp-resources", str(vpp_resources)]
     sim += ["--interval-s", str(interval_s), "--mode", "realtime", "--no-progress"]
     pid, log_file = stack.start_app(settings, stack.AppProcess("simulator", sim))
@@ -421,6 +543,25 @@ def run(
         f"  stop       make down   (or: meterflow stack down)\n",
         soft_wrap=True,
     )
+
+
+def _publish_simulated_intensity(
+    settings: Settings, enterprises: int, vpp_resources: int, interval_s: int
+) -> list[str]:
+    """Three days of estimated intensity around now for the provinces of the fleet `run` simulates."""
+    from ingest.intensity import estimate_from_mix, publish
+    from meterflow.contract import EmissionBasis
+    from simulators.gridmix import mix_csv, mix_rows
+
+    spec = _generated_fleet(enterprises=enterprises, vpp_resources=vpp_resources, interval_s=interval_s)
+    zones = sorted({site.province for e in spec.enterprises for site in e.sites if site.province})
+    first = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    points = []
+    for seed, zone in enumerate(zones):
+        mix = mix_csv(mix_rows(first, 72, seed=seed))
+        points += estimate_from_mix(mix, zone, list(EmissionBasis)).points
+    asyncio.run(publish(settings, points, progress=False))
+    return zones
 
 
 def _wait_ready(base: str, timeout_s: float = 60) -> None:

@@ -11,7 +11,7 @@ import enum
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Final, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
@@ -284,3 +284,51 @@ def _v2_readings(doc: _RecordV2) -> list[DeviceReadings]:
 
 def now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
+
+
+# --- grid carbon intensity ------------------------------------------------------------------------
+# Time-varying grid intensity per zone (reference notes §2, checklist E.28): estimated figures for load
+# shifting and comparison, never part of compliance totals (those use the annual factors).
+
+ZONE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+INTENSITY_RECORD_V1: Final = 1
+
+
+class SignalType(enum.StrEnum):
+    # What the figure averages: all generation serving the zone, or the generators that respond to a
+    # change in load (WattTime's MOER; only for avoided-emission estimates, never for an inventory).
+    AVERAGE = "average"
+    MARGINAL = "marginal"
+
+
+class EmissionBasis(enum.StrEnum):
+    LIFECYCLE = "lifecycle"  # includes upstream (Electricity Maps' default)
+    DIRECT = "direct"  # combustion only, as the MEE grid factors
+
+
+class GridIntensityPoint(BaseModel):
+    """One intensity value for a zone over ``[ts, ts + duration_s)``: a record of the intensity topic,
+    keyed by zone so that one zone's points stay in order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = INTENSITY_RECORD_V1
+    zone: Annotated[str, Field(pattern=ZONE_PATTERN)]
+    ts: TimestampMs
+    duration_s: Annotated[int, Field(strict=True, gt=0, le=86_400)] = 3600
+    g_co2e_per_kwh: Annotated[float, Field(ge=0, le=5000, allow_inf_nan=False)]
+    signal_type: SignalType = SignalType.AVERAGE
+    basis: EmissionBasis = EmissionBasis.LIFECYCLE
+    # Modelled rather than measured (e.g. a generation-mix estimate): every figure meterflow derives
+    # from this feed is labelled estimated anyway; this says what the publisher claims.
+    is_estimated: bool = True
+    # A forecast never replaces a value that is not one.
+    is_forecast: bool = False
+    source: Annotated[str, Field(min_length=1, max_length=200)]
+    model_version: Annotated[str, Field(max_length=200)] | None = None
+
+    def kafka_key(self) -> bytes:
+        return self.zone.encode()
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))

@@ -48,6 +48,9 @@ class KafkaSettings(_Group):
     scala_version: str = "2.13"
     readings_topic: str = "meterflow.readings.v1"
     dlq_topic: str = "meterflow.dlq.v1"
+    # Grid carbon intensity per zone (low volume: a point per zone per hour or five minutes).
+    intensity_topic: str = "meterflow.grid-intensity.v1"
+    intensity_partitions: int = Field(default=1, ge=1)
     partitions: int = Field(default=6, ge=1)
     dlq_partitions: int = Field(default=1, ge=1)
     processor_group: str = "meterflow-processor"
@@ -168,6 +171,15 @@ class VppSettings(_Group):
     dr_lookback_days: int = Field(default=45, ge=2)
 
 
+class IntensitySettings(_Group):
+    """The intensity service: grid carbon intensity points from Kafka into ``grid_intensity``."""
+
+    group: str = "meterflow-intensity"
+    poll_timeout_ms: int = Field(default=500, ge=1)
+    max_batch_records: int = Field(default=5000, ge=1)
+    metrics_port: int = 19104
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="METERFLOW_",
@@ -189,6 +201,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     processing: ProcessingSettings = ProcessingSettings()
     vpp: VppSettings = VppSettings()
+    intensity: IntensitySettings = IntensitySettings()
 
     @property
     def state_path(self) -> Path:

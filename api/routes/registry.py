@@ -138,7 +138,10 @@ async def get_enterprise(tenant: str, who: PrincipalDep, request: Request) -> En
 
 # --- sites -----------------------------------------------------------------------------------------
 
-_SITE_COLS = "tenant_id AS tenant, site_id AS site, name, floor_area_m2, timezone, province, latitude, longitude, created_at"
+_SITE_COLS = (
+    "tenant_id AS tenant, site_id AS site, name, floor_area_m2, timezone, province, latitude, longitude, "
+    "grid_zone, created_at"
+)
 
 
 @router.post("/sites", status_code=201)
@@ -147,9 +150,9 @@ async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site
     require_admin(who)
     row = await insert_returning(
         request,
-        "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone, province, latitude, longitude) "
-        "VALUES (%(tenant)s, %(site)s, %(name)s, %(floor_area_m2)s, %(timezone)s, %(province)s, %(latitude)s, "
-        f"%(longitude)s) RETURNING {_SITE_COLS}",
+        "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone, province, latitude, longitude, "
+        "grid_zone) VALUES (%(tenant)s, %(site)s, %(name)s, %(floor_area_m2)s, %(timezone)s, %(province)s, "
+        f"%(latitude)s, %(longitude)s, %(grid_zone)s) RETURNING {_SITE_COLS}",
         body.model_dump(),
     )
     return Site.model_validate(row)

@@ -555,7 +555,11 @@ async def ensure_topics(settings: Settings) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
     k = settings.kafka
-    wanted = {k.readings_topic: k.partitions, k.dlq_topic: k.dlq_partitions}
+    wanted = {
+        k.readings_topic: k.partitions,
+        k.dlq_topic: k.dlq_partitions,
+        k.intensity_topic: k.intensity_partitions,
+    }
     admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:

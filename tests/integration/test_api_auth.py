@@ -88,6 +88,7 @@ def _foreign(fleet: Fleet) -> dict[str, Any]:
         "removal_read": 1,
         "install_read": 0,
         "effective_from": "2025-01-01T00:00:00Z",
+        "zone": "zhejiang",  # grid zones are reference data, not a tenant's
     }
 
 
