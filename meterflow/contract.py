@@ -292,6 +292,10 @@ def now_ms() -> int:
 
 ZONE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 INTENSITY_RECORD_V1: Final = 1
+# 1970 to 2200, as the API's time ranges: what PostgreSQL stores and the API can ask for.
+_INTENSITY_TS_MAX: Final = 7_258_118_400_000
+# Printable text: PostgreSQL refuses NUL in text, and a label has no use for control characters.
+_LABEL_PATTERN: Final = r"^[^\x00-\x1f\x7f]+$"
 
 
 class SignalType(enum.StrEnum):
@@ -314,7 +318,7 @@ class GridIntensityPoint(BaseModel):
 
     v: Literal[1] = INTENSITY_RECORD_V1
     zone: Annotated[str, Field(pattern=ZONE_PATTERN)]
-    ts: TimestampMs
+    ts: Annotated[TimestampMs, Field(ge=0, lt=_INTENSITY_TS_MAX)]
     duration_s: Annotated[int, Field(strict=True, gt=0, le=86_400)] = 3600
     g_co2e_per_kwh: Annotated[float, Field(ge=0, le=5000, allow_inf_nan=False)]
     signal_type: SignalType = SignalType.AVERAGE
@@ -324,8 +328,8 @@ class GridIntensityPoint(BaseModel):
     is_estimated: bool = True
     # A forecast never replaces a value that is not one.
     is_forecast: bool = False
-    source: Annotated[str, Field(min_length=1, max_length=200)]
-    model_version: Annotated[str, Field(max_length=200)] | None = None
+    source: Annotated[str, Field(min_length=1, max_length=200, pattern=_LABEL_PATTERN)]
+    model_version: Annotated[str, Field(max_length=200, pattern=_LABEL_PATTERN)] | None = None
 
     def kafka_key(self) -> bytes:
         return self.zone.encode()

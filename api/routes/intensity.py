@@ -34,6 +34,7 @@ router = APIRouter(prefix="/v1", tags=["grid intensity (estimated)"])
 
 QUARTER = timedelta(minutes=15)
 QUARTER_MS = 900_000
+FINEST_POINT = timedelta(minutes=5)  # WattTime's and Electricity Maps' finest granularity
 # Points last at most a day (the wire contract), so one that starts a day before a range can reach into it.
 LONGEST_POINT = timedelta(days=1)
 MAX_RANGE = timedelta(days=400)
@@ -103,6 +104,8 @@ async def zone_intensity(
 ) -> ZoneIntensity:
     """The points starting in [start, end) (history and forecast alike, each flagged)."""
     lo, hi = _range(start, end)
+    settings: Settings = request.app.state.settings
+    check_points(hi - lo, FINEST_POINT, settings.api.max_points)
     rows = await _points(request, zone, signal_type.value, basis.value, lo, hi)
     return ZoneIntensity(
         zone=zone,

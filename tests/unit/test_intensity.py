@@ -192,6 +192,12 @@ def test_a_forecast_never_replaces_a_value_that_is_not_one() -> None:
             DeadLetterReason.SCHEMA,
         ),
         (b'{"zone": "no spaces", "ts": 0, "g_co2e_per_kwh": 1, "source": "s"}', DeadLetterReason.SCHEMA),
+        # What PostgreSQL would refuse must not reach it: the service would fail on the whole poll.
+        (
+            b'{"zone": "Z", "ts": 100000000000000000, "g_co2e_per_kwh": 1, "source": "s"}',
+            DeadLetterReason.SCHEMA,
+        ),
+        (b'{"zone": "Z", "ts": 0, "g_co2e_per_kwh": 1, "source": "a\\u0000b"}', DeadLetterReason.SCHEMA),
     ],
 )
 def test_records_that_are_not_points_get_a_reason(raw: bytes, reason: DeadLetterReason) -> None:
