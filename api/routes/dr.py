@@ -16,7 +16,9 @@ from api.auth import Principal, PrincipalDep
 from api.models import Page
 from api.problems import Problem
 from api.query import fetch_dicts
+from api.routes.intensity import intensity_steps
 from api.routes.vpp import require_vpp
+from meterflow.contract import ZONE_PATTERN, EmissionBasis, SignalType
 from meterflow.settings import Settings
 from processing import dr
 from processing.kernels import F64
@@ -24,6 +26,7 @@ from processing.kernels import F64
 router = APIRouter(prefix="/v1", tags=["demand response"])
 
 INTERVAL = timedelta(minutes=15)
+INTERVAL_MS = 900_000
 EventId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 BaselineName = Literal["CN_JS_5WD", "CN_BJ_5of10", "CAISO_10of10", "CN_JS_RT15"]
 
@@ -62,6 +65,11 @@ class IntervalResult(BaseModel):
     actual_kw: float | None
     delivered_kw: float | None
     performance_ratio: float | None
+    avoided_co2e_kg: float | None = Field(
+        default=None,
+        description="(baseline - actual) kWh x the marginal intensity of `marginal_zone`; estimated, "
+        "null when not asked for, not measured or not covered",
+    )
 
 
 class TotalResult(BaseModel):
@@ -73,6 +81,9 @@ class TotalResult(BaseModel):
         description="performance_ratio >= valid_ratio; null until every interval is in"
     )
     complete: bool
+    avoided_co2e_kg: float | None = Field(
+        default=None, description="sum over the intervals; null unless every one has a figure"
+    )
 
 
 class DrResult(BaseModel):
@@ -83,6 +94,9 @@ class DrResult(BaseModel):
     excluded_days: list[date]
     intervals: list[IntervalResult]
     total: TotalResult
+    marginal_zone: str | None = Field(
+        default=None, description="zone whose marginal intensity valued the avoided emissions (estimated)"
+    )
 
 
 class Holiday(BaseModel):
@@ -219,7 +233,26 @@ def _days_touched(start: datetime, end: datetime, zone: ZoneInfo) -> list[date]:
     return [first + timedelta(days=k) for k in range((last - first).days + 1)]
 
 
-async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
+async def _avoided_kg(
+    request: Request, event: DrEvent, zone: str, basis: EmissionBasis, perf: dr.Performance
+) -> F64:
+    """Per interval: (baseline - actual) kWh x the marginal intensity over it, in kg (WattTime's
+    recommended use of a marginal signal; NaN where not measured or not covered)."""
+    steps = await intensity_steps(request, zone, SignalType.MARGINAL, basis, event.start, event.end)
+    first = int(event.start.timestamp() * 1000)
+    starts = first + np.arange(perf.baseline_kw.size, dtype=np.int64) * INTERVAL_MS
+    g_per_kwh = steps.mean_over(starts, starts + INTERVAL_MS)
+    kwh = (perf.baseline_kw - perf.actual_kw) * dr.INTERVAL_H
+    return kwh * g_per_kwh / 1000
+
+
+async def _evaluate(
+    request: Request,
+    event: DrEvent,
+    method: str,
+    marginal_zone: str | None = None,
+    basis: EmissionBasis = EmissionBasis.DIRECT,
+) -> DrResult:
     settings = _settings(request)
     zone = ZoneInfo(settings.vpp.timezone)
     day, first, last = _local_window(settings, event.start, event.end)
@@ -262,6 +295,12 @@ async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
     def num(x: float) -> float | None:
         return None if np.isnan(x) else round(float(x), 6)
 
+    avoided = (
+        np.full(actual.size, np.nan)
+        if marginal_zone is None
+        else await _avoided_kg(request, event, marginal_zone, basis, perf)
+    )
+
     intervals = [
         IntervalResult(
             start=event.start + k * INTERVAL,
@@ -270,6 +309,7 @@ async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
             actual_kw=num(perf.actual_kw[k]),
             delivered_kw=num(perf.delivered_kw[k]),
             performance_ratio=num(perf.ratio[k]),
+            avoided_co2e_kg=num(avoided[k]),
         )
         for k in range(actual.size)
     ]
@@ -288,7 +328,9 @@ async def _evaluate(request: Request, event: DrEvent, method: str) -> DrResult:
             performance_ratio=None if perf.performance_ratio is None else round(perf.performance_ratio, 6),
             valid=perf.valid,
             complete=complete,
+            avoided_co2e_kg=None if np.isnan(avoided).any() else round(float(avoided.sum()), 6),
         ),
+        marginal_zone=marginal_zone,
     )
 
 
@@ -298,10 +340,18 @@ async def event_result(
     who: PrincipalDep,
     request: Request,
     baseline: Annotated[BaselineName | None, Query(description="default: the event's own baseline")] = None,
+    marginal_zone: Annotated[
+        str | None,
+        Query(
+            pattern=ZONE_PATTERN, description="value the change in load with this zone's marginal intensity"
+        ),
+    ] = None,
+    basis: EmissionBasis = EmissionBasis.DIRECT,
 ) -> DrResult:
-    """Baseline, actual and delivered kW per interval and in total, performance against the commitment."""
+    """Baseline, actual and delivered kW per interval and in total, performance against the commitment;
+    with `marginal_zone`, the emissions the event avoided (estimated, never part of compliance totals)."""
     event = await _event(request, who, event_id)
-    return await _evaluate(request, event, baseline or event.baseline)
+    return await _evaluate(request, event, baseline or event.baseline, marginal_zone, basis)
 
 
 @router.get("/dr-events/{event_id}/report")

@@ -68,6 +68,13 @@ async def _points(
     return rows
 
 
+async def intensity_steps(
+    request: Request, zone: str, signal: SignalType, basis: EmissionBasis, lo: datetime, hi: datetime
+) -> Steps:
+    """The zone's step function over [lo, hi), with the points that start up to a day before."""
+    return _steps(await _points(request, zone, signal.value, basis.value, lo - LONGEST_POINT, hi))
+
+
 def _steps(rows: list[dict[str, Any]]) -> Steps:
     return Steps.of(
         np.array([r["ts_ms"] for r in rows], np.int64),
@@ -129,8 +136,8 @@ async def zone_best_window(
     """The window of `window_minutes`, starting on a quarter hour inside [start, end), with the lowest
     mean intensity: when to run a shiftable load. Only windows fully covered by points count."""
     lo, hi = _range(start, end)
-    rows = await _points(request, zone, signal_type.value, basis.value, lo - LONGEST_POINT, hi)
-    found = best_window(_steps(rows), _ms(lo), _ms(hi), window_minutes * 60_000, QUARTER_MS)
+    steps = await intensity_steps(request, zone, signal_type, basis, lo, hi)
+    found = best_window(steps, _ms(lo), _ms(hi), window_minutes * 60_000, QUARTER_MS)
     first = None if found is None else datetime.fromtimestamp(found[0] / 1000, UTC)
     return BestWindow(
         zone=zone,
@@ -175,13 +182,14 @@ async def estimated_carbon(
     start: Annotated[datetime, Query(description="inclusive; without an offset, in the tenant's zone")],
     end: Annotated[datetime, Query(description="exclusive")],
     interval: Literal["15m", "1h", "1d"] = "1h",
-    signal_type: Signal = SignalType.AVERAGE,
     basis: Basis = EmissionBasis.LIFECYCLE,
 ) -> EstimatedCarbon:
     """Estimated Scope 2 electricity emissions with time-varying grid intensity: per 15-minute interval,
     each site's imported kWh x the time-weighted mean intensity of its grid zone over the interval,
     summed per period. Intervals the zone's points do not fully cover are reported as uncovered, not
-    estimated. Never part of compliance totals."""
+    estimated. Average signals only: a marginal one values a change in load, not a load (see the
+    demand-response result's avoided emissions). Never part of compliance totals."""
+    signal_type = SignalType.AVERAGE
     settings: Settings = request.app.state.settings
     async with read_pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         tz = await resolve_tenant(conn, who, tenant)

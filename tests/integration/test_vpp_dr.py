@@ -140,6 +140,21 @@ def test_buildings_shed_a_known_load_and_every_baseline_measures_it(pipeline: Pi
                   "committed_kw": 40},
         )  # fmt: skip
         assert off_grid.status_code == 422
+        # Marginal intensity over the event (WattTime-style MOER, g/kWh): 800 in the first hour, 600 in the
+        # second. Written as the intensity service writes it; the Kafka path is tests/integration/test_grid_intensity.py.
+        moer_zone = f"MOER-{run}"
+        with psycopg.connect(pipeline.settings.db.conninfo()) as conn:
+            for hour, g in ((14, 800.0), (15, 600.0)):
+                conn.execute(
+                    "INSERT INTO grid_intensity (zone, signal_type, basis, ts, duration_s, g_co2e_per_kwh, "
+                    "is_estimated, is_forecast, source, kafka_partition, kafka_offset) "
+                    "VALUES (%s, 'marginal', 'direct', %s, 3600, %s, true, false, 'test', 0, 0)",
+                    (moer_zone, at(day, hour), g),
+                )
+        avoided = http.get(f"/v1/dr-events/{event_id}/result", params={"marginal_zone": moer_zone}).json()
+        uncovered = http.get(
+            f"/v1/dr-events/{event_id}/result", params={"marginal_zone": f"none-{run}"}
+        ).json()
         results = {}
         for method in ("CN_JS_5WD", "CN_BJ_5of10", "CAISO_10of10", "CN_JS_RT15"):
             r = http.get(f"/v1/dr-events/{event_id}/result", params={"baseline": method})
@@ -167,3 +182,10 @@ def test_buildings_shed_a_known_load_and_every_baseline_measures_it(pipeline: Pi
     first = report["resources"][0]["intervals"][0]["payloads"]
     assert {"type": "DELTA_USAGE", "values": [pytest.approx(truth * 0.25)]} in first
     assert report["x-meterflow-performance"]["valid"] is True
+    # Avoided emissions: 50 kW shed for 15 minutes is 12.5 kWh per interval, at 800 then 600 g/kWh.
+    assert [iv["avoided_co2e_kg"] for iv in avoided["intervals"]] == pytest.approx([10.0] * 4 + [7.5] * 4)
+    assert avoided["total"]["avoided_co2e_kg"] == pytest.approx(70.0)
+    assert avoided["marginal_zone"] == moer_zone
+    assert uncovered["total"]["avoided_co2e_kg"] is None
+    assert all(iv["avoided_co2e_kg"] is None for iv in uncovered["intervals"])
+    assert results["CN_JS_5WD"]["total"]["avoided_co2e_kg"] is None  # not asked for
