@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 # Series colours of api/dashboard/js/charts.js: finding them on the canvas means a series was drawn.
 UP_RGB, LOAD_RGB, CARBON_RGB = (0x1B, 0x7F, 0x3B), (0x1F, 0x5F, 0xBF), (0x6B, 0x4F, 0xA3)
+ESTIMATED_RGB = (0x8A, 0x6D, 0x00)
 HOURS = 3
 
 
@@ -44,6 +46,7 @@ class Fleet:
     tenant: str
     site: str
     vpp: str
+    grid_zone: str
 
 
 @dataclass
@@ -91,7 +94,24 @@ def fleet(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Fleet
     assert outcome.unanswered == 0
     wait_for_readings(pipeline, [e.tenant for e in spec.enterprises], result.true_readings)
     factory = spec.enterprises[0]
-    return Fleet(spec=spec, tenant=factory.tenant, site=factory.sites[0].site, vpp=vpp)
+    grid_zone = f"{prefix}grid"
+    _publish_intensity(pipeline.settings, factory.tenant, grid_zone, start, end)
+    return Fleet(spec=spec, tenant=factory.tenant, site=factory.sites[0].site, vpp=vpp, grid_zone=grid_zone)
+
+
+def _publish_intensity(settings: Settings, tenant: str, grid_zone: str, start_ms: int, end_ms: int) -> None:
+    """Hourly intensity over the backfilled hours and the next day, in a zone of the factory's own, as
+    the intensity service stores it (its Kafka path is tests/integration/test_grid_intensity.py)."""
+    first_hour = start_ms - start_ms % 3_600_000
+    with psycopg.connect(settings.db.conninfo()) as conn:
+        conn.execute("UPDATE sites SET grid_zone = %s WHERE tenant_id = %s", (grid_zone, tenant))
+        for ts in range(first_hour, end_ms + 25 * 3_600_000, 3_600_000):
+            conn.execute(
+                "INSERT INTO grid_intensity (zone, signal_type, basis, ts, duration_s, g_co2e_per_kwh, "
+                "is_estimated, is_forecast, source, kafka_partition, kafka_offset) VALUES "
+                "(%s, 'average', 'lifecycle', to_timestamp(%s / 1000.0), 3600, %s, true, %s, 'test', 0, 0)",
+                (grid_zone, ts, 500.0 + 10 * (ts // 3_600_000 % 24), ts > end_ms),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +412,26 @@ def test_daily_carbon_draws_the_enterprise_days(
     assert _drawn(page, "carbon", CARBON_RGB) > 50
     assert page.locator("#carbon table.data tbody tr").count() == len(points)
     assert "CO₂e" in (page.locator("#carbon table.data tbody").text_content() or "")
+
+
+def test_estimated_carbon_draws_the_api_figures(
+    enterprise: Visit, pipeline: Pipeline, fleet: Fleet, deployed: set[str]
+) -> None:
+    _need(deployed, "/v1/enterprises/{tenant}/carbon/estimated")
+    page = enterprise.page
+    sent = _sent(enterprise, f"/v1/enterprises/{fleet.tenant}/carbon/estimated")
+    points = _api(pipeline, sent.path, **dict(sent.params))["points"]
+    covered = [p for p in points if p["covered_kwh"] > 0]
+    assert covered and sum(p["co2e_kg"] for p in covered) > 0
+    assert page.get_attribute("#estimated", "data-state") == "ready"
+    assert int(page.get_attribute("#estimated", "data-points") or 0) == len(points)
+    sums = json.loads(page.get_attribute("#estimated", "data-sums") or "[]")
+    assert sums[0] == pytest.approx(sum(p["co2e_kg"] for p in covered))
+    assert _drawn(page, "estimated", ESTIMATED_RGB) > 20
+    assert page.locator("#est-total").inner_text().endswith("CO₂e")
+    # The next day is covered (forecast points), so a cleanest window is named, in the site's zone.
+    assert "g/kWh" in page.locator("#est-best").inner_text()
+    assert fleet.grid_zone in page.locator("#est-best-zone").inner_text()
 
 
 def test_carbon_account_and_grade(

@@ -9,6 +9,7 @@ export const COLORS = {
   peak: "#b4521a",
   carbon: "#6b4fa3",
   market: "#1b7f3b",
+  estimated: "#8a6d00",
 };
 
 const HEIGHT = 280;

@@ -9,6 +9,7 @@ import {
   fillSelect,
   fmt,
   fmtDay,
+  fmtTime,
   headedRow,
   readParams,
   setState,
@@ -28,6 +29,7 @@ const enc = encodeURIComponent;
 const tenants = new Map();
 let zone = DEFAULT_ZONE;
 let session = null;
+let siteZones = new Map();
 
 async function main() {
   $("zone").textContent = zoneLabel(zone);
@@ -50,10 +52,17 @@ async function main() {
       zone: () => zone,
       unit: "kgCO₂e",
     }),
+    estimated: timeChart($("estimated"), {
+      series: [{ label: "Estimated", color: COLORS.estimated, unit: "kgCO₂e", bars: true }],
+      zone: () => zone,
+      unit: "kgCO₂e",
+    }),
   };
   $("tenant").addEventListener("change", () => chooseTenant(charts));
   for (const id of ["site", "interval"]) $(id).addEventListener("change", () => refresh(charts, ["load"]));
-  for (const id of ["start", "end"]) $(id).addEventListener("change", () => refresh(charts, ["load", "carbon"]));
+  for (const id of ["start", "end"]) {
+    $(id).addEventListener("change", () => refresh(charts, ["load", "carbon", "estimated"]));
+  }
   $("year").addEventListener("change", () => refresh(charts, ["account"]));
   $("controls").addEventListener("submit", (event) => event.preventDefault());
   document.addEventListener("meterflow:key-changed", () => loadTenants(charts));
@@ -78,7 +87,9 @@ async function loadTenants(charts) {
   }
   fillSelect($("tenant"), options, wanted);
   if (options.length === 0) {
-    for (const id of ["load", "carbon", "account"]) setState($(id), "empty", "No enterprise is visible to this key.");
+    for (const id of ["load", "carbon", "estimated", "account"]) {
+      setState($(id), "empty", "No enterprise is visible to this key.");
+    }
     return;
   }
   await chooseTenant(charts, readParams());
@@ -102,12 +113,13 @@ async function chooseTenant(charts, params = new URLSearchParams()) {
   } catch (err) {
     showError($("load"), err);
   }
+  siteZones = new Map(sites.map((s) => [s.site, s.grid_zone || s.province || null]));
   fillSelect(
     $("site"),
     sites.map((s) => ({ value: s.site, label: s.name && s.name !== s.site ? `${s.name} (${s.site})` : s.site })),
     wantedSite,
   );
-  await refresh(charts, ["load", "carbon", "account"]);
+  await refresh(charts, ["load", "carbon", "estimated", "account"]);
 }
 
 async function refresh(charts, parts) {
@@ -124,6 +136,7 @@ async function refresh(charts, parts) {
   const jobs = [];
   if (parts.includes("load")) jobs.push(load(charts.load, tenant, site, range, signal));
   if (parts.includes("carbon")) jobs.push(carbon(charts.carbon, tenant, range, signal));
+  if (parts.includes("estimated")) jobs.push(estimated(charts.estimated, tenant, range, signal));
   if (parts.includes("account")) jobs.push(account(tenant, $("year").value, signal));
   await Promise.all(jobs);
 }
@@ -209,6 +222,48 @@ async function carbon(chart, tenant, range, signal) {
   } catch (err) {
     showError(panel, err);
   }
+}
+
+async function estimated(chart, tenant, range, signal) {
+  const panel = $("estimated");
+  setState(panel, "loading");
+  chart.setRange(seconds(range.start), seconds(range.end));
+  try {
+    const body = await api(`/enterprises/${enc(tenant)}/carbon/estimated`, { ...range, interval: "1h" }, { signal });
+    const points = body.points || [];
+    chart.setData(
+      points.map((p) => seconds(p.ts) + 1_800),
+      points.map((p) => (p.covered_kwh > 0 ? p.co2e_kg : null)),
+    );
+    const sum = (name) => points.reduce((total, p) => total + (p[name] ?? 0), 0);
+    const covered = sum("covered_kwh");
+    $("est-total").textContent = covered > 0 ? fmt.co2(sum("co2e_kg")) : "–";
+    $("est-mean").textContent = covered > 0 ? `${fmt.plain((1000 * sum("co2e_kg")) / covered, 0)} g/kWh` : "–";
+    $("est-uncovered").textContent = fmt.kwh(sum("uncovered_kwh"));
+    panel.dataset.estimatedKg = String(sum("co2e_kg"));
+    await cleanestWindow(signal);
+    if (covered > 0) setState(panel, "ready");
+    else setState(panel, "empty", "No grid intensity covers this enterprise's sites in the chosen days.");
+  } catch (err) {
+    showError(panel, err);
+  }
+}
+
+/** The cleanest two hours of the next day in the selected site's grid zone, for shiftable loads. */
+async function cleanestWindow(signal) {
+  const gridZone = siteZones.get($("site").value);
+  $("est-best-zone").textContent = gridZone ? `zone ${gridZone}` : "the site has no grid zone";
+  $("est-best").textContent = "–";
+  if (!gridZone) return;
+  const now = new Date();
+  const best = await api(
+    `/grid-intensity/${enc(gridZone)}/best-window`,
+    { start: now.toISOString(), end: new Date(now.getTime() + 86_400_000).toISOString(), window_minutes: 120 },
+    { signal },
+  );
+  $("est-best").textContent = best.start
+    ? `${fmtTime(best.start, zone)} · ${fmt.plain(best.mean_g_co2e_per_kwh, 0)} g/kWh`
+    : "no intensity yet";
 }
 
 async function account(tenant, year, signal) {
