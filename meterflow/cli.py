@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
@@ -437,6 +438,76 @@ def intensity_publish(
         console.print(f"[bold red]{path}:[/] {exc}")
         raise typer.Exit(1) from exc
     _publish_parsed(parsed, out, progress)
+
+
+@intensity_app.command("fetch")
+def intensity_fetch(
+    provider: Annotated[str, typer.Argument(help="electricitymaps or watttime")],
+    zone: Annotated[list[str], typer.Option(help="zone (Electricity Maps) or region (WattTime); repeat")],
+    what: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="electricitymaps: latest, history, forecast; watttime: historical, forecast (repeat)"
+        ),
+    ] = None,
+    signal: Annotated[
+        str, typer.Option(help="WattTime: co2_moer (marginal) or co2_aoer (average)")
+    ] = "co2_moer",
+    every: Annotated[
+        str | None, typer.Option(help="fetch again this often (e.g. 15m, 1h) until SIGTERM")
+    ] = None,
+    out: OutOption = None,
+) -> None:
+    """Fetch grid intensity from Electricity Maps or WattTime and publish it (credentials from
+    METERFLOW_INTENSITY__*). With --every it keeps polling; a failed round is logged and retried."""
+    from ingest.intensity_fetch import KINDS, ProviderError, fetch_once
+
+    if provider not in KINDS:
+        raise typer.BadParameter(f"provider must be one of {', '.join(KINDS)}")
+    if signal not in ("co2_moer", "co2_aoer"):
+        raise typer.BadParameter("signal must be co2_moer or co2_aoer")
+    settings = _settings()
+    kinds = what or (["history", "forecast"] if provider == "electricitymaps" else ["historical", "forecast"])
+    period_s = _duration_s(every) if every else None
+
+    async def one_round() -> ParsedPoints:
+        return await fetch_once(settings.intensity, provider, zone, kinds, signal)  # type: ignore[arg-type]
+
+    if period_s is None:
+        try:
+            parsed = asyncio.run(one_round())
+        except (ValueError, ProviderError) as exc:
+            console.print(f"[bold red]{provider}:[/] {exc}")
+            raise typer.Exit(1) from exc
+        _publish_parsed(parsed, out, progress=False)
+        return
+    asyncio.run(_poll_intensity(settings, one_round, period_s))
+
+
+async def _poll_intensity(
+    settings: Settings, one_round: Callable[[], Awaitable[ParsedPoints]], period_s: float
+) -> None:
+    import signal as signals
+
+    from ingest.intensity import publish
+    from ingest.intensity_fetch import ProviderError
+
+    stop = asyncio.Event()
+    for sig in (signals.SIGINT, signals.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            parsed = await one_round()
+            for where, why in parsed.rejected:
+                log.warning("intensity point rejected (%s): %s", where, why)
+            await publish(settings, parsed.points, progress=False)
+        except ValueError as exc:  # missing credentials: no point in trying again
+            console.print(f"[bold red]{exc}[/]")
+            raise typer.Exit(1) from exc
+        except (ProviderError, httpx.HTTPError, OSError) as exc:
+            log.error("intensity fetch failed, trying again in %.0f s: %s", period_s, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), period_s)
 
 
 @intensity_app.command("estimate")

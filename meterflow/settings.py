@@ -178,6 +178,12 @@ class IntensitySettings(_Group):
     poll_timeout_ms: int = Field(default=500, ge=1)
     max_batch_records: int = Field(default=5000, ge=1)
     metrics_port: int = 19104
+    # `meterflow intensity fetch`: provider credentials and endpoints.
+    electricitymaps_token: SecretStr | None = None
+    electricitymaps_url: str = "https://api.electricitymaps.com/v3"
+    watttime_username: str | None = None
+    watttime_password: SecretStr | None = None
+    watttime_url: str = "https://api.watttime.org"
 
 
 class Settings(BaseSettings):
