@@ -8,7 +8,10 @@ register deltas, first all at once, then as a stream of small micro-batches:
 
 * numba runs the processor's path, `kernels.RegisterBucketer`: one fused kernel per batch that keeps
   each device's register state, so it takes the reads in arrival order (rollover, exchange and
-  plausibility checks, pro-rating, reduction), with buffers reused from batch to batch.
+  plausibility checks, pro-rating, reduction), with buffers reused from batch to batch. Its results are
+  views of those buffers, valid until its next call, as the processor's writer uses them; the check
+  below is made on an untimed pass of the same calls that copies them out, which every timed round
+  must reproduce to the bit (`run_numba`).
 * polars and pandas do the equivalent dataframe computation: the register's difference to the previous
   read of the same device (after a stable sort by device, which leaves time-ordered reads in (device,
   ts) order, or as a group-wise difference), the bucket of the interval's end, group by (device,
@@ -138,24 +141,41 @@ def numba_totals(parts: list[k.Buckets]) -> Totals:
     )
 
 
+def _bits(buckets: k.Buckets) -> list[bytes]:
+    return [np.asarray(column).tobytes() for column in buckets]
+
+
 def run_numba(r: Readings, params: k.RegisterParams, batch: int | None) -> tuple[float, Totals]:
     """Best of ROUNDS seconds for the whole array (batch None) or a stream of `batch`-row batches, each
-    round with fresh register state. The bucketer lives as long as the run, as it lives as long as the
-    processor: its buffers grow in the first round."""
+    round with fresh register state, and the totals the engines are checked on.
+
+    The bucketer lives as long as the run, as it lives as long as the processor. Its results are views
+    of its buffers that its next call overwrites, and the processor's writer uses each one up within
+    its poll; the bench has no use for them until the end. So a first, untimed pass copies every
+    batch's buckets out for the check (and grows the buffers); the timed rounds make the same calls on
+    the same reads, leave each result to the next call as the processor does, and must end with the
+    first pass's register state and last buckets, to the bit."""
     k.warm_up()
     n_devices = params.register_max.size
     step = batch or r.device.size
+    state = k.RegisterState.empty(n_devices)
     bucketer = k.RegisterBucketer((WIDTH_MS,), INTERP_LIMIT_MS)
-    bucketer(r.device[:10_000], r.ts[:10_000], r.value[:10_000], k.RegisterState.empty(n_devices), params)
-    best, parts = float("inf"), list[k.Buckets]()
+    parts = []
+    for lo in range(0, r.device.size, step):
+        hi = lo + step
+        buckets = bucketer(r.device[lo:hi], r.ts[lo:hi], r.value[lo:hi], state, params).buckets[0]
+        parts.append(k.Buckets._make(np.copy(column) for column in buckets))
+    checked = state.packed.tobytes()
+    best = float("inf")
     for _ in range(ROUNDS):
         state = k.RegisterState.empty(n_devices)
-        parts = []
         started = cpu_seconds()
         for lo in range(0, r.device.size, step):
             hi = lo + step
-            parts.append(bucketer(r.device[lo:hi], r.ts[lo:hi], r.value[lo:hi], state, params).buckets[0])
+            result = bucketer(r.device[lo:hi], r.ts[lo:hi], r.value[lo:hi], state, params)
         best = min(best, cpu_seconds() - started)
+        if state.packed.tobytes() != checked or _bits(result.buckets[0]) != _bits(parts[-1]):
+            raise RuntimeError("numba: a timed round differs from the checked pass")
     return best, numba_totals(parts)
 
 

@@ -16,18 +16,20 @@ Three steps turn a batch of readings into bucket aggregates:
    per quality class.
 
 `RegisterBucketer` does all three for every bucket width in one kernel call per batch, over reads in
-arrival order, with buffers reused from batch to batch: the processor's path for in-order register
-reads. The separate steps remain for the late-read replay.
+arrival order, with buffers reused from batch to batch (what it returns are views of them, valid until
+its next call): the processor's path for in-order register reads. The separate steps remain for the
+late-read replay.
 
 `processing.reference` holds slow, obviously correct versions of the same rules; property tests compare
-the two. State that outlives a batch (each series' anchor read) lives in arrays the caller owns.
+the two. State that outlives a batch (each series' anchor read) lives in a `RegisterState` the caller
+owns.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -231,21 +233,50 @@ def _order_by_series(series: I32, n_series: int, out: I64) -> None:
         next_slot[s] += 1
 
 
+# Record layouts of the packed arrays the register kernels take: one argument, and read by read one
+# place in memory, instead of several parallel arrays (numba's dispatch costs about 0.1 us per array
+# argument, a large share of a micro-batch's time).
+STATE: Final = np.dtype(
+    [
+        ("anchor_ts", np.int64),
+        ("anchor_val", np.float64),
+        ("pending_ts", np.int64),
+        ("pending_val", np.float64),
+    ]
+)
+PARAMS: Final = np.dtype(
+    [("register_max", np.float64), ("resolution", np.float64), ("max_rate_per_ms", np.float64)]
+)
+# Per read, from the register pass to the bucket passes: where the interval it closes starts, the
+# quantity in it, and where the unknown interval before a rebaseline starts.
+_READ: Final = np.dtype([("start", np.int64), ("qty", np.float64), ("unknown_from", np.int64)])
+
+# The fused kernel's control block (int64): the first group id of the next call (ids grow from call to
+# call, so a series' head made by an earlier call is recognised without a per-series batch number);
+# whether the register pass is already done (the caller sets it to retry the bucket passes on grown
+# buffers, the kernel clears it); the interpolation limit; the widths; then per width the groups that
+# hold data (made by the last call, or all of them after a call that ran out of room).
+_CTL_NEXT_ID: Final = 0
+_CTL_REGISTERS_DONE: Final = 1
+_CTL_GAP: Final = 2
+_CTL_WIDTHS: Final = 3
+
+
 @njit(cache=True, nogil=True)
 def _group_bound(
-    series: I32, ts: I64, read_flag: I8, start: I64, widths: I64, scratch: I64, batch_no: int
+    series: I32, ts: I64, read_flag: I8, reads: NDArray[np.void], widths: I64, scratch: I64, mark: int
 ) -> int:
     """The most (series, bucket) groups any width can get from a batch whose register pass is done: a
     series' groups lie between the earliest start of its intervals and flagged reads, and its last read.
-    `scratch[s]` holds the batch that last saw s and the earliest and latest times so far."""
+    `scratch[s]` holds `mark` once the batch has seen s, and the earliest and latest times so far."""
     k = 0
     for i in range(series.size):
         s = series[i]
         f = read_flag[i]
         t = ts[i]
-        lo = start[i] if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE) else t
-        if scratch[s, 0] != batch_no:
-            scratch[s, 0] = batch_no
+        lo = reads[i].start if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE) else t
+        if scratch[s, 0] != mark:
+            scratch[s, 0] = mark
             scratch[s, 1] = lo
             scratch[s, 2] = t
             k += 1
@@ -255,9 +286,9 @@ def _group_bound(
     span_sum = 0
     for i in range(series.size):
         s = series[i]
-        if scratch[s, 0] == batch_no:
+        if scratch[s, 0] == mark:
             span_sum += max(scratch[s, 2] - scratch[s, 1], 0)
-            scratch[s, 0] = -1
+            scratch[s, 0] = NO_TS
     need = 0
     for w in range(widths.size):
         need = max(need, span_sum // widths[w] + 2 * k)
@@ -269,69 +300,64 @@ def _register_pass(
     series: I32,
     ts: I64,
     value: F64,
-    install_after: F64,
-    multiplier: F64,
-    anchor_ts: I64,
-    anchor_val: F64,
-    pending_ts: I64,
-    pending_val: F64,
-    register_max: F64,
-    resolution: F64,
-    max_rate_per_ms: F64,
+    extras: F64,
+    state: NDArray[np.void],
+    params: NDArray[np.void],
     read_flag: I8,
-    start: I64,
-    qty: F64,
-    unknown_from: I64,
+    reads: NDArray[np.void],
 ) -> None:
     """The register rules (step 1 above), read by read: each read's flag and, when it books, the
-    interval it closes: from `start[i]` (the anchor, or the drop a rebaseline confirmed) to the read,
-    holding `qty[i]`. A rebaseline also leaves the unknown interval's start, the anchor before the
-    drop, in `unknown_from[i]`."""
-    has_install = install_after.size > 0
-    has_multiplier = multiplier.size > 0
+    interval it closes: from `reads[i].start` (the anchor, or the drop a rebaseline confirmed) to the
+    read, holding `reads[i].qty`. A rebaseline also leaves the unknown interval's start, the anchor
+    before the drop, in `reads[i].unknown_from`. `extras` is empty or holds per read the install read
+    (NaN: none) and the multiplier."""
+    has_extras = extras.shape[1] > 0
     for i in range(series.size):
         s = U(series[i])
         t = ts[i]
         v = value[i]
         anchor_next = v
-        if has_install and not math.isnan(install_after[i]):
-            anchor_next = install_after[i]
-        if anchor_ts[s] == NO_TS:
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
+        if has_extras and not math.isnan(extras[0, i]):
+            anchor_next = extras[0, i]
+        st = state[s]
+        if st.anchor_ts == NO_TS:
+            st.anchor_ts = t
+            st.anchor_val = anchor_next
             read_flag[i] = READ_FIRST
             continue
-        d = v - anchor_val[s]
+        p = params[s]
+        r = reads[i]
+        d = v - st.anchor_val
         flag = READ_OK
         if (
             d < 0.0
-            and anchor_val[s] > ROLLOVER_ZONE * register_max[s]
-            and v < (1.0 - ROLLOVER_ZONE) * register_max[s]
+            and st.anchor_val > ROLLOVER_ZONE * p.register_max
+            and v < (1.0 - ROLLOVER_ZONE) * p.register_max
         ):
-            d = (register_max[s] + resolution[s] - anchor_val[s]) + v
+            d = (p.register_max + p.resolution - st.anchor_val) + v
             flag = READ_ROLLOVER
-        if 0.0 <= d <= max_rate_per_ms[s] * (t - anchor_ts[s]) + resolution[s]:
-            start[i] = anchor_ts[s]
-            qty[i] = d * multiplier[i] if has_multiplier else d
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            if pending_ts[s] != NO_TS:
-                pending_ts[s] = NO_TS
+        if 0.0 <= d <= p.max_rate_per_ms * (t - st.anchor_ts) + p.resolution:
+            r.start = st.anchor_ts
+            r.qty = d * extras[1, i] if has_extras else d
+            st.anchor_ts = t
+            st.anchor_val = anchor_next
+            if st.pending_ts != NO_TS:
+                st.pending_ts = NO_TS
             read_flag[i] = flag
-        elif pending_ts[s] != NO_TS and (
-            0.0 <= v - pending_val[s] <= max_rate_per_ms[s] * (t - pending_ts[s]) + resolution[s]
+        elif st.pending_ts != NO_TS and (
+            0.0 <= v - st.pending_val <= p.max_rate_per_ms * (t - st.pending_ts) + p.resolution
         ):
-            unknown_from[i] = anchor_ts[s]
-            start[i] = pending_ts[s]
-            qty[i] = (v - pending_val[s]) * multiplier[i] if has_multiplier else v - pending_val[s]
-            anchor_ts[s] = t
-            anchor_val[s] = anchor_next
-            pending_ts[s] = NO_TS
+            r.unknown_from = st.anchor_ts
+            r.start = st.pending_ts
+            r.qty = (v - st.pending_val) * extras[1, i] if has_extras else v - st.pending_val
+            st.anchor_ts = t
+            st.anchor_val = anchor_next
+            st.pending_ts = NO_TS
             read_flag[i] = READ_REBASELINE
-        elif v < anchor_val[s]:
+        elif v < st.anchor_val:
             # A drop may be a reset the next read confirms; an up-jump is a glitch and anchors nothing.
-            pending_ts[s] = t
-            pending_val[s] = v
+            st.pending_ts = t
+            st.pending_val = v
             read_flag[i] = READ_NEGATIVE
         else:
             read_flag[i] = READ_IMPLAUSIBLE
@@ -342,44 +368,33 @@ def _registers_to_intervals(
     series: I32,
     ts: I64,
     value: F64,
-    install_after: F64,
-    multiplier: F64,
-    anchor_ts: I64,
-    anchor_val: F64,
-    pending_ts: I64,
-    pending_val: F64,
-    register_max: F64,
-    resolution: F64,
-    max_rate_per_ms: F64,
+    extras: F64,
+    state: NDArray[np.void],
+    params: NDArray[np.void],
     read_flag: I8,
-    start: I64,
-    qty: F64,
-    unknown_from: I64,
+    reads: NDArray[np.void],
     out_series: I32,
     out_t0: I64,
     out_t1: I64,
     out_qty: F64,
     out_bad: I8,
 ) -> int:
-    _register_pass(
-        series, ts, value, install_after, multiplier, anchor_ts, anchor_val, pending_ts, pending_val,
-        register_max, resolution, max_rate_per_ms, read_flag, start, qty, unknown_from,
-    )  # fmt: skip
+    _register_pass(series, ts, value, extras, state, params, read_flag, reads)
     m = 0
     for i in range(series.size):
         f = read_flag[i]
         if f == READ_REBASELINE:
             out_series[m] = series[i]
-            out_t0[m] = unknown_from[i]
-            out_t1[m] = start[i]
+            out_t0[m] = reads[i].unknown_from
+            out_t1[m] = reads[i].start
             out_qty[m] = 0.0
             out_bad[m] = 1
             m += 1
         if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE):
             out_series[m] = series[i]
-            out_t0[m] = start[i]
+            out_t0[m] = reads[i].start
             out_t1[m] = ts[i]
-            out_qty[m] = qty[i]
+            out_qty[m] = reads[i].qty
             out_bad[m] = 0
             m += 1
     return m
@@ -390,27 +405,31 @@ def _bucket_pass(
     series: I32,
     ts: I64,
     read_flag: I8,
-    start: I64,
-    qty: F64,
+    reads: NDArray[np.void],
     width: int,
     max_interp_gap_ms: int,
     per_series: I64,
     col: int,
-    batch_no: int,
-    capacity: int,
+    first_id: int,
     g_i32: I32,
     g_i64: I64,
     g_float: F64,
 ) -> int:
     """Spread each read's interval over the `width` buckets it overlaps and add it, and each flagged
     read, to its (series, bucket) group. Returns the number of groups, or -1 as soon as the group
-    buffers are full (the caller grows them and runs this again with a new `batch_no`).
+    buffers are full (the caller grows them and runs this again with a new `first_id`).
 
-    `per_series[s, col:col + 3]` holds s's head (its group with the latest bucket), that bucket, and
-    the batch that set the head. A series' groups form a list by falling bucket from the head
-    (`g_i64[1]` links each to the one before), so nothing needs clearing between batches. Contributions
-    land at or after the head, except those of an interval that reaches back past a flagged read: finding
-    a group needs no search and, while reads stay within a bucket or two of the last, no division."""
+    Groups are stored field by field: `g_i32` holds series, n, n per quality and n flagged; `g_i64` the
+    bucket and the series' group before (-1: none); `g_float` the total and the maximum. Groups not made
+    yet hold zero counts and no link, so making one writes only what differs.
+
+    `per_series[s, col]` holds the id of s's head (its group with the latest bucket) and
+    `per_series[s, col + 1]` the head's bucket. Ids count on from call to call, this call's from
+    `first_id`, so a head made by an earlier call is older than `first_id` and `per_series` needs no
+    clearing. A series' groups form a list by falling bucket from the head. Contributions land at or
+    after the head, except those of an interval that reaches back past a flagged read: finding a group
+    needs no search and, while reads stay within a bucket or two of the last, no division."""
+    capacity = g_i32.shape[1]
     ng = 0
     for i in range(series.size):
         f = read_flag[i]
@@ -419,12 +438,12 @@ def _bucket_pass(
         flagged = f in (READ_NEGATIVE, READ_IMPLAUSIBLE)
         s = U(series[i])
         t1 = ts[i]
-        t0 = t1 if flagged else start[i]
+        t0 = t1 if flagged else reads[i].start
         if t1 <= t0 and not flagged:
             continue
-        h = per_series[s, U(col)]
+        h = per_series[s, U(col)] - first_id
         last = per_series[s, U(col + 1)]
-        valid = per_series[s, U(col + 2)] == batch_no
+        valid = h >= 0
         # The bucket of the interval's start (or of a flagged read), from the last one if near.
         if last <= t0 < last + width:
             first = last
@@ -432,7 +451,7 @@ def _bucket_pass(
             first = last + width
         else:
             first = t0 - t0 % width
-        q = qty[i]
+        q = reads[i].qty
         if flagged:
             steps = 1
             quality = NO_QUALITY
@@ -458,17 +477,14 @@ def _bucket_pass(
                         return -1
                     g_i32[0, U(ng)] = s
                     g_i64[0, U(ng)] = first
-                    g_i64[1, U(ng)] = h if valid else -1
+                    if valid:
+                        g_i64[1, U(ng)] = h
                     g_float[0, U(ng)] = q
                     g_float[1, U(ng)] = q
                     g_i32[1, U(ng)] = 1
                     g_i32[2 + MEASURED, U(ng)] = 1
-                    g_i32[2 + ESTIMATED, U(ng)] = 0
-                    g_i32[2 + SUBSTITUTED, U(ng)] = 0
-                    g_i32[5, U(ng)] = 0
-                    per_series[s, U(col)] = ng
+                    per_series[s, U(col)] = first_id + ng
                     per_series[s, U(col + 1)] = first
-                    per_series[s, U(col + 2)] = batch_no
                     ng += 1
                     continue
                 quality = MEASURED
@@ -488,11 +504,10 @@ def _bucket_pass(
                 ng += 1
                 g_i32[0, U(g)] = s
                 g_i64[0, U(g)] = b
-                g_i64[1, U(g)] = h if valid else -1
+                if valid:
+                    g_i64[1, U(g)] = h
                 g_float[0, U(g)] = 0.0
                 g_float[1, U(g)] = np.nan
-                for c in range(1, 6):
-                    g_i32[c, U(g)] = 0
                 h = g
                 last = b
                 valid = True
@@ -516,8 +531,6 @@ def _bucket_pass(
                     g_i64[1, U(after)] = new
                     g_float[0, U(new)] = 0.0
                     g_float[1, U(new)] = np.nan
-                    for c in range(1, 6):
-                        g_i32[c, U(new)] = 0
                     g = new
             if flagged:
                 g_i32[5, U(g)] += 1
@@ -534,9 +547,8 @@ def _bucket_pass(
                 g_float[1, U(g)] = share
             g_i32[1, U(g)] += 1
             g_i32[2 + quality, U(g)] += 1
-        per_series[s, U(col)] = h
+        per_series[s, U(col)] = first_id + h
         per_series[s, U(col + 1)] = last
-        per_series[s, U(col + 2)] = batch_no
     return ng
 
 
@@ -545,92 +557,119 @@ def _register_buckets(
     series: I32,
     ts: I64,
     value: F64,
-    install_after: F64,
-    multiplier: F64,
-    anchor_ts: I64,
-    anchor_val: F64,
-    pending_ts: I64,
-    pending_val: F64,
-    register_max: F64,
-    resolution: F64,
-    max_rate_per_ms: F64,
+    extras: F64,
+    state: NDArray[np.void],
+    params: NDArray[np.void],
     read_flag: I8,
-    batch_no: int,
-    registers_done: bool,
-    widths: I64,
-    max_interp_gap_ms: int,
-    start: I64,
-    qty: F64,
-    unknown_from: I64,
+    reads: NDArray[np.void],
     per_series: I64,
     scratch: I64,
-    capacity: int,
     g_i32: I32,
     g_i64: I64,
     g_float: F64,
-    n_groups: I64,
+    ctl: I64,
 ) -> int:
-    """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width in one call. Returns 0
-    when done; -1 (having changed nothing) when a series index is out of range; otherwise the groups
-    the buffers need: the caller grows them and calls again with `registers_done`, which reruns only
-    the bucket passes."""
-    if not registers_done:
+    """`registers_to_intervals`, `prorate` and `reduce_by_key` for every width (the groups of width `w`
+    in `g_i32[w]`, `g_i64[w]` and `g_float[w]`) in one call. Returns 0 when done; -1 (having changed
+    nothing) when a series index is out of range; otherwise the groups the buffers need: the caller
+    grows them, sets `ctl[_CTL_REGISTERS_DONE]` and calls again, which reruns only the bucket passes."""
+    n_widths, _, capacity = g_i32.shape
+    first_id = ctl[_CTL_NEXT_ID]
+    ctl[_CTL_NEXT_ID] = first_id + capacity
+    if ctl[_CTL_REGISTERS_DONE] == 0:
+        # A minimum and a maximum rather than a test per read: a loop without exits vectorises.
+        lo = hi = series[0] if series.size else 0
         for i in range(series.size):
-            if series[i] < 0 or series[i] >= anchor_ts.size:
-                return -1
-        _register_pass(
-            series, ts, value, install_after, multiplier, anchor_ts, anchor_val, pending_ts, pending_val,
-            register_max, resolution, max_rate_per_ms, read_flag, start, qty, unknown_from,
+            lo = min(lo, series[i])
+            hi = max(hi, series[i])
+        if series.size and (lo < 0 or hi >= min(state.size, params.size)):
+            return -1
+        _register_pass(series, ts, value, extras, state, params, read_flag, reads)
+    ctl[_CTL_REGISTERS_DONE] = 0
+    made = _CTL_WIDTHS + n_widths
+    for w in range(n_widths):
+        # Clear what the last call made (its results are given up now), as `_bucket_pass` expects.
+        g_i32[w, 1:, : ctl[made + w]] = 0
+        g_i64[w, 1, : ctl[made + w]] = -1
+        ng = _bucket_pass(
+            series, ts, read_flag, reads, ctl[_CTL_WIDTHS + w], ctl[_CTL_GAP], per_series, 2 * w, first_id,
+            g_i32[w], g_i64[w], g_float[w],
         )  # fmt: skip
-    for w in range(widths.size):
-        n_groups[w] = _bucket_pass(
-            series, ts, read_flag, start, qty, widths[w], max_interp_gap_ms, per_series, 3 * w, batch_no,
-            capacity, g_i32[w], g_i64[w], g_float[w],
-        )  # fmt: skip
-        if n_groups[w] < 0:
-            return _group_bound(series, ts, read_flag, start, widths, scratch, batch_no)
+        if ng < 0:
+            ctl[made + w] = capacity
+            return _group_bound(series, ts, read_flag, reads, ctl[_CTL_WIDTHS:made], scratch, first_id)
+        ctl[made + w] = ng
     return 0
 
 
 # --- typed wrappers -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class RegisterState:
-    """Each series' anchor read (the last read booked from) and a pending drop awaiting confirmation."""
+    """Each series' anchor read (the last read booked from) and a pending drop awaiting confirmation:
+    one STATE record per series in `packed`, which the kernels take; the attributes are views of its
+    fields, so writing to them changes the state."""
 
-    anchor_ts: I64
-    anchor_val: F64
-    pending_ts: I64
-    pending_val: F64
+    __slots__ = ("packed",)
+
+    def __init__(self, anchor_ts: I64, anchor_val: F64, pending_ts: I64, pending_val: F64) -> None:
+        self.packed = np.empty(anchor_ts.size, STATE)
+        self.packed["anchor_ts"] = anchor_ts
+        self.packed["anchor_val"] = anchor_val
+        self.packed["pending_ts"] = pending_ts
+        self.packed["pending_val"] = pending_val
 
     @classmethod
     def empty(cls, n_series: int) -> RegisterState:
-        return cls(
-            np.full(n_series, NO_TS, np.int64),
-            np.zeros(n_series, np.float64),
-            np.full(n_series, NO_TS, np.int64),
-            np.zeros(n_series, np.float64),
-        )
+        none = np.full(n_series, NO_TS, np.int64)
+        return cls(none, np.zeros(n_series, np.float64), none, np.zeros(n_series, np.float64))
 
     def grow(self, n_series: int) -> None:
-        extra = n_series - self.anchor_ts.size
-        if extra <= 0:
-            return
-        self.anchor_ts = np.concatenate([self.anchor_ts, np.full(extra, NO_TS, np.int64)])
-        self.anchor_val = np.concatenate([self.anchor_val, np.zeros(extra, np.float64)])
-        self.pending_ts = np.concatenate([self.pending_ts, np.full(extra, NO_TS, np.int64)])
-        self.pending_val = np.concatenate([self.pending_val, np.zeros(extra, np.float64)])
+        extra = n_series - self.packed.size
+        if extra > 0:
+            self.packed = np.concatenate([self.packed, RegisterState.empty(extra).packed])
+
+    @property
+    def anchor_ts(self) -> I64:
+        return self.packed["anchor_ts"]
+
+    @property
+    def anchor_val(self) -> F64:
+        return self.packed["anchor_val"]
+
+    @property
+    def pending_ts(self) -> I64:
+        return self.packed["pending_ts"]
+
+    @property
+    def pending_val(self) -> F64:
+        return self.packed["pending_val"]
 
 
-@dataclass(frozen=True, slots=True)
 class RegisterParams:
     """Per series: register maximum (inf when it never rolls over), resolution, and the largest
-    plausible quantity per millisecond (rated rate x margin; inf when the rating is unknown)."""
+    plausible quantity per millisecond (rated rate x margin; inf when the rating is unknown). One PARAMS
+    record per series in `packed`, which the kernels take; the attributes are views of its fields."""
 
-    register_max: F64
-    resolution: F64
-    max_rate_per_ms: F64
+    __slots__ = ("packed",)
+
+    def __init__(self, register_max: F64, resolution: F64, max_rate_per_ms: F64) -> None:
+        self.packed = np.empty(register_max.size, PARAMS)
+        self.packed["register_max"] = register_max
+        self.packed["resolution"] = resolution
+        self.packed["max_rate_per_ms"] = max_rate_per_ms
+
+    @property
+    def register_max(self) -> F64:
+        return self.packed["register_max"]
+
+    @property
+    def resolution(self) -> F64:
+        return self.packed["resolution"]
+
+    @property
+    def max_rate_per_ms(self) -> F64:
+        return self.packed["max_rate_per_ms"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -652,6 +691,19 @@ def order_by_series(series: I32, n_series: int) -> I64:
     return out
 
 
+_NO_EXTRAS: Final = np.empty((2, 0), np.float64)
+
+
+def _extras(n: int, install_after: F64 | None, multiplier: F64 | None) -> F64:
+    """Install reads (NaN: none) and multipliers per read in one array, as the register pass takes them."""
+    if install_after is None and multiplier is None:
+        return _NO_EXTRAS
+    extras = np.empty((2, n), np.float64)
+    extras[0] = np.nan if install_after is None else install_after
+    extras[1] = 1.0 if multiplier is None else multiplier
+    return extras
+
+
 def registers_to_intervals(
     series: I32,
     ts: I64,
@@ -666,7 +718,6 @@ def registers_to_intervals(
     `install_after[i]` (NaN when none) is the install read of a meter exchanged right after read i;
     `multiplier[i]` scales the quantity of the interval ending at read i. Updates `state` in place."""
     n = series.size
-    no_values = np.empty(0, np.float64)
     out_series = np.empty(2 * n, np.int32)
     out_t0 = np.empty(2 * n, np.int64)
     out_t1 = np.empty(2 * n, np.int64)
@@ -674,13 +725,8 @@ def registers_to_intervals(
     out_bad = np.empty(2 * n, np.int8)
     read_flag = np.empty(n, np.int8)
     m = _registers_to_intervals(
-        series, ts, value,
-        no_values if install_after is None else install_after,
-        no_values if multiplier is None else multiplier,
-        state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
-        params.register_max, params.resolution, params.max_rate_per_ms,
-        read_flag, np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.int64),
-        out_series, out_t0, out_t1, out_qty, out_bad,
+        series, ts, value, _extras(n, install_after, multiplier), state.packed, params.packed, read_flag,
+        np.empty(n, _READ), out_series, out_t0, out_t1, out_qty, out_bad,
     )  # fmt: skip
     return Intervals(out_series[:m], out_t0[:m], out_t1[:m], out_qty[:m], out_bad[:m], read_flag)
 
@@ -707,8 +753,7 @@ def prorate(intervals: Intervals, width_ms: int, max_interp_gap_ms: int) -> Cont
     return Contributions(out_interval[:k], out_bucket[:k], out_qty[:k], out_quality[:k])
 
 
-@dataclass(frozen=True, slots=True)
-class Buckets:
+class Buckets(NamedTuple):
     """One row per (series, bucket): sums, counts and the maximum of what was added."""
 
     series: I32
@@ -765,10 +810,13 @@ def reduce_by_key(series: I32, bucket_ms: I64, qty: F64, quality: I8, flagged: I
     )
 
 
-@dataclass(frozen=True, slots=True)
-class RegisterBuckets:
+class RegisterBuckets(NamedTuple):
     read_flag: I8  # per input read, READ_*
     buckets: tuple[Buckets, ...]  # one per width, in the order the widths were given
+
+
+# A width's group columns in the order of `Buckets`' fields.
+_Columns = tuple[I32, I64, F64, I32, F64, I32, I32, I32, I32]
 
 
 class RegisterBucketer:
@@ -776,44 +824,46 @@ class RegisterBucketer:
     call per batch: what `registers_to_intervals`, `prorate` and `reduce_by_key` (with each negative or
     implausible read added as a flag in its bucket, as the processor books them) give together, without
     their intermediate arrays. Its buffers are kept and reused from call to call, so a stream of small
-    batches pays one dispatch and a few small copies per batch.
+    batches pays one dispatch and no copies per batch.
 
     Unlike `registers_to_intervals`, the reads need not be sorted by series: any order in which each
-    series' reads are in time order will do, such as arrival (time) order or (series, ts) order. The
-    arrays it returns are its own copies; one call at a time (its buffers are shared between calls)."""
+    series' reads are in time order will do, such as arrival (time) order or (series, ts) order.
+
+    The arrays it returns are views of its buffers, valid until its next call, which overwrites them:
+    use (or copy) them before calling again, as the processor's writer does within its poll. One call
+    at a time."""
 
     def __init__(self, widths_ms: tuple[int, ...], max_interp_gap_ms: int) -> None:
         if not widths_ms or min(widths_ms) <= 0:
             raise ValueError(f"bucket widths must be positive, got {widths_ms}")
         self.widths_ms = widths_ms
         self.max_interp_gap_ms = max_interp_gap_ms
-        self._widths = np.array(widths_ms, np.int64)
-        self._no_values = np.empty(0, np.float64)
-        self._batch_no = 0
-        self._n_groups = np.zeros(len(widths_ms), np.int64)
-        # Per series and width: the head group, its bucket and the batch that set it (none yet).
-        self._per_series = np.empty((0, 3 * len(widths_ms)), np.int64)
-        self._scratch = np.empty((0, 3), np.int64)  # per series, for bounding the groups
-        self._start = np.empty(0, np.int64)  # per read: where the interval it closes starts
-        self._qty = np.empty(0, np.float64)  # and the quantity in it
-        self._unknown_from = np.empty(0, np.int64)
+        nw = len(widths_ms)
+        self._made = _CTL_WIDTHS + nw  # where the control block keeps the groups made per width
+        self._ctl = np.zeros(self._made + nw, np.int64)
+        self._ctl[_CTL_GAP] = max_interp_gap_ms
+        self._ctl[_CTL_WIDTHS : self._made] = widths_ms
+        # Per series: for each width its head's id and bucket (none yet); apart, as it is seldom used,
+        # room for bounding the groups of a batch (see `_group_bound`).
+        self._per_series = np.empty((0, 2 * nw), np.int64)
+        self._scratch = np.empty((0, 3), np.int64)
+        self._read_flag = np.empty(0, np.int8)
+        self._reads = np.empty(0, _READ)
         self._capacity = 0
         self._grow_groups(1024)
 
     def _grow_groups(self, need: int) -> None:
         self._capacity = max(need, 2 * self._capacity)
         nw = len(self.widths_ms)
-        self._g_i32 = np.empty((nw, 6, self._capacity), np.int32)  # series, n, n per quality, n flagged
-        self._g_i64 = np.empty((nw, 2, self._capacity), np.int64)  # bucket, previous group of the series
+        # Clear, as `_bucket_pass` expects of groups not made yet: zero counts, no links.
+        self._g_i32 = np.zeros((nw, 6, self._capacity), np.int32)  # series, n, n per quality, n flagged
+        self._g_i64 = np.full((nw, 2, self._capacity), -1, np.int64)  # bucket, previous group of the series
         self._g_float = np.empty((nw, 2, self._capacity), np.float64)  # total, max
-        self._buffers()
-
-    def _buffers(self) -> None:
-        self._tail = (
-            self._widths, self.max_interp_gap_ms, self._start, self._qty, self._unknown_from,
-            self._per_series, self._scratch,
-            self._capacity, self._g_i32, self._g_i64, self._g_float, self._n_groups,
-        )  # fmt: skip
+        self._ctl[self._made :] = 0
+        # For slicing each call's groups off (`_first_groups`).
+        self._columns: list[_Columns] = []
+        for i32, i64, f64 in zip(self._g_i32, self._g_i64, self._g_float, strict=True):
+            self._columns.append((i32[0], i64[0], f64[0], i32[1], f64[1], i32[2], i32[3], i32[4], i32[5]))
 
     def __call__(
         self,
@@ -827,37 +877,25 @@ class RegisterBucketer:
         multiplier: F64 | None = None,
     ) -> RegisterBuckets:
         """As `registers_to_intervals`, then `prorate` and `reduce_by_key` per width. Updates `state`
-        in place. Raises ValueError (and changes nothing) if a series index is outside the state."""
+        in place. Raises ValueError (and changes nothing) if a series index is outside the state or the
+        params."""
         n = series.size
-        if state.anchor_ts.size > self._per_series.shape[0] or n > self._start.size:
-            self._grow_reads(state.anchor_ts.size, n)
-        read_flag = np.empty(n, np.int8)
-        head = (
-            series, ts, value,
-            self._no_values if install_after is None else install_after,
-            self._no_values if multiplier is None else multiplier,
-            state.anchor_ts, state.anchor_val, state.pending_ts, state.pending_val,
-            params.register_max, params.resolution, params.max_rate_per_ms, read_flag,
+        packed = state.packed
+        if n > self._read_flag.size or packed.size > self._per_series.shape[0]:
+            self._grow_reads(packed.size, n)
+        args = (
+            series, ts, value, _extras(n, install_after, multiplier), packed, params.packed, self._read_flag,
+            self._reads, self._per_series, self._scratch,
         )  # fmt: skip
-        self._batch_no += 1
-        need = _register_buckets(*head, self._batch_no, False, *self._tail)
+        need = _register_buckets(*args, self._g_i32, self._g_i64, self._g_float, self._ctl)
         while need > 0:
             self._grow_groups(need)
-            self._batch_no += 1
-            need = _register_buckets(*head, self._batch_no, True, *self._tail)
+            self._ctl[_CTL_REGISTERS_DONE] = 1
+            need = _register_buckets(*args, self._g_i32, self._g_i64, self._g_float, self._ctl)
         if need < 0:
             raise ValueError("a series index is out of range")
-        out = []
-        for w, groups in enumerate(self._n_groups.tolist()):
-            series_of, n_all, measured, estimated, substituted, flagged = self._g_i32[w, :, :groups].copy()
-            total, max_value = self._g_float[w, :, :groups].copy()
-            bucket_ms = self._g_i64[w, 0, :groups].copy()
-            out.append(
-                Buckets(
-                    series_of, bucket_ms, total, n_all, max_value, measured, estimated, substituted, flagged
-                )
-            )
-        return RegisterBuckets(read_flag, tuple(out))
+        made = self._ctl[self._made :].tolist()
+        return RegisterBuckets(self._read_flag[:n], tuple(map(_first_groups, self._columns, made)))
 
     def _grow_reads(self, n_series: int, n_reads: int) -> None:
         extra = n_series - self._per_series.shape[0]
@@ -866,11 +904,18 @@ class RegisterBucketer:
                 [self._per_series, np.full((extra, self._per_series.shape[1]), NO_TS, np.int64)]
             )
             self._scratch = np.concatenate([self._scratch, np.full((extra, 3), NO_TS, np.int64)])
-        if n_reads > self._start.size:
-            self._start = np.empty(n_reads, np.int64)
-            self._qty = np.empty(n_reads, np.float64)
-            self._unknown_from = np.empty(n_reads, np.int64)
-        self._buffers()
+        if n_reads > self._read_flag.size:
+            self._read_flag = np.empty(n_reads, np.int8)
+            self._reads = np.empty(n_reads, _READ)
+
+
+def _first_groups(columns: _Columns, n: int) -> Buckets:
+    """Views of a width's first `n` groups."""
+    series, bucket_ms, total, n_all, max_value, measured, estimated, substituted, flagged = columns
+    return Buckets(
+        series[:n], bucket_ms[:n], total[:n], n_all[:n], max_value[:n], measured[:n], estimated[:n],
+        substituted[:n], flagged[:n],
+    )  # fmt: skip
 
 
 def instantaneous_buckets(series: I32, ts: I64, value: F64, abs_limit: F64, width_ms: int) -> Buckets:

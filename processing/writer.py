@@ -299,6 +299,8 @@ class BatchWriter:
         if s.size == 0:
             return
         install, multiplier = self._schedules(s, ts)
+        # Views of the bucketer's buffers, valid until its next call: this poll's `_upsert` merges (copies)
+        # them before the next poll books anything.
         result = self.bucketer(
             s, ts, value, state, self.series.params, install_after=install, multiplier=multiplier
         )

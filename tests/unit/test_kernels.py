@@ -355,16 +355,102 @@ def test_buffers_that_fill_mid_batch_grow_and_the_batch_is_bucketed_once():
     assert result.buckets[0].total.sum() == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("series", [[0, 1], [0, -1]], ids=["unknown", "negative"])
-def test_fused_bucketer_refuses_unknown_series_and_changes_nothing(series):
+def test_bucketer_results_are_views_that_its_next_call_overwrites():
+    # Each batch's buckets are exact although the batch before made more groups, with flags and
+    # estimated shares, in the same buffers; a result's arrays are valid only until the next call.
     bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
+    registers = dict.fromkeys(range(3), REGISTERS[0])
+    state = k.RegisterState.empty(3)
+    separate_state = k.RegisterState.empty(3)
+    batches = [
+        [ref.Read(s, T0 + s, 100.0 * s) for s in range(3)],
+        [
+            ref.Read(0, T0 + 90_000, 1.0),
+            ref.Read(1, T0 + 90_000, 9_000.0),
+            ref.Read(2, T0 + 3 * WIDTH, 200.5),
+        ],
+        [ref.Read(0, T0 + 120_000, 1.25)],
+    ]
+    results = []
+    for batch in batches:
+        result = bucketer_run(bucketer, batch, registers, state)
+        ordered, separate = kernel_intervals(batch, registers, separate_state)
+        series = np.array([r.series for r in ordered], np.int32)
+        ts = np.array([r.ts for r in ordered], np.int64)
+        for w, width in enumerate(WIDTHS):
+            assert {key: exact(row) for key, row in ref.rows_from_kernel(result.buckets[w]).items()} == {
+                key: exact(row)
+                for key, row in ref.rows_from_kernel(separate_kernels(separate, series, ts, width)).items()
+            }
+        results.append(result)
+    assert [b.series.size for b in results[1].buckets] == [6, 3, 3]
+    before, last = results[1:]
+    assert np.shares_memory(before.read_flag, last.read_flag)
+    for w in range(len(WIDTHS)):
+        for mine, theirs in zip(before.buckets[w], last.buckets[w], strict=True):
+            assert np.shares_memory(mine, theirs)
+
+
+def test_register_state_and_params_are_records_seen_through_their_fields():
+    state = k.RegisterState(
+        np.array([5, k.NO_TS]), np.array([1.5, 0.0]), np.array([k.NO_TS, 7]), np.array([0.0, 2.5])
+    )
+    assert state.packed.dtype == k.STATE
+    state.anchor_val[1] = 4.0  # the fields are views: what is written reaches the kernels
+    assert state.packed["anchor_val"].tolist() == [1.5, 4.0]
+    state.grow(4)
+    state.grow(3)  # never shrinks
+    assert state.anchor_ts.tolist() == [5, k.NO_TS, k.NO_TS, k.NO_TS]
+    assert state.anchor_val.tolist() == [1.5, 4.0, 0.0, 0.0]
+    assert state.pending_ts.tolist() == [k.NO_TS, 7, k.NO_TS, k.NO_TS]
+    assert state.pending_val.tolist() == [0.0, 2.5, 0.0, 0.0]
+    p = k.RegisterParams(np.array([9.9, math.inf]), np.array([0.1, 0.001]), np.array([1.0, math.inf]))
+    assert p.packed.dtype == k.PARAMS
+    assert [p.register_max.tolist(), p.resolution.tolist(), p.max_rate_per_ms.tolist()] == [
+        [9.9, math.inf],
+        [0.1, 0.001],
+        [1.0, math.inf],
+    ]
+
+
+def test_bucketer_follows_a_state_that_grows_between_calls():
+    # The processor's series table grows its state when a poll brings new series.
+    bucketer = k.RegisterBucketer((WIDTH,), INTERP_LIMIT)
+    p = params(dict.fromkeys(range(3), REGISTERS[3]))
     state = k.RegisterState.empty(1)
+    bucketer(np.array([0], np.int32), np.array([T0], np.int64), np.array([1.0]), state, p)
+    state.grow(3)
+    result = bucketer(
+        np.array([0, 2, 2], np.int32), T0 + np.array([WIDTH, WIDTH, 2 * WIDTH]), np.array([2.0, 5.0, 5.5]),
+        state, p,
+    )  # fmt: skip
+    assert ref.read_flags_from_kernel(result) == ["ok", "first", "ok"]
+    rows = ref.rows_from_kernel(result.buckets[0])
+    assert {key: row.total for key, row in rows.items()} == pytest.approx(
+        {(0, T0): 1.0, (2, T0 + WIDTH): 0.5}
+    )
+
+
+@pytest.mark.parametrize(
+    ("series", "n_series"),
+    [([0, 1], 1), ([0, -1], 1), ([0, 1], 2)],
+    ids=["unknown", "negative", "without params"],
+)
+def test_fused_bucketer_refuses_unknown_series_and_changes_nothing(series, n_series):
+    bucketer = k.RegisterBucketer(WIDTHS, INTERP_LIMIT)
+    state = k.RegisterState.empty(n_series)
     state.anchor_ts[0], state.anchor_val[0] = 0, 5.0
     p = k.RegisterParams(np.array([99_999.99]), np.array([0.01]), np.array([math.inf]))
     with pytest.raises(ValueError):
         bucketer(np.array(series, np.int32), np.array([1, 2], np.int64), np.array([6.0, 7.0]), state, p)
-    assert (state.anchor_ts.tolist(), state.anchor_val.tolist()) == ([0], [5.0])
-    assert state.pending_ts.tolist() == [k.NO_TS]
+    assert (state.anchor_ts.tolist(), state.anchor_val.tolist()) == (
+        [0] + [k.NO_TS] * (n_series - 1),
+        [5.0] + [0.0] * (n_series - 1),
+    )
+    assert state.pending_ts.tolist() == [k.NO_TS] * n_series
+    # And it carries on with the next batch.
+    result = bucketer(np.array([0], np.int32), np.array([WIDTH], np.int64), np.array([8.0]), state, p)
+    assert [b.total.tolist() for b in result.buckets] == [[3.0]] * len(WIDTHS)
 
 
 @st.composite
