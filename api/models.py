@@ -49,6 +49,12 @@ class SiteIn(_In):
     )
 
 
+class SitePatch(_In):
+    # Optional but never null (a site has a name): the default is not validated, an explicit null is.
+    name: Annotated[str, Field(min_length=1, max_length=200)] = None  # type: ignore[assignment]
+    grid_zone: Annotated[str, Field(pattern=ZONE_PATTERN)] | None = None
+
+
 class Site(SiteIn):
     created_at: datetime
 
@@ -450,6 +456,8 @@ class ZoneIntensity(BaseModel):
     zone: str
     signal_type: str
     basis: str
+    mean_g_co2e_per_kwh: float | None = Field(description="time-weighted over the covered part of the range")
+    covered_share: float = Field(description="share of the range the points cover")
     points: list[IntensityPointOut]
 
 

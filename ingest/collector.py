@@ -13,7 +13,6 @@ nothing is acked, so the broker keeps the rest in the persistent session.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import signal
@@ -22,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import OutOfOrderSequenceNumber, ProducerClosed
@@ -37,7 +35,13 @@ from ingest.records import Partitioner, RecordBatch
 from ingest.registry import Registry, check_ownership, wait_loaded
 from ingest.sparkplug import SparkplugSessions
 from meterflow import sparkplug
-from meterflow.contract import DeadLetterReason, TelemetryTopic, now_ms, parse_telemetry_topic
+from meterflow.contract import (
+    DeadLetterReason,
+    TelemetryTopic,
+    encode_dead_letter,
+    now_ms,
+    parse_telemetry_topic,
+)
 from meterflow.runtime import settle_after_start_up
 from meterflow.settings import Settings
 
@@ -587,25 +591,17 @@ class Collector:
         parts = item.topic.split("/")
         binary = parts[0] == sparkplug.NAMESPACE
         tenant, gateway = (parts[1], parts[3]) if binary else (parts[2], parts[3])
-        kept = payload[:cap]
-        value = orjson.dumps(
-            {
-                "v": 1,
-                "reason": rejection.reason.value,
-                "detail": rejection.detail,
-                "topic": item.topic,
-                "tenant": tenant if len(parts) > 3 else None,
-                "gateway": gateway if len(parts) > 3 else None,
-                "device": rejection.device,
-                "received_ms": received_ms,
-                # Sparkplug payloads are protobuf: kept as base64 so they survive JSON intact.
-                "payload": base64.b64encode(kept).decode()
-                if binary
-                else kept.decode("utf-8", errors="replace"),
-                "payload_encoding": "base64" if binary else "utf-8",
-                "payload_bytes": len(payload),
-                "payload_truncated": len(payload) > cap,
-            }
+        value = encode_dead_letter(
+            reason=rejection.reason.value,
+            detail=rejection.detail,
+            payload=payload,
+            cap=cap,
+            received_ms=received_ms,
+            binary=binary,
+            topic=item.topic,
+            tenant=tenant if len(parts) > 3 else None,
+            gateway=gateway if len(parts) > 3 else None,
+            device=rejection.device,
         )
         log.debug("dead letter %s on %s: %s", rejection.reason.value, item.topic, rejection.detail)
         return _Record(self.settings.kafka.dlq_topic, item.topic.encode(), value)

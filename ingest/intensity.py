@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from rich.progress import Progress
 
 from meterflow.carbon.intensity import MODES, mix_intensity
-from meterflow.contract import EmissionBasis, GridIntensityPoint, SignalType
+from meterflow.contract import EmissionBasis, GridIntensityPoint, SignalType, validation_summary
 from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,7 @@ class Parsed:
         try:
             self.points.append(GridIntensityPoint.model_validate(fields))
         except ValidationError as exc:
-            why = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'point'}: {e['msg']}" for e in exc.errors()
-            )
-            self.rejected.append((where, why))
+            self.rejected.append((where, validation_summary(exc)))
 
 
 def _with_defaults(fields: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
@@ -99,16 +96,21 @@ _CSV_INTS: Final = {"ts", "duration_s"}
 _CSV_BOOLS: Final = {"is_estimated", "is_forecast"}
 
 
+def _number(text: str, kind: type[int] | type[float]) -> object:
+    """The number `text` spells, else the text itself (for the point's validation to report)."""
+    try:
+        return kind(text)
+    except ValueError:
+        return text
+
+
 def _csv_value(name: str, text: str) -> object:
-    if name in _CSV_INTS and text.lstrip("-").isdigit():
-        return int(text)
+    if name in _CSV_INTS:
+        return _number(text, int)
     if name in _CSV_BOOLS:
         return {"true": True, "false": False, "1": True, "0": False}.get(text.lower(), text)
     if name == "g_co2e_per_kwh":
-        try:
-            return float(text)
-        except ValueError:
-            return text
+        return _number(text, float)
     return text
 
 
@@ -147,7 +149,7 @@ def parse_electricitymaps(text: str, defaults: Defaults) -> Parsed:
             "duration_s": _GRANULARITY_S.get(str(granularity), granularity),
             "signal_type": SignalType.AVERAGE,
             "basis": entry.get("emissionFactorType") or doc.get("emissionFactorType") or "lifecycle",
-            "is_estimated": bool(entry.get("isEstimated", False)),
+            "is_estimated": entry.get("isEstimated") is True,
             "is_forecast": forecast,
             "source": "electricitymaps",
             "model_version": entry.get("estimationMethod"),
@@ -173,17 +175,25 @@ def parse_watttime(text: str, defaults: Defaults) -> Parsed:
     if units != "lbs_co2_per_mwh":
         raise ValueError(f"units {units!r}: only lbs_co2_per_mwh is understood")
     model = meta.get("model")
+    period = meta.get("data_point_period_seconds")
+    # Only forecast responses say when they were generated.
+    forecast = "generated_at" in meta
     parsed = Parsed()
     for i, entry in enumerate(doc.get("data") or []):
+        if isinstance(entry, dict) and "forecast" in entry:
+            raise ValueError(
+                "a /v3/forecast/historical response (forecasts of the past): not a signal to store"
+            )
         value = entry.get("value") if isinstance(entry, dict) else None
         fields = {
             "zone": meta.get("region"),
             "ts": entry.get("point_time") if isinstance(entry, dict) else None,
             "g_co2e_per_kwh": value * LBS_PER_MWH_TO_G_PER_KWH if isinstance(value, int | float) else value,
-            "duration_s": int(meta.get("data_point_period_seconds", 300)),
+            "duration_s": period if isinstance(period, int) else 300,
             "signal_type": signal,
             "basis": EmissionBasis.DIRECT,
             "is_estimated": True,
+            "is_forecast": forecast,
             "source": "watttime",
             "model_version": str(model.get("date"))
             if isinstance(model, dict) and model.get("date")
@@ -242,17 +252,22 @@ def estimate_from_mix(text: str, zone: str, bases: Iterable[EmissionBasis]) -> P
     bases = tuple(bases)
     for number, row in enumerate(reader, 2):
         try:
-            generation = {mode: float(row[mode] or 0) for mode in modes}
+            if None in row or any(row[c] is None for c in columns):
+                raise ValueError(f"expected {len(columns)} cells")
+            # A blank cell is a missing figure, not zero generation.
+            blank = sorted(mode for mode in modes if not (row[mode] or "").strip())
+            if blank:
+                raise ValueError(f"no generation given for {blank}")
+            generation = {mode: float(row[mode]) for mode in modes}
             values = {basis: mix_intensity(generation, basis) for basis in bases}
         except ValueError as exc:
             parsed.rejected.append((f"line {number}", str(exc)))
             continue
-        ts: object = int(row["ts"]) if row["ts"].isdigit() else row["ts"]
         for basis, value in values.items():
             fields = {
                 "zone": zone,
-                "ts": ts,
-                "duration_s": int(row["duration_s"]) if row.get("duration_s") else 3600,
+                "ts": _number(row["ts"], int),
+                "duration_s": _number(row["duration_s"], int) if row.get("duration_s") else 3600,
                 "g_co2e_per_kwh": value,
                 "signal_type": SignalType.AVERAGE,
                 "basis": basis,

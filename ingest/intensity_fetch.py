@@ -1,7 +1,8 @@
 """Pull grid intensity from its providers' APIs, for `meterflow intensity fetch`.
 
-* **Electricity Maps** (API v3): ``GET {base}/carbon-intensity/{latest|history|forecast}?zone=`` with the
-  ``auth-token`` header.
+* **Electricity Maps** (API v3): ``GET {base}/carbon-intensity/{latest|history|forecast}?zone=
+  &emissionFactorType=`` with the ``auth-token`` header (direct by default, as the annual MEE factors;
+  Electricity Maps' own default is lifecycle).
 * **WattTime** (API v3): ``GET {base}/login`` with HTTP Basic auth gives a token that lasts about 30
   minutes; ``GET {base}/v3/{historical|forecast}?region=&signal_type=`` with it as a Bearer token.
   ``/v3/historical`` takes at most 32 days per call.
@@ -22,6 +23,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ingest.intensity import Defaults, Parsed, parse_electricitymaps, parse_watttime
+from meterflow.contract import EmissionBasis
 from meterflow.settings import IntensitySettings
 
 ELECTRICITYMAPS_URL: Final = "https://api.electricitymaps.com/v3"
@@ -94,11 +96,13 @@ class ElectricityMaps:
     token: str
     base_url: str = ELECTRICITYMAPS_URL
 
-    async def fetch(self, zone: str, kind: ElectricityMapsKind) -> Parsed:
+    async def fetch(
+        self, zone: str, kind: ElectricityMapsKind, basis: EmissionBasis = EmissionBasis.DIRECT
+    ) -> Parsed:
         response = await _get(
             self.http,
             f"{self.base_url}/carbon-intensity/{kind}",
-            params={"zone": zone},
+            params={"zone": zone, "emissionFactorType": basis.value},
             headers={"auth-token": self.token},
         )
         return parse_electricitymaps(response.text, Defaults(zone=zone))
@@ -166,42 +170,59 @@ async def fetch_once(
     zones: list[str],
     kinds: list[str],
     signal: WattTimeSignal = "co2_moer",
+    basis: EmissionBasis = EmissionBasis.DIRECT,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Parsed:
-    """Every zone's requested kinds from one provider, as one list of points (rejects named by zone
-    and kind). ValueError for missing credentials or an unknown kind; ProviderError for a refusal."""
-    unknown = sorted(set(kinds) - set(KINDS[provider]))
-    if unknown:
-        raise ValueError(f"{provider} has no {unknown}; choose from {', '.join(KINDS[provider])}")
+    """Every zone's requested kinds from one provider, as one list of points. A request the provider
+    refuses or answers with something unreadable is reported among the rejects (named by zone and kind)
+    and the others go on. ValueError (from `check_request`) for what no retry would fix."""
+    check_request(settings, provider, kinds)
     parsed = Parsed()
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, transport=transport) as http:
         client = _client(http, settings, provider)
         for zone in zones:
             for kind in kinds:
-                if isinstance(client, ElectricityMaps):
-                    got = await client.fetch(zone, cast(ElectricityMapsKind, kind))
-                else:
-                    got = await client.fetch(zone, signal, cast(WattTimeKind, kind))
+                try:
+                    if isinstance(client, ElectricityMaps):
+                        got = await client.fetch(zone, cast(ElectricityMapsKind, kind), basis)
+                    else:
+                        got = await client.fetch(zone, signal, cast(WattTimeKind, kind))
+                except (ProviderError, httpx.HTTPError, ValueError) as exc:
+                    parsed.rejected.append((f"{zone} {kind}", f"{type(exc).__name__}: {exc}"))
+                    continue
                 parsed.points += got.points
                 parsed.rejected += [(f"{zone} {kind} {where}", why) for where, why in got.rejected]
     return parsed
 
 
-def _client(
-    http: httpx.AsyncClient, settings: IntensitySettings, provider: Provider
-) -> ElectricityMaps | WattTime:
-    """One client per run, so that WattTime logs in once."""
+def check_request(settings: IntensitySettings, provider: Provider, kinds: list[str]) -> None:
+    """ValueError for an unknown kind or missing credentials."""
+    unknown = sorted(set(kinds) - set(KINDS[provider]))
+    if unknown:
+        raise ValueError(f"{provider} has no {unknown}; choose from {', '.join(KINDS[provider])}")
+    _credentials(settings, provider)
+
+
+def _credentials(settings: IntensitySettings, provider: Provider) -> tuple[str, str]:
+    """(user or token, password or ""); ValueError naming the settings when they are missing."""
     if provider == "electricitymaps":
         if settings.electricitymaps_token is None:
             raise ValueError(
                 "set METERFLOW_INTENSITY__ELECTRICITYMAPS_TOKEN to your Electricity Maps API token"
             )
-        return ElectricityMaps(
-            http, settings.electricitymaps_token.get_secret_value(), settings.electricitymaps_url
-        )
+        return settings.electricitymaps_token.get_secret_value(), ""
     if settings.watttime_username is None or settings.watttime_password is None:
         raise ValueError(
             "set METERFLOW_INTENSITY__WATTTIME_USERNAME and METERFLOW_INTENSITY__WATTTIME_PASSWORD"
         )
-    return WattTime(
-        http, settings.watttime_username, settings.watttime_password.get_secret_value(), settings.watttime_url
-    )
+    return settings.watttime_username, settings.watttime_password.get_secret_value()
+
+
+def _client(
+    http: httpx.AsyncClient, settings: IntensitySettings, provider: Provider
+) -> ElectricityMaps | WattTime:
+    """One client per round, so that WattTime logs in once."""
+    user, password = _credentials(settings, provider)
+    if provider == "electricitymaps":
+        return ElectricityMaps(http, user, settings.electricitymaps_url)
+    return WattTime(http, user, password, settings.watttime_url)

@@ -24,6 +24,7 @@ from meterflow.settings import Settings
 if TYPE_CHECKING:
     from deploy.local.services import ServiceStatus
     from ingest.intensity import Parsed as ParsedPoints
+    from ingest.intensity_fetch import Provider, WattTimeSignal
     from processing.audit import VerifyReport
     from simulators.publisher import MqttOutcome
     from simulators.runner import RunResult
@@ -453,6 +454,7 @@ def intensity_fetch(
     signal: Annotated[
         str, typer.Option(help="WattTime: co2_moer (marginal) or co2_aoer (average)")
     ] = "co2_moer",
+    basis: Annotated[str, typer.Option(help="Electricity Maps: direct or lifecycle")] = "direct",
     every: Annotated[
         str | None, typer.Option(help="fetch again this often (e.g. 15m, 1h) until SIGTERM")
     ] = None,
@@ -460,28 +462,32 @@ def intensity_fetch(
 ) -> None:
     """Fetch grid intensity from Electricity Maps or WattTime and publish it (credentials from
     METERFLOW_INTENSITY__*). With --every it keeps polling; a failed round is logged and retried."""
-    from ingest.intensity_fetch import KINDS, ProviderError, fetch_once
+    from ingest.intensity_fetch import KINDS, check_request, fetch_once
+    from meterflow.contract import EmissionBasis
 
     if provider not in KINDS:
         raise typer.BadParameter(f"provider must be one of {', '.join(KINDS)}")
     if signal not in ("co2_moer", "co2_aoer"):
         raise typer.BadParameter("signal must be co2_moer or co2_aoer")
+    if basis not in ("direct", "lifecycle"):
+        raise typer.BadParameter("basis must be direct or lifecycle")
     settings = _settings()
     kinds = what or (["history", "forecast"] if provider == "electricitymaps" else ["historical", "forecast"])
-    period_s = _duration_s(every) if every else None
+    source = cast("Provider", provider)
+    wanted_signal = cast("WattTimeSignal", signal)
+    try:
+        check_request(settings.intensity, source, kinds)
+    except ValueError as exc:
+        console.print(f"[bold red]{provider}:[/] {exc}")
+        raise typer.Exit(1) from exc
 
     async def one_round() -> ParsedPoints:
-        return await fetch_once(settings.intensity, provider, zone, kinds, signal)  # type: ignore[arg-type]
+        return await fetch_once(settings.intensity, source, zone, kinds, wanted_signal, EmissionBasis(basis))
 
-    if period_s is None:
-        try:
-            parsed = asyncio.run(one_round())
-        except (ValueError, ProviderError) as exc:
-            console.print(f"[bold red]{provider}:[/] {exc}")
-            raise typer.Exit(1) from exc
-        _publish_parsed(parsed, out, progress=False)
-        return
-    asyncio.run(_poll_intensity(settings, one_round, period_s))
+    if every is None:
+        _publish_parsed(asyncio.run(one_round()), out, progress=False)
+    else:
+        asyncio.run(_poll_intensity(settings, one_round, _duration_s(every)))
 
 
 async def _poll_intensity(
@@ -490,7 +496,6 @@ async def _poll_intensity(
     import signal as signals
 
     from ingest.intensity import publish
-    from ingest.intensity_fetch import ProviderError
 
     stop = asyncio.Event()
     for sig in (signals.SIGINT, signals.SIGTERM):
@@ -499,13 +504,10 @@ async def _poll_intensity(
         try:
             parsed = await one_round()
             for where, why in parsed.rejected:
-                log.warning("intensity point rejected (%s): %s", where, why)
+                log.warning("intensity not fetched or rejected (%s): %s", where, why)
             await publish(settings, parsed.points, progress=False)
-        except ValueError as exc:  # missing credentials: no point in trying again
-            console.print(f"[bold red]{exc}[/]")
-            raise typer.Exit(1) from exc
-        except (ProviderError, httpx.HTTPError, OSError) as exc:
-            log.error("intensity fetch failed, trying again in %.0f s: %s", period_s, exc)
+        except Exception:  # a poller outlives any one bad round: the next one may work
+            log.exception("intensity round failed, trying again in %.0f s", period_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), period_s)
 
@@ -545,12 +547,12 @@ def intensity_simulate_mix(
     """Write a simulated hourly generation mix (a coal-heavy eastern province) for `intensity estimate`."""
     from simulators.gridmix import mix_csv, mix_rows
 
-    first = (
-        datetime.fromisoformat(start)
-        if start
-        else datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
-    )
     try:
+        first = (
+            datetime.fromisoformat(start)
+            if start
+            else datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+        )
         rows = mix_rows(first, hours, seed=seed)
     except ValueError as exc:
         console.print(f"[bold red]--start:[/] {exc}")
@@ -621,16 +623,21 @@ def _publish_simulated_intensity(
 ) -> list[str]:
     """Three days of estimated intensity around now for the provinces of the fleet `run` simulates."""
     from ingest.intensity import estimate_from_mix, publish
-    from meterflow.contract import EmissionBasis
+    from meterflow.contract import EmissionBasis, now_ms
     from simulators.gridmix import mix_csv, mix_rows
 
     spec = _generated_fleet(enterprises=enterprises, vpp_resources=vpp_resources, interval_s=interval_s)
     zones = sorted({site.province for e in spec.enterprises for site in e.sites if site.province})
     first = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    now = now_ms()
     points = []
     for seed, zone in enumerate(zones):
         mix = mix_csv(mix_rows(first, 72, seed=seed))
-        points += estimate_from_mix(mix, zone, list(EmissionBasis)).points
+        # Hours not begun yet are forecasts: an actual estimate for them, published later, replaces them.
+        points += [
+            p.model_copy(update={"is_forecast": p.ts > now})
+            for p in estimate_from_mix(mix, zone, list(EmissionBasis)).points
+        ]
     asyncio.run(publish(settings, points, progress=False))
     return zones
 

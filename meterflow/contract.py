@@ -7,6 +7,7 @@ from here; nothing here does I/O.
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final, Literal, NamedTuple
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, with_config
 from typing_extensions import TypedDict
 
 TENANT_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -284,6 +285,43 @@ def _v2_readings(doc: _RecordV2) -> list[DeviceReadings]:
 
 def now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """One line per problem, ``field: message``, for dead letters and reports."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in exc.errors())
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+
+def encode_dead_letter(
+    *,
+    reason: str,
+    detail: str,
+    payload: bytes | bytearray,
+    cap: int,
+    received_ms: int,
+    binary: bool = False,
+    **origin: object,
+) -> bytes:
+    """A record of the dead-letter topic: why, where it came from (`origin`: topic, tenant, partition, ...)
+    and the payload, cut at `cap` bytes. Binary payloads (Sparkplug protobuf) are kept as base64 so that
+    they survive JSON intact."""
+    kept = payload[:cap]
+    return orjson.dumps(
+        {
+            "v": 1,
+            "reason": reason,
+            "detail": detail,
+            **origin,
+            "received_ms": received_ms,
+            "payload": base64.b64encode(kept).decode() if binary else kept.decode("utf-8", errors="replace"),
+            "payload_encoding": "base64" if binary else "utf-8",
+            "payload_bytes": len(payload),
+            "payload_truncated": len(payload) > cap,
+        }
+    )
 
 
 # --- grid carbon intensity ------------------------------------------------------------------------

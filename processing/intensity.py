@@ -18,19 +18,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from meterflow.contract import DeadLetterReason, GridIntensityPoint, now_ms
+from meterflow.contract import (
+    DeadLetterReason,
+    GridIntensityPoint,
+    encode_dead_letter,
+    now_ms,
+    validation_summary,
+)
 from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-POINTS = Counter("meterflow_intensity_points_total", "Grid intensity points written (inserted or updated)")
-KEPT = Counter(
+POINTS = Counter("meterflow_intensity_points_total", "Grid intensity points applied (inserted or updated)")
+IGNORED = Counter(
     "meterflow_intensity_forecasts_ignored_total",
     "Forecast points not applied because a value that is not a forecast exists for their slot",
 )
@@ -38,9 +43,9 @@ REJECTED = Counter(
     "meterflow_intensity_rejected_total", "Intensity topic records sent to the DLQ", ["reason"]
 )
 LATEST = Gauge(
-    "meterflow_intensity_latest_point_seconds",
-    "Start of the newest point per zone (epoch seconds): alert when a feed stops",
-    ["zone"],
+    "meterflow_intensity_latest_actual_seconds",
+    "Start of the newest point that is not a forecast (epoch seconds): alert when a feed stops",
+    ["zone", "signal_type", "basis"],
 )
 
 Slot = tuple[str, str, str, int]  # zone, signal type, basis, start ms
@@ -55,7 +60,8 @@ _UPSERT = """
         source = EXCLUDED.source, model_version = EXCLUDED.model_version,
         kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset,
         received_at = now()
-    WHERE grid_intensity.is_forecast OR NOT EXCLUDED.is_forecast"""
+    WHERE grid_intensity.is_forecast OR NOT EXCLUDED.is_forecast
+    RETURNING 1"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +102,8 @@ def classify(record: ConsumerRecord[bytes, bytes]) -> Located | Rejection:
             reason = DeadLetterReason.NON_FINITE
         else:
             reason = DeadLetterReason.SCHEMA
-        return Rejection(record, reason, _short(exc))
+        return Rejection(record, reason, validation_summary(exc))
     return Located(point, record.partition, record.offset)
-
-
-def _short(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in exc.errors())
 
 
 def latest_per_slot(points: Iterable[Located]) -> list[Located]:
@@ -111,7 +113,7 @@ def latest_per_slot(points: Iterable[Located]) -> list[Located]:
     for located in points:
         before = kept.get(located.slot)
         if before is not None and located.point.is_forecast and not before.point.is_forecast:
-            KEPT.inc()
+            IGNORED.inc()
             continue
         kept[located.slot] = located
     return list(kept.values())
@@ -123,7 +125,7 @@ class IntensityService:
         self.cfg = settings.intensity
         self.topic = settings.kafka.intensity_topic
         self._stop = asyncio.Event()
-        self._newest_ms: dict[str, int] = {}
+        self._newest_ms: dict[tuple[str, str, str], int] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,43 +175,49 @@ class IntensityService:
         producer: AIOKafkaProducer,
         records: list[ConsumerRecord[bytes, bytes]],
     ) -> int:
-        """Write one poll's points (one transaction) and dead-letter the rest; the points written."""
+        """Write one poll's points (one transaction), then dead-letter the rest; the points applied."""
         located: list[Located] = []
+        rejected: list[Rejection] = []
         for record in records:
             outcome = classify(record)
             if isinstance(outcome, Located):
                 located.append(outcome)
             else:
-                await self._dead_letter(producer, outcome)
-        rows = [lp.row() for lp in latest_per_slot(located)]
-        if rows:
+                rejected.append(outcome)
+        kept = latest_per_slot(located)
+        applied = 0
+        if kept:
             async with conn.cursor() as cur:
-                await cur.executemany(_UPSERT, rows)
+                await cur.executemany(_UPSERT, [lp.row() for lp in kept], returning=True)
+                while True:
+                    applied += len(await cur.fetchall())
+                    if not cur.nextset():
+                        break
             await conn.commit()
-            POINTS.inc(len(rows))
-            for lp in located:
-                newest = max(self._newest_ms.get(lp.point.zone, lp.point.ts), lp.point.ts)
-                self._newest_ms[lp.point.zone] = newest
-                LATEST.labels(lp.point.zone).set(newest / 1000)
-        return len(rows)
+            POINTS.inc(applied)
+            IGNORED.inc(len(kept) - applied)
+            for lp in kept:
+                if not lp.point.is_forecast:
+                    key = lp.slot[:3]
+                    self._newest_ms[key] = max(self._newest_ms.get(key, lp.point.ts), lp.point.ts)
+                    LATEST.labels(*key).set(self._newest_ms[key] / 1000)
+        # After the commit, as the processor does: a poll that fails to write sends no dead letters.
+        for rejection in rejected:
+            await self._dead_letter(producer, rejection)
+        return applied
 
     async def _dead_letter(self, producer: AIOKafkaProducer, rejection: Rejection) -> None:
         REJECTED.labels(rejection.reason.value).inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
-        raw = rejection.record.value or b""
-        letter = orjson.dumps(
-            {
-                "v": 1,
-                "reason": rejection.reason.value,
-                "detail": rejection.detail,
-                "topic": rejection.record.topic,
-                "partition": rejection.record.partition,
-                "offset": rejection.record.offset,
-                "received_ms": now_ms(),
-                "payload": raw[:cap].decode("utf-8", errors="replace"),
-                "payload_bytes": len(raw),
-                "payload_truncated": len(raw) > cap,
-            }
+        letter = encode_dead_letter(
+            reason=rejection.reason.value,
+            detail=rejection.detail,
+            payload=rejection.record.value or b"",
+            cap=cap,
+            received_ms=now_ms(),
+            topic=rejection.record.topic,
+            partition=rejection.record.partition,
+            offset=rejection.record.offset,
         )
         await producer.send_and_wait(self.settings.kafka.dlq_topic, letter)
         log.warning(

@@ -158,10 +158,16 @@ class BatchWriter:
                     )  # fmt: skip
 
             # The server stores the fresh readings while a worker thread books them: both cores busy.
-            await asyncio.gather(
+            # Both finish before a failure propagates: a retried poll must not find the thread still
+            # inside the bucketer, whose buffers the retry would share.
+            outcomes = await asyncio.gather(
                 self._copy_fresh(cur, self._stream(cols, gateways, s, ts, value, rec, fresh, audit_ids)),
                 asyncio.to_thread(book_fresh),
+                return_exceptions=True,
             )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             late = np.zeros(s.size, np.bool_)
             if not fresh.all():
                 inserted_old = await store.insert_unless_stored(

@@ -1,7 +1,7 @@
 """A simulated hourly generation mix for a coal-heavy eastern Chinese province, for demos and tests of the
 estimated grid intensity (`meterflow intensity estimate`). China publishes no real-time mix, so this
 is a plausible shape, not data: a fixed must-run base (nuclear, hydro), wind that varies by hour, solar
-following the sun, gas for the evening peak and coal filling the rest of demand. Deterministic per seed.
+following the sun, gas for the evening peak and coal filling the rest of demand. Deterministic per seed and hour.
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ def mix_rows(
     generation mode."""
     if start.tzinfo is None or start.minute or start.second or start.microsecond:
         raise ValueError("start must be a whole hour with a time zone")
-    rng = random.Random(seed)
     rows: list[dict[str, float | int]] = []
     for h in range(hours):
         at = start.astimezone(UTC) + h * _HOUR
         local_hour = (at.hour + utc_offset_h) % 24
         demand = _demand_mw(local_hour)
         solar = max(0.0, 14_000 * math.sin(math.pi * (local_hour - 6) / 12)) if 6 <= local_hour <= 18 else 0.0
-        wind = 5_000 + 3_000 * math.sin(2 * math.pi * (h + rng.random()) / 30)
+        # Noise drawn per absolute hour, so that an hour has the same mix whichever run produced it.
+        hour_number = int(at.timestamp()) // 3600
+        wind = 5_000 + 3_000 * math.sin(
+            2 * math.pi * (hour_number + random.Random(seed * 1_000_003 + hour_number).random()) / 30
+        )
         base = {"nuclear": 6_000.0, "hydro": 2_500.0, "biomass": 800.0}
         gas = 4_000.0 if 17 <= local_hour <= 22 else 1_500.0
         coal = max(0.0, demand - solar - wind - gas - sum(base.values()))

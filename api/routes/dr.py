@@ -16,7 +16,7 @@ from api.auth import Principal, PrincipalDep
 from api.models import Page
 from api.problems import Problem
 from api.query import fetch_dicts
-from api.routes.intensity import intensity_steps
+from api.routes.intensity import QUARTER_MS, intensity_steps
 from api.routes.vpp import require_vpp
 from meterflow.contract import ZONE_PATTERN, EmissionBasis, SignalType
 from meterflow.settings import Settings
@@ -26,7 +26,6 @@ from processing.kernels import F64
 router = APIRouter(prefix="/v1", tags=["demand response"])
 
 INTERVAL = timedelta(minutes=15)
-INTERVAL_MS = 900_000
 EventId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 BaselineName = Literal["CN_JS_5WD", "CN_BJ_5of10", "CAISO_10of10", "CN_JS_RT15"]
 
@@ -240,8 +239,8 @@ async def _avoided_kg(
     recommended use of a marginal signal; NaN where not measured or not covered)."""
     steps = await intensity_steps(request, zone, SignalType.MARGINAL, basis, event.start, event.end)
     first = int(event.start.timestamp() * 1000)
-    starts = first + np.arange(perf.baseline_kw.size, dtype=np.int64) * INTERVAL_MS
-    g_per_kwh = steps.mean_over(starts, starts + INTERVAL_MS)
+    starts = first + np.arange(perf.baseline_kw.size, dtype=np.int64) * QUARTER_MS
+    g_per_kwh = steps.mean_over(starts, starts + QUARTER_MS)
     kwh = (perf.baseline_kw - perf.actual_kw) * dr.INTERVAL_H
     return kwh * g_per_kwh / 1000
 
@@ -413,7 +412,8 @@ async def event_report(
             "direction": event.direction,
             "committed_kw": event.committed_kw,
             "baseline_days": [d.isoformat() for d in result.baseline_days],
-            **result.total.model_dump(),
+            # Avoided emissions are an estimate on request (`result?marginal_zone=`), not a performance figure.
+            **result.total.model_dump(exclude={"avoided_co2e_kg"}),
         },
     }
 

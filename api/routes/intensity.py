@@ -26,7 +26,7 @@ from api.models import (
 )
 from api.problems import Problem
 from api.query import check_points, read_pool, resolve_tenant, time_range
-from meterflow.carbon.intensity import Steps, best_window
+from meterflow.carbon.intensity import F64, I64, Steps, best_window
 from meterflow.contract import ZONE_PATTERN, EmissionBasis, SignalType
 from meterflow.settings import Settings
 
@@ -41,7 +41,9 @@ MAX_RANGE = timedelta(days=400)
 _UTC = ZoneInfo("UTC")
 Zone = Annotated[str, Path(pattern=ZONE_PATTERN)]
 Signal = Annotated[SignalType, Query(description="marginal: for avoided-emission estimates only")]
-Basis = Annotated[EmissionBasis, Query()]
+Basis = Annotated[
+    EmissionBasis, Query(description="direct (combustion only, as the annual MEE grid factors) or lifecycle")
+]
 
 _POINTS_SQL = """
     SELECT (extract(epoch FROM ts) * 1000)::bigint AS ts_ms, ts, duration_s, g_co2e_per_kwh, is_estimated,
@@ -80,6 +82,7 @@ def _steps(rows: list[dict[str, Any]]) -> Steps:
         np.array([r["ts_ms"] for r in rows], np.int64),
         np.array([r["duration_s"] * 1000 for r in rows], np.int64),
         np.array([r["g_co2e_per_kwh"] for r in rows], np.float64),
+        np.array([r["is_forecast"] for r in rows], np.bool_),
     )
 
 
@@ -107,19 +110,49 @@ async def zone_intensity(
     start: Annotated[datetime, Query(description="inclusive; without an offset, UTC")],
     end: Annotated[datetime, Query(description="exclusive")],
     signal_type: Signal = SignalType.AVERAGE,
-    basis: Basis = EmissionBasis.LIFECYCLE,
+    basis: Basis = EmissionBasis.DIRECT,
 ) -> ZoneIntensity:
-    """The points starting in [start, end) (history and forecast alike, each flagged)."""
+    """The points in force during [start, end) (history and forecast alike, each flagged), and the
+    time-weighted mean over the part of the range they cover."""
     lo, hi = _range(start, end)
     settings: Settings = request.app.state.settings
     check_points(hi - lo, FINEST_POINT, settings.api.max_points)
-    rows = await _points(request, zone, signal_type.value, basis.value, lo, hi)
+    rows = await _points(request, zone, signal_type.value, basis.value, lo - LONGEST_POINT, hi)
+    area, covered_ms = _steps(rows).integral(_ms(lo), _ms(hi))
     return ZoneIntensity(
         zone=zone,
         signal_type=signal_type.value,
         basis=basis.value,
-        points=[IntensityPointOut.model_validate(r) for r in rows],
+        mean_g_co2e_per_kwh=round(area / covered_ms, 3) if covered_ms > 0 else None,
+        covered_share=round(covered_ms / (_ms(hi) - _ms(lo)), 6),
+        points=[
+            IntensityPointOut.model_validate(r) for r in rows if r["ts_ms"] + 1000 * r["duration_s"] > _ms(lo)
+        ],
     )
+
+
+@router.get("/grid-intensity/{zone}/latest")
+async def zone_latest(
+    zone: Zone,
+    who: PrincipalDep,
+    request: Request,
+    signal_type: Signal = SignalType.AVERAGE,
+    basis: Basis = EmissionBasis.DIRECT,
+) -> IntensityPointOut:
+    """The newest value that is not a forecast and has started."""
+    async with read_pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT ts, duration_s, g_co2e_per_kwh, is_estimated, is_forecast, source, model_version "
+            "FROM grid_intensity WHERE zone = %s AND signal_type = %s AND basis = %s AND NOT is_forecast "
+            "AND ts <= now() ORDER BY ts DESC LIMIT 1",
+            (zone, signal_type.value, basis.value),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise Problem(
+            404, "not-found", "Not found", f"no {signal_type.value} {basis.value} intensity for zone {zone!r}"
+        )
+    return IntensityPointOut.model_validate(row)
 
 
 @router.get("/grid-intensity/{zone}/best-window")
@@ -131,7 +164,7 @@ async def zone_best_window(
     end: Annotated[datetime, Query(description="latest end of the window")],
     window_minutes: Annotated[int, Query(ge=15, le=24 * 60, multiple_of=15)] = 60,
     signal_type: Signal = SignalType.AVERAGE,
-    basis: Basis = EmissionBasis.LIFECYCLE,
+    basis: Basis = EmissionBasis.DIRECT,
 ) -> BestWindow:
     """The window of `window_minutes`, starting on a quarter hour inside [start, end), with the lowest
     mean intensity: when to run a shiftable load. Only windows fully covered by points count."""
@@ -162,7 +195,7 @@ _SITE_QUARTERS_SQL = """
     GROUP BY s.site_id, s.grid_zone, s.province ORDER BY s.site_id"""
 
 
-def _period_ms(buckets_ms: np.ndarray, interval: str, zone: ZoneInfo) -> np.ndarray:
+def _period_ms(buckets_ms: I64, interval: str, zone: ZoneInfo) -> I64:
     """The start of each bucket's reporting period: the bucket, its local hour or its local day."""
     if interval == "15m":
         return buckets_ms
@@ -182,12 +215,12 @@ async def estimated_carbon(
     start: Annotated[datetime, Query(description="inclusive; without an offset, in the tenant's zone")],
     end: Annotated[datetime, Query(description="exclusive")],
     interval: Literal["15m", "1h", "1d"] = "1h",
-    basis: Basis = EmissionBasis.LIFECYCLE,
+    basis: Basis = EmissionBasis.DIRECT,
 ) -> EstimatedCarbon:
     """Estimated Scope 2 electricity emissions with time-varying grid intensity: per 15-minute interval,
     each site's imported kWh x the time-weighted mean intensity of its grid zone over the interval,
-    summed per period. Intervals the zone's points do not fully cover are reported as uncovered, not
-    estimated. Average signals only: a marginal one values a change in load, not a load (see the
+    summed per period (quarter hours that start in [start, end) count whole). Intervals the zone's points
+    do not fully cover are reported as uncovered, not estimated. Average signals only: a marginal one values a change in load, not a load (see the
     demand-response result's avoided emissions). Never part of compliance totals."""
     signal_type = SignalType.AVERAGE
     settings: Settings = request.app.state.settings
@@ -206,11 +239,12 @@ async def estimated_carbon(
                     "signal": signal_type.value,
                     "basis": basis.value,
                     "lo": lo - LONGEST_POINT,
-                    "hi": hi,
+                    # A last bucket that starts before `end` is counted whole: so are its points.
+                    "hi": hi + QUARTER,
                 },
             )
             intensity[zone] = await cur.fetchall()
-    parts: list[np.ndarray] = []  # per site: bucket, import kWh, covered kWh, grams, forecast kWh
+    parts: list[F64] = []  # per site: bucket, import kWh, covered kWh, grams, forecast kWh
     sources: set[str] = set()
     for site in sites:
         buckets = np.array(site["buckets"], np.int64)
@@ -220,9 +254,7 @@ async def estimated_carbon(
         steps = _steps(rows)
         g = steps.mean_over(buckets, buckets + QUARTER_MS)
         covered = np.where(np.isnan(g), 0.0, kwh)
-        # The share of each covered interval valued with forecast points.
-        is_forecast = np.array([float(r["is_forecast"]) for r in rows], np.float64)
-        forecast_share = Steps(steps.start, steps.end, is_forecast).mean_over(buckets, buckets + QUARTER_MS)
+        forecast_share = steps.forecast_share(buckets, buckets + QUARTER_MS)
         forecast = np.where(np.nan_to_num(forecast_share) > 0, covered, 0.0)
         parts.append(
             np.stack([buckets.astype(np.float64), kwh, covered, covered * np.nan_to_num(g), forecast])

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 
 from api.auth import PrincipalDep, require_admin, require_tenant, require_writer
 from api.models import (
@@ -31,11 +32,12 @@ from api.models import (
     Page,
     Site,
     SiteIn,
+    SitePatch,
 )
 from api.problems import Problem
 from api.query import fetch_dicts, insert_returning
 from meterflow import brokerauth
-from meterflow.contract import gateway_telemetry_topic
+from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN, gateway_telemetry_topic
 from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,29 @@ async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site
         body.model_dump(),
     )
     return Site.model_validate(row)
+
+
+@router.patch("/sites/{site}")
+async def update_site(
+    site: Annotated[str, PathParam(pattern=DEVICE_PATTERN)],
+    body: SitePatch,
+    who: PrincipalDep,
+    request: Request,
+    tenant: Annotated[str, Query(pattern=TENANT_PATTERN)],
+) -> Site:
+    """Change a site's name or grid zone (null: back to its province). Admin only. The province, time
+    zone and floor area stay as registered: past carbon and EUI figures depend on them."""
+    require_admin(who)
+    changes = body.model_dump(exclude_unset=True)
+    assignments = ", ".join(f"{column} = %({column})s" for column in changes) or "site_id = site_id"
+    rows = await fetch_dicts(
+        request,
+        f"UPDATE sites SET {assignments} WHERE tenant_id = %(tenant)s AND site_id = %(site)s RETURNING {_SITE_COLS}",
+        {**changes, "tenant": tenant, "site": site},
+    )
+    if not rows:
+        raise Problem(404, "not-found", "Not found", f"no site {site!r} of {tenant!r}")
+    return Site.model_validate(rows[0])
 
 
 @router.get("/sites")

@@ -11,7 +11,7 @@ the next point starts, whichever is first. Time not covered by any point has no 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -21,6 +21,7 @@ from meterflow.contract import EmissionBasis
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
+B = npt.NDArray[np.bool_]
 
 # Emission factors per generation mode, g CO2e/kWh: Electricity Maps' defaults (IPCC 2014 AR5 lifecycle
 # medians; direct = combustion only), electricitymaps-contrib config/defaults.yaml, as quoted in
@@ -53,9 +54,6 @@ MODE_FACTORS_G_PER_KWH: Final[dict[EmissionBasis, dict[str, float]]] = {
     },
 }
 MODES: Final = tuple(MODE_FACTORS_G_PER_KWH[EmissionBasis.LIFECYCLE])
-MODE_FACTORS_SOURCE: Final = (
-    "Electricity Maps default mode emission factors (IPCC 2014), electricitymaps-contrib config/defaults.yaml"
-)
 
 
 def mix_intensity(generation_mwh: Mapping[str, float], basis: EmissionBasis) -> float:
@@ -75,19 +73,42 @@ def mix_intensity(generation_mwh: Mapping[str, float], basis: EmissionBasis) -> 
 
 @dataclass(frozen=True, slots=True)
 class Steps:
-    """A zone's points as a step function, sorted by start: ``value[i]`` holds over ``[start[i], end[i])``."""
+    """A zone's points as a step function, sorted by start: ``value[i]`` holds over ``[start[i], end[i])``;
+    ``forecast[i]`` says whether that value is a forecast."""
 
     start: I64
     end: I64
     value: F64
+    forecast: B = field(default_factory=lambda: np.zeros(0, np.bool_))
 
     @classmethod
-    def of(cls, start_ms: I64, duration_ms: I64, value: F64) -> Steps:
-        """From points sorted by start (unique starts); each ends at its duration or the next start."""
-        end = start_ms + duration_ms
-        if start_ms.size > 1:
-            end[:-1] = np.minimum(end[:-1], start_ms[1:])
-        return cls(start_ms, end, value)
+    def of(cls, start_ms: I64, duration_ms: I64, value: F64, forecast: B | None = None) -> Steps:
+        """From points sorted by start (unique starts). A forecast that starts inside a value that is not
+        a forecast is dropped (what happened prevails over what was expected); then each point ends at
+        its duration or at the next start."""
+        is_forecast = np.zeros(start_ms.size, np.bool_) if forecast is None else forecast
+        actual = ~is_forecast
+        if is_forecast.any() and actual.any():
+            actual_start = start_ms[actual]
+            actual_end = _truncated(actual_start, actual_start + duration_ms[actual])
+            last = np.searchsorted(actual_start, start_ms, side="right") - 1
+            covered = (last >= 0) & (start_ms < actual_end[np.maximum(last, 0)])
+            keep = actual | ~covered
+            start_ms, duration_ms, value, is_forecast = (
+                start_ms[keep], duration_ms[keep], value[keep], is_forecast[keep],
+            )  # fmt: skip
+        return cls(start_ms, _truncated(start_ms, start_ms + duration_ms), value, is_forecast)
+
+    def integral(self, lo_ms: int, hi_ms: int) -> tuple[float, float]:
+        """(integral of the value in g/kWh x ms, covered milliseconds) over ``[lo_ms, hi_ms)``."""
+        if self.start.size == 0 or hi_ms <= lo_ms:
+            return 0.0, 0.0
+        area, covered = self._cumulative(np.array([lo_ms, hi_ms], np.int64))
+        return float(area[1] - area[0]), float(covered[1] - covered[0])
+
+    def forecast_share(self, lo: I64, hi: I64) -> F64:
+        """The share of each fully covered ``[lo[j], hi[j])`` valued with forecasts (NaN where not covered)."""
+        return Steps(self.start, self.end, self.forecast.astype(np.float64), self.forecast).mean_over(lo, hi)
 
     def _cumulative(self, t: I64) -> tuple[F64, F64]:
         """(integral of the value, covered milliseconds) from the first start to each ``t``."""
@@ -112,6 +133,14 @@ class Steps:
         full = covered >= (hi - lo).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(full & (hi > lo), (area_hi - area_lo) / covered, np.nan)
+
+
+def _truncated(start: I64, end: I64) -> I64:
+    """Ends cut at the next start, so that the steps never overlap."""
+    out = end.copy()
+    if start.size > 1:
+        out[:-1] = np.minimum(out[:-1], start[1:])
+    return out
 
 
 def best_window(

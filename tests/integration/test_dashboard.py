@@ -109,7 +109,7 @@ def _publish_intensity(settings: Settings, tenant: str, grid_zone: str, start_ms
             conn.execute(
                 "INSERT INTO grid_intensity (zone, signal_type, basis, ts, duration_s, g_co2e_per_kwh, "
                 "is_estimated, is_forecast, source, kafka_partition, kafka_offset) VALUES "
-                "(%s, 'average', 'lifecycle', to_timestamp(%s / 1000.0), 3600, %s, true, %s, 'test', 0, 0)",
+                "(%s, 'average', 'direct', to_timestamp(%s / 1000.0), 3600, %s, true, %s, 'test', 0, 0)",
                 (grid_zone, ts, 500.0 + 10 * (ts // 3_600_000 % 24), ts > end_ms),
             )
 

@@ -115,6 +115,12 @@ def test_estimate_from_mix_ignores_storage_and_reports_bad_rows() -> None:
     assert [where for where, _ in parsed.rejected] == ["line 3", "line 4"]
     with pytest.raises(ValueError, match="unknown columns"):
         estimate_from_mix("ts,fusion\n0,1\n", "jiangsu", [EmissionBasis.DIRECT])
+    # A blank or missing cell is a missing figure, never zero generation; a bad row names its line.
+    text = "ts,duration_s,coal,solar\n0,3600,,100\n3600,3600,100\n7200,x,1,1\n10800,3600,1,1,9\n14400,3600,50,50\n"
+    parsed = estimate_from_mix(text, "jiangsu", [EmissionBasis.DIRECT])
+    assert [p.ts for p in parsed.points] == [14400]
+    assert [where for where, _ in parsed.rejected] == ["line 2", "line 3", "line 4", "line 5"]
+    assert "no generation given for ['coal']" in parsed.rejected[0][1]
 
 
 def test_electricitymaps_history(tmp_path: Path) -> None:
@@ -145,11 +151,24 @@ def test_watttime_moer_is_marginal_in_grams(tmp_path: Path) -> None:
         ' "data_point_period_seconds": 300, "model": {"date": "2024-10-01"}},'
         ' "data": [{"point_time": "2025-03-10T00:00:00+00:00", "value": 1000}]}'
     )
-    parsed = read_points(saved, "auto", Defaults(forecast=True))
-    [p] = parsed.points
+    [p] = read_points(saved, "auto", Defaults()).points
     assert p.g_co2e_per_kwh == pytest.approx(453.592)
-    assert (p.signal_type, p.basis, p.duration_s, p.is_forecast) == ("marginal", "direct", 300, True)
+    assert (p.signal_type, p.basis, p.duration_s, p.is_forecast) == ("marginal", "direct", 300, False)
     assert p.model_version == "2024-10-01"
+    # A forecast response says when it was generated: its points are forecasts without being told.
+    forecast = tmp_path / "wt-forecast.json"
+    forecast.write_text(
+        saved.read_text().replace('"model":', '"generated_at": "2025-03-09T23:55:00+00:00", "model":')
+    )
+    [f] = read_points(forecast, "watttime", Defaults()).points
+    assert f.is_forecast
+    nested = tmp_path / "wt-forecast-historical.json"
+    nested.write_text(
+        '{"meta": {"region": "CAISO_NORTH", "signal_type": "co2_moer", "units": "lbs_co2_per_mwh"},'
+        ' "data": [{"generated_at": "2025-03-10T00:00:00+00:00", "forecast": []}]}'
+    )
+    with pytest.raises(ValueError, match="forecasts of the past"):
+        read_points(nested, "watttime", Defaults())
 
 
 def test_jsonl_and_csv_rows_that_fail_are_reported_with_their_line() -> None:
@@ -211,3 +230,52 @@ def test_point_round_trip() -> None:
     record = ConsumerRecord("t", 0, 0, 0, 0, point.kafka_key(), point.encode(), None, 5, 10, [])
     outcome = classify(record)
     assert isinstance(outcome, Located) and outcome.point == point
+
+
+def reference_steps(points: list[tuple[int, int, float, bool]]) -> list[tuple[int, int, float]]:
+    """What prevails where, plainly: a forecast starting inside an actual value's span (up to the next
+    actual start) is dropped; then every point ends at its duration or the next start."""
+    actual = sorted((s, d) for s, d, _, f in points if not f)
+    spans = [
+        (s, min(s + d, actual[i + 1][0]) if i + 1 < len(actual) else s + d) for i, (s, d) in enumerate(actual)
+    ]
+    kept = sorted(p for p in points if not p[3] or not any(a <= p[0] < e for a, e in spans))
+    return [
+        (s, min(s + d, kept[i + 1][0]) if i + 1 < len(kept) else s + d, v)
+        for i, (s, d, v, _) in enumerate(kept)
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 100), st.integers(1, 30), st.floats(0, 1000), st.booleans()),
+        max_size=25,
+        unique_by=lambda p: p[0],
+    )
+)
+def test_actual_values_prevail_over_forecasts(points: list[tuple[int, int, float, bool]]) -> None:
+    points = sorted(points)
+    steps = Steps.of(
+        np.array([p[0] for p in points], np.int64),
+        np.array([p[1] for p in points], np.int64),
+        np.array([p[2] for p in points], np.float64),
+        np.array([p[3] for p in points], np.bool_),
+    )
+    assert list(
+        zip(steps.start.tolist(), steps.end.tolist(), steps.value.tolist(), strict=True)
+    ) == reference_steps(points)
+
+
+def test_local_hours_and_days_follow_daylight_saving() -> None:
+    from zoneinfo import ZoneInfo
+
+    from api.routes.intensity import _period_ms
+
+    zone = ZoneInfo("America/New_York")
+    day_start = 1_730_433_600_000  # 2024-11-01 00:00 EDT; 2024-11-03 has 25 hours
+    quarters = np.arange(day_start, day_start + 4 * 86_400_000, 900_000, dtype=np.int64)
+    days = np.unique(_period_ms(quarters, "1d", zone), return_counts=True)
+    assert days[1][:3].tolist() == [96, 96, 100]
+    hours = np.unique(_period_ms(quarters, "1h", zone), return_counts=True)
+    assert set(hours[1].tolist()) == {4}

@@ -55,7 +55,9 @@ def test_electricitymaps_sends_the_token_and_zone() -> None:
     parsed = _run(
         handler, lambda http: ElectricityMaps(http, "tok", "https://em.test/v3").fetch("DE", "history")
     )
-    assert [str(r.url) for r in seen] == ["https://em.test/v3/carbon-intensity/history?zone=DE"]
+    assert [str(r.url) for r in seen] == [
+        "https://em.test/v3/carbon-intensity/history?zone=DE&emissionFactorType=direct"
+    ]
     assert seen[0].headers["auth-token"] == "tok"
     points = parsed.points
     assert [(p.zone, p.g_co2e_per_kwh, p.is_estimated, p.model_version) for p in points] == [
@@ -147,3 +149,26 @@ def test_missing_credentials_and_unknown_kinds_are_explained() -> None:
     settings = IntensitySettings(electricitymaps_token=SecretStr("t"))
     with pytest.raises(ValueError, match="has no"):
         asyncio.run(fetch_once(settings, "electricitymaps", ["DE"], ["historical"]))
+
+
+def test_a_zone_the_provider_refuses_does_not_stop_the_others() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params["zone"] == "CN":
+            return httpx.Response(403, json={"error": "zone not in your plan"})
+        if request.url.params["zone"] == "XX":
+            return httpx.Response(200, text="<html>maintenance</html>")
+        return httpx.Response(200, json=EM_HISTORY)
+
+    settings = IntensitySettings(electricitymaps_token=SecretStr("t"))
+    parsed = asyncio.run(
+        fetch_once(
+            settings,
+            "electricitymaps",
+            ["CN", "XX", "DE"],
+            ["history"],
+            transport=httpx.MockTransport(handler),
+        )
+    )
+    assert len(parsed.points) == 2
+    assert [where for where, _ in parsed.rejected] == ["CN history", "XX history"]
+    assert "403" in parsed.rejected[0][1] and "not JSON" in parsed.rejected[1][1]

@@ -59,7 +59,8 @@ async function main() {
     }),
   };
   $("tenant").addEventListener("change", () => chooseTenant(charts));
-  for (const id of ["site", "interval"]) $(id).addEventListener("change", () => refresh(charts, ["load"]));
+  $("site").addEventListener("change", () => refresh(charts, ["load", "best"]));
+  $("interval").addEventListener("change", () => refresh(charts, ["load"]));
   for (const id of ["start", "end"]) {
     $(id).addEventListener("change", () => refresh(charts, ["load", "carbon", "estimated"]));
   }
@@ -137,6 +138,7 @@ async function refresh(charts, parts) {
   if (parts.includes("load")) jobs.push(load(charts.load, tenant, site, range, signal));
   if (parts.includes("carbon")) jobs.push(carbon(charts.carbon, tenant, range, signal));
   if (parts.includes("estimated")) jobs.push(estimated(charts.estimated, tenant, range, signal));
+  if (parts.includes("estimated") || parts.includes("best")) jobs.push(cleanestWindow(signal));
   if (parts.includes("account")) jobs.push(account(tenant, $("year").value, signal));
   await Promise.all(jobs);
 }
@@ -240,8 +242,6 @@ async function estimated(chart, tenant, range, signal) {
     $("est-total").textContent = covered > 0 ? fmt.co2(sum("co2e_kg")) : "–";
     $("est-mean").textContent = covered > 0 ? `${fmt.plain((1000 * sum("co2e_kg")) / covered, 0)} g/kWh` : "–";
     $("est-uncovered").textContent = fmt.kwh(sum("uncovered_kwh"));
-    panel.dataset.estimatedKg = String(sum("co2e_kg"));
-    await cleanestWindow(signal);
     if (covered > 0) setState(panel, "ready");
     else setState(panel, "empty", "No grid intensity covers this enterprise's sites in the chosen days.");
   } catch (err) {
@@ -249,21 +249,28 @@ async function estimated(chart, tenant, range, signal) {
   }
 }
 
-/** The cleanest two hours of the next day in the selected site's grid zone, for shiftable loads. */
+/** The cleanest two hours of the next 24 h in the selected site's grid zone, for shiftable loads. A
+ * failure here is this card's alone: the estimate beside it stands. */
 async function cleanestWindow(signal) {
   const gridZone = siteZones.get($("site").value);
   $("est-best-zone").textContent = gridZone ? `zone ${gridZone}` : "the site has no grid zone";
   $("est-best").textContent = "–";
   if (!gridZone) return;
   const now = new Date();
-  const best = await api(
-    `/grid-intensity/${enc(gridZone)}/best-window`,
-    { start: now.toISOString(), end: new Date(now.getTime() + 86_400_000).toISOString(), window_minutes: 120 },
-    { signal },
-  );
-  $("est-best").textContent = best.start
-    ? `${fmtTime(best.start, zone)} · ${fmt.plain(best.mean_g_co2e_per_kwh, 0)} g/kWh`
-    : "no intensity yet";
+  try {
+    const best = await api(
+      `/grid-intensity/${enc(gridZone)}/best-window`,
+      { start: now.toISOString(), end: new Date(now.getTime() + 86_400_000).toISOString(), window_minutes: 120 },
+      { signal },
+    );
+    $("est-best").textContent = best.start
+      ? `${fmtTime(best.start, zone)} · ${fmt.plain(best.mean_g_co2e_per_kwh, 0)} g/kWh`
+      : "no intensity yet";
+  } catch (err) {
+    if (err?.name === "AbortError") return;
+    $("est-best").textContent = "not available";
+    $("est-best-zone").textContent = err instanceof ApiError ? err.describe() : String(err);
+  }
 }
 
 async function account(tenant, year, signal) {
