@@ -16,7 +16,6 @@ import signal
 import time
 from dataclasses import dataclass
 
-import orjson
 import psycopg
 from aiokafka import (
     AIOKafkaConsumer,
@@ -27,7 +26,7 @@ from aiokafka import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
-from meterflow.contract import now_ms
+from meterflow.contract import encode_dead_letter, now_ms
 from meterflow.settings import Settings
 from processing import kernels, pgcopy, store
 from processing.audit import AuditError, AuditLog
@@ -283,19 +282,15 @@ class Processor:
     async def _dead_letter(self, tp: TopicPartition, offset: int, value: bytes, detail: str) -> None:
         BAD_RECORDS.labels("undecodable_record").inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
-        record = orjson.dumps(
-            {
-                "v": 1,
-                "reason": "undecodable_record",
-                "detail": detail,
-                "topic": tp.topic,
-                "partition": tp.partition,
-                "offset": offset,
-                "received_ms": now_ms(),
-                "payload": value[:cap].decode("utf-8", errors="replace"),
-                "payload_bytes": len(value),
-                "payload_truncated": len(value) > cap,
-            }
+        record = encode_dead_letter(
+            reason="undecodable_record",
+            detail=detail,
+            payload=value,
+            cap=cap,
+            received_ms=now_ms(),
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
         )
         await self.producer.send_and_wait(self.settings.kafka.dlq_topic, record)
         log.warning("record %s[%d]@%d sent to DLQ: %s", tp.topic, tp.partition, offset, detail)
