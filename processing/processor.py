@@ -24,6 +24,7 @@ from aiokafka import (
     ConsumerRecord,
     TopicPartition,
 )
+from aiokafka.errors import IllegalStateError
 from prometheus_client import Counter, Gauge, Histogram
 
 from meterflow.contract import encode_dead_letter, now_ms
@@ -143,10 +144,15 @@ class Processor:
     async def seek_to_stored(self, assigned: set[TopicPartition]) -> None:
         stored = await store.load_offsets(self.conn, group=self.group, topic=self.topic)
         for tp in assigned:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
-            else:
-                await self.consumer.seek_to_beginning(tp)
+            # A rebalance may have taken the partition away meanwhile: its next owner (or this
+            # processor, when it gets it back) starts from the stored offset too.
+            try:
+                if tp.partition in stored:
+                    self.consumer.seek(tp, stored[tp.partition])
+                else:
+                    await self.consumer.seek_to_beginning(tp)
+            except IllegalStateError:
+                log.info("partition %d no longer assigned; not seeking it", tp.partition)
         log.info(
             "assigned partitions %s; resuming from stored offsets %s",
             sorted(t.partition for t in assigned),
