@@ -391,7 +391,9 @@ def test_load_curve_draws_the_site_load(
     )
     # Net import: the site's PV and battery can make it negative, never exactly nothing.
     assert sum(p["energy_kwh"] or 0 for p in points) != 0
-    assert _drawn(page, "load", LOAD_RGB) > 50
+    # Three hours in a seven-day chart are a short line (about 15 px wide when the load is flat): the
+    # figures are checked above, the pixels only show that the line was drawn.
+    assert _drawn(page, "load", LOAD_RGB) > 15
     assert "kWh" in page.locator("#load-energy").inner_text()
     assert "kW" in page.locator("#load-peak").inner_text()
     assert _range(page)["site"] == fleet.site
