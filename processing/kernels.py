@@ -624,6 +624,12 @@ class RegisterState:
         none = np.full(n_series, NO_TS, np.int64)
         return cls(none, np.zeros(n_series, np.float64), none, np.zeros(n_series, np.float64))
 
+    def copy(self) -> RegisterState:
+        """An independent copy, in one copy of the packed records."""
+        out = RegisterState.empty(0)
+        out.packed = self.packed.copy()
+        return out
+
     def grow(self, n_series: int) -> None:
         extra = n_series - self.packed.size
         if extra > 0:

@@ -135,10 +135,7 @@ class BatchWriter:
             for p, batch_id in audit_batches.items():
                 audit_ids[part == p] = batch_id
             gateways = pgcopy.TextTable(cols.record_gateway)
-            state = RegisterState(
-                t.state.anchor_ts.copy(), t.state.anchor_val.copy(), t.state.pending_ts.copy(),
-                t.state.pending_val.copy(),
-            )  # fmt: skip
+            state = t.state.copy()
             deltas: Parts = {table: [] for table, _ in WIDTHS}
             flag_rows: list[tuple[str, str, str, int, str]] = []
             is_register = t.kind[s] == KIND_REGISTER
