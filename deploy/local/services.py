@@ -488,7 +488,7 @@ log.retention.hours=168
             "log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
         )
         if not (self.data_dir / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = kraft_cluster_id()
             subprocess.run(
                 [
                     *self._java(),
@@ -548,6 +548,15 @@ async def _kafka_check(bootstrap_servers: str) -> str:
         with contextlib.suppress(Exception):
             await admin.close()
     return f"KRaft cluster {cluster['cluster_id']}, {len(cluster['brokers'])} broker(s)"
+
+
+def kraft_cluster_id() -> str:
+    """A random KRaft cluster id (URL-safe base64 of a UUID). Like Kafka's own `Uuid.randomUuid`, it
+    never starts with '-': the storage tool would read such an id as an option and refuse to format."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 async def ensure_topics(settings: Settings) -> None:

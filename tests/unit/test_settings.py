@@ -28,3 +28,11 @@ def test_password_with_special_characters_survives_alembic_config() -> None:
     s = Settings(db={"password": "p%w@d/:x"})
     url = alembic_config(s).get_main_option("sqlalchemy.url")
     assert url is not None and make_url(url).password == "p%w@d/:x"
+
+
+def test_kraft_cluster_ids_never_start_with_a_dash() -> None:
+    """The storage tool reads an id starting with '-' as an option (one clean-clone CI run failed so)."""
+    from deploy.local.services import kraft_cluster_id
+
+    ids = [kraft_cluster_id() for _ in range(2000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
