@@ -54,7 +54,10 @@ def start_detached(
     while its process runs makes Python warn.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # Logs hold request paths, device ids and errors of every tenant: owner only, also for a log an
+    # earlier version created world-readable.
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(log_fd, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY)
     try:
         pid = os.posix_spawnp(
