@@ -1,20 +1,28 @@
-"""RFC 9457 problem details for every error the API returns."""
+"""RFC 9457 problem details for every error the API returns, and their place in the OpenAPI schema."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://meterflow.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
+# A database that is down or overloaded is a condition a client can wait out, not a bug.
+UNAVAILABLE_RETRY_S = 5
+
+PROBLEMS = Counter(
+    "meterflow_api_problems_total", "Error responses by status and problem type", ["status", "type"]
+)
 
 
 class Problem(Exception):
@@ -49,6 +57,7 @@ def _response(
         "instance": instance,
     }
     body.update(extra)
+    PROBLEMS.labels(str(status), slug).inc()
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -77,7 +86,117 @@ def install(app: FastAPI) -> None:
         # range), which only a request can bring.
         return _response(400, "invalid-value", "Invalid value", str(exc).splitlines()[0], request.url.path)
 
+    @app.exception_handler(psycopg.OperationalError)
+    async def _unavailable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        # A pool timeout, a lost connection or a cancelled statement: the request was fine.
+        log.warning(
+            "database unavailable on %s: %s", request.url.path, str(exc).splitlines()[0] if str(exc) else exc
+        )
+        return _response(
+            503,
+            "unavailable",
+            "Service unavailable",
+            "the database did not answer in time; retry later",
+            request.url.path,
+            {"Retry-After": str(UNAVAILABLE_RETRY_S)},
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return _response(500, "internal", "Internal error", "the error was logged", request.url.path)
+
+
+# --- OpenAPI ---------------------------------------------------------------------------------------
+
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; `type` is stable, `detail` is for people.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "instance": {"type": "string", "description": "the request path"},
+    },
+}
+_VALIDATION_SCHEMA: dict[str, Any] = {
+    "title": "ValidationProblem",
+    "description": "A request that does not fit the schema: one entry in `errors` per offending value.",
+    "allOf": [
+        {"$ref": "#/components/schemas/Problem"},
+        {
+            "type": "object",
+            "required": ["errors"],
+            "properties": {
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["loc", "msg", "type"],
+                        "properties": {
+                            "loc": {
+                                "type": "array",
+                                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                            },
+                            "msg": {"type": "string"},
+                            "type": {"type": "string"},
+                        },
+                    },
+                }
+            },
+        },
+    ],
+}
+_DESCRIPTIONS = {
+    400: "Invalid request (a range, cursor or value the route refuses)",
+    401: "Missing, unknown or revoked API key",
+    403: "The key's role may not do this",
+    404: "Not found, or not visible to this key",
+    409: "Conflicts with what exists",
+    422: "The request does not fit the schema, or names an unknown reference",
+    429: "Rate limit of the key exceeded",
+    503: "The database or a service the route needs is not available; retry later",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
+def _problem_response(status: int, description: str | None) -> dict[str, Any]:
+    name = "ValidationProblem" if status == 422 else "Problem"
+    response: dict[str, Any] = {
+        "description": description or _DESCRIPTIONS.get(status, "Error"),
+        "content": {MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+    }
+    if status in (429, 503):
+        response["headers"] = _RETRY_AFTER
+    return response
+
+
+def document(schema: dict[str, Any], statuses: Mapping[tuple[str, str], Collection[int]]) -> None:
+    """Give every operation (path, method) its problem responses as `application/problem+json`, in place.
+
+    FastAPI documents only its own 422, as `application/json` of a shape this API never sends; an error
+    a route declares without content (e.g. `responses={503: {...}}`) gets the problem schema too."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = _PROBLEM_SCHEMA
+    components["ValidationProblem"] = _VALIDATION_SCHEMA
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses: dict[str, Any] = operation.setdefault("responses", {})
+            codes = {int(code) for code in responses if code.isdigit() and int(code) >= 400}
+            codes |= set(statuses.get((path, method), ()))
+            for code in sorted(codes):
+                described = responses.get(str(code), {}).get("description")
+                # FastAPI's generic text for the 422 it adds says less than ours.
+                if described == "Validation Error":
+                    described = None
+                responses[str(code)] = _problem_response(code, described)
