@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge, Histogram
 
+from ingest.budget import DeadLetterBudget
 from ingest.payloads import Limits, ParseResult, Rejection, parse_message
 from ingest.records import Partitioner, RecordBatch
 from ingest.registry import Registry, check_ownership, wait_loaded
@@ -52,7 +53,19 @@ log = logging.getLogger(__name__)
 
 RECEIVED = Counter("meterflow_ingest_messages_received_total", "MQTT messages received")
 READINGS_PRODUCED = Counter("meterflow_ingest_readings_produced_total", "Readings acknowledged by Kafka")
-REJECTED = Counter("meterflow_ingest_rejected_total", "Messages or readings sent to the DLQ", ["reason"])
+REJECTED = Counter(
+    "meterflow_ingest_rejected_total",
+    "Messages or readings refused, by reason (dead-lettered or over budget)",
+    ["reason"],
+)
+DEAD_LETTERS = Counter("meterflow_ingest_dead_letters_total", "Dead-letter records written (one per message)")
+DEAD_LETTER_BYTES = Counter(
+    "meterflow_ingest_dead_letter_bytes_total", "Bytes of dead-letter records written"
+)
+DLQ_BUDGET_EXCEEDED = Counter(
+    "meterflow_ingest_dlq_budget_exceeded_total",
+    "Messages whose dead letter was not written: their gateway had spent its dead-letter budget",
+)
 UNKNOWN_METRIC_READINGS = Counter(
     "meterflow_ingest_unknown_metric_readings_total", "Readings kept whose metric is not canonical"
 )
@@ -186,7 +199,8 @@ class Collector:
         self.settings = settings
         self.shared_group = shared_group
         self.leave_group_on_exit = leave_group_on_exit
-        self.limits = Limits(settings.ingest.max_payload_bytes, settings.ingest.max_future_skew_s * 1000)
+        self.limits = Limits.from_settings(settings.ingest)
+        self._dlq_budget = DeadLetterBudget(settings.ingest.dlq_budget_bytes_per_min)
         self._incoming: list[_Incoming] = []
         self._arrived = asyncio.Event()
         self._batches: deque[_Batch] = deque()
@@ -206,7 +220,11 @@ class Collector:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._partitioner = Partitioner()
         self._topics: dict[str, TelemetryTopic | None] = {}
-        self.registry = Registry(settings.db.conninfo(), refresh_s=settings.ingest.registry_refresh_s)
+        self.registry = Registry(
+            settings.db.conninfo(),
+            refresh_s=settings.ingest.registry_refresh_s,
+            rated_power_factor=settings.ingest.rated_power_factor,
+        )
         # Seq continuity is meaningless when a shared subscription splits a node's messages.
         self.sparkplug = SparkplugSessions(track_seq=shared_group is None)
         self._subscriptions_pending = 0
@@ -504,7 +522,8 @@ class Collector:
                 result = self._sparkplug(item.msg, sp_topic, payload, received_ms)
             else:
                 rejection = Rejection(DeadLetterReason.BAD_TOPIC, "not a meterflow telemetry topic")
-                dead_letters.append(self._dead_letter(item, rejection, received_ms))
+                if (letter := self._dead_letter(item, [rejection], received_ms)) is not None:
+                    dead_letters.append(letter)
             if result is None:
                 continue
             if result.accepted:
@@ -513,7 +532,8 @@ class Collector:
                 result, tenant, gateway, self.registry, reject_unknown_metrics=reject_unknown_metrics
             )
             unknown_metric_readings += unknown
-            dead_letters += [self._dead_letter(item, r, received_ms) for r in checked.rejected]
+            if checked.rejected and (letter := self._dead_letter(item, checked.rejected, received_ms)):
+                dead_letters.append(letter)
             for device in checked.accepted:
                 records.add(device)
         UNKNOWN_METRIC_READINGS.inc(unknown_metric_readings)
@@ -584,27 +604,72 @@ class Collector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
 
-    def _dead_letter(self, item: _Incoming, rejection: Rejection, received_ms: int) -> _Record:
-        REJECTED.labels(rejection.reason.value).inc()
-        cap = self.settings.ingest.dlq_payload_cap_bytes
-        payload = item.msg.payload
+    def _dead_letter(self, item: _Incoming, rejections: list[Rejection], received_ms: int) -> _Record | None:
+        """One record for everything refused in a message, or None when its gateway is over its
+        dead-letter budget (then only counted, and announced once a minute)."""
+        reasons: dict[str, int] = {}
+        for rejection in rejections:
+            reasons[rejection.reason.value] = reasons.get(rejection.reason.value, 0) + 1
+        for reason, count in reasons.items():
+            REJECTED.labels(reason).inc(count)
         parts = item.topic.split("/")
         binary = parts[0] == sparkplug.NAMESPACE
-        tenant, gateway = (parts[1], parts[3]) if binary else (parts[2], parts[3])
+        tenant, gateway = (
+            ((parts[1], parts[3]) if binary else (parts[2], parts[3])) if len(parts) > 3 else (None, None)
+        )
+        key = (tenant, gateway)
+        now = time.monotonic()
+        if not self._dlq_budget.has_room(key, now):
+            DLQ_BUDGET_EXCEEDED.inc()
+            if not self._dlq_budget.announce(key, now):
+                return None
+            return self._budget_letter(item.topic, tenant, gateway, received_ms)
+        first = rejections[0]
+        devices = {r.device for r in rejections}
         value = encode_dead_letter(
-            reason=rejection.reason.value,
-            detail=rejection.detail,
-            payload=payload,
-            cap=cap,
+            reason=first.reason.value,
+            detail=first.detail,
+            payload=item.msg.payload,
+            cap=self.settings.ingest.dlq_payload_cap_bytes,
             received_ms=received_ms,
             binary=binary,
+            rejected=[r.entry() for r in rejections],
             topic=item.topic,
-            tenant=tenant if len(parts) > 3 else None,
-            gateway=gateway if len(parts) > 3 else None,
-            device=rejection.device,
+            tenant=tenant,
+            gateway=gateway,
+            # The device when the whole letter is about one.
+            device=first.device if len(devices) == 1 else None,
         )
-        log.debug("dead letter %s on %s: %s", rejection.reason.value, item.topic, rejection.detail)
+        self._dlq_budget.spend(key, len(value), now)
+        DEAD_LETTERS.inc()
+        DEAD_LETTER_BYTES.inc(len(value))
+        log.debug("dead letter on %s: %s", item.topic, reasons)
         return _Record(self.settings.kafka.dlq_topic, item.topic.encode(), value)
+
+    def _budget_letter(
+        self, topic: str, tenant: str | None, gateway: str | None, received_ms: int
+    ) -> _Record:
+        budget = self.settings.ingest.dlq_budget_bytes_per_min
+        detail = (
+            f"gateway {gateway!r} of tenant {tenant!r} exceeded its dead-letter budget of {budget} bytes a "
+            "minute: its refused messages are counted in meterflow_ingest_rejected_total, not written, "
+            "until the budget refills"
+        )
+        log.warning("%s (topic %s)", detail, topic)
+        DEAD_LETTERS.inc()
+        value = encode_dead_letter(
+            reason=DeadLetterReason.DLQ_BUDGET.value,
+            detail=detail,
+            payload=b"",
+            cap=0,
+            received_ms=received_ms,
+            topic=topic,
+            tenant=tenant,
+            gateway=gateway,
+            device=None,
+        )
+        DEAD_LETTER_BYTES.inc(len(value))
+        return _Record(self.settings.kafka.dlq_topic, topic.encode(), value)
 
     async def _deliver(self, batch: _Batch, sends: list[tuple[_Record, asyncio.Future[object]]]) -> None:
         """Wait until Kafka acknowledged every record of the batch, sending again what failed or

@@ -1,7 +1,9 @@
 """Who owns what: the collector's view of the registry (gateways and devices) the API writes.
 
 The broker's ACL already keeps a gateway on its own topics; this is the second line, and the one that
-catches a valid gateway naming a device of another tenant. The whole registry is held in memory and
+catches a valid gateway naming a device of another tenant. A device's registration also bounds its
+readings where it can: power beyond its rated power (times a wide factor) or a register beyond its
+register_max is out_of_range. The whole registry is held in memory and
 reloaded periodically; a device not yet known is looked up once on first sight (a device registered a
 second ago must not be dead-lettered), with a short negative cache so a flood of readings for an
 unregistered device costs one query per interval, not one per message.
@@ -14,14 +16,24 @@ import enum
 import logging
 import time
 from collections.abc import Iterable
+from typing import Final, NamedTuple
 
 import psycopg
 from psycopg.rows import TupleRow
 
 from ingest.payloads import ParseResult, Rejection
-from meterflow.contract import CANONICAL_METRICS, DeadLetterReason
+from meterflow.contract import (
+    CANONICAL_METRICS,
+    RATED_POWER_METRICS,
+    DeadLetterReason,
+    DeviceReadings,
+    MetricKind,
+    Reading,
+)
 
 log = logging.getLogger(__name__)
+
+_REGISTERS: Final = frozenset(m for m, kind in CANONICAL_METRICS.items() if kind is MetricKind.CUMULATIVE)
 
 
 class Ownership(enum.Enum):
@@ -30,13 +42,32 @@ class Ownership(enum.Enum):
     OTHER_TENANT = "other_tenant"
 
 
+class DeviceBounds(NamedTuple):
+    """What a device's registration says its readings can be (None: no bound registered)."""
+
+    power_kw: float | None  # |power-like metrics| at most this: rated power x rated_power_factor
+    register_max: float | None  # cumulative registers read 0 .. register_max
+
+
+_DEVICE_COLUMNS: Final = "device_id, tenant_id, rated_power_kw, register_max"
+
+
 class Registry:
-    def __init__(self, conninfo: str, *, refresh_s: float = 60.0, negative_ttl_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        refresh_s: float = 60.0,
+        negative_ttl_s: float = 10.0,
+        rated_power_factor: float = 100.0,
+    ) -> None:
         self._conninfo = conninfo
         self._refresh_s = refresh_s
         self._negative_ttl_s = negative_ttl_s
+        self._rated_power_factor = rated_power_factor
         self._gateways: dict[str, str] = {}
         self._devices: dict[str, set[str]] = {}
+        self._bounds: dict[tuple[str, str], DeviceBounds] = {}
         self._misses: dict[tuple[str, str], float] = {}
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._loaded_at = 0.0
@@ -52,12 +83,12 @@ class Registry:
         gateways = await (
             await conn.execute("SELECT gateway_id, tenant_id FROM gateways WHERE enabled")
         ).fetchall()
-        devices = await (await conn.execute("SELECT device_id, tenant_id FROM devices")).fetchall()
+        devices = await (await conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices")).fetchall()
         self._gateways = {str(gateway): str(tenant) for gateway, tenant in gateways}
-        owners: dict[str, set[str]] = {}
-        for device, tenant in devices:
-            owners.setdefault(device, set()).add(tenant)
-        self._devices = owners
+        self._devices = {}
+        self._bounds = {}
+        for row in devices:
+            self._add_device(row)
         self._misses.clear()
         self._loaded_at = time.monotonic()
         log.info("registry loaded: %d gateways, %d devices", len(self._gateways), len(devices))
@@ -99,17 +130,29 @@ class Registry:
             if wanted:
                 rows = await (
                     await conn.execute(
-                        "SELECT device_id, tenant_id FROM devices WHERE device_id = ANY(%s)", (wanted,)
+                        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ANY(%s)", (wanted,)
                     )
                 ).fetchall()
-                for device, owner in rows:
-                    self._devices.setdefault(device, set()).add(owner)
+                for row in rows:
+                    self._add_device(row)
         except psycopg.Error as exc:
             log.warning("registry lookup failed (%s); deciding from the cached registry", exc)
             return
         for device in wanted:
             if tenant not in self._devices.get(device, ()):
                 self._misses[(tenant, device)] = now + self._negative_ttl_s
+
+    def _add_device(self, row: TupleRow) -> None:
+        device, tenant, rated_power_kw, register_max = row
+        self._devices.setdefault(device, set()).add(tenant)
+        if rated_power_kw is not None or register_max is not None:
+            power = None if rated_power_kw is None else abs(rated_power_kw) * self._rated_power_factor
+            self._bounds[(tenant, device)] = DeviceBounds(power, register_max)
+        else:
+            self._bounds.pop((tenant, device), None)
+
+    def bounds(self, tenant: str, device: str) -> DeviceBounds | None:
+        return self._bounds.get((tenant, device))
 
     def gateway_owner(self, gateway: str) -> str | None:
         return self._gateways.get(gateway)
@@ -158,6 +201,11 @@ def check_ownership(
                 Rejection(DeadLetterReason.UNKNOWN_DEVICE, detail, device_readings.device)
             )
             continue
+        bounds = registry.bounds(tenant, device_readings.device)
+        if bounds is not None:
+            device_readings = _within_bounds(device_readings, bounds, checked.rejected)
+            if not device_readings.readings:
+                continue
         unknown = [r for r in device_readings.readings if r.metric not in CANONICAL_METRICS]
         if not unknown:
             checked.accepted.append(device_readings)
@@ -172,6 +220,29 @@ def check_ownership(
             if kept:
                 checked.accepted.append(device_readings._replace(readings=kept))
     return checked, unknown_metric_readings
+
+
+def _within_bounds(
+    device_readings: DeviceReadings, bounds: DeviceBounds, rejected: list[Rejection]
+) -> DeviceReadings:
+    """The readings the device's registration allows; the others are out_of_range rejections."""
+    kept: list[Reading] = []
+    for reading in device_readings.readings:
+        metric, value = reading.metric, reading.value
+        if bounds.power_kw is not None and metric in RATED_POWER_METRICS and abs(value) > bounds.power_kw:
+            limit = f"|{metric}| <= {bounds.power_kw!r} (rated power x factor)"
+        elif bounds.register_max is not None and metric in _REGISTERS and value > bounds.register_max:
+            limit = f"{metric} <= register_max {bounds.register_max!r}"
+        else:
+            kept.append(reading)
+            continue
+        detail = f"{metric}={value!r} at ts {reading.ts_ms} outside {limit}"
+        rejected.append(
+            Rejection(DeadLetterReason.OUT_OF_RANGE, detail, device_readings.device, metric=metric)
+        )
+    if len(kept) == len(device_readings.readings):
+        return device_readings
+    return device_readings._replace(readings=tuple(kept))
 
 
 async def wait_loaded(registry: Registry, stop: asyncio.Event) -> None:

@@ -1,8 +1,11 @@
 """Replay dead letters once their cause is fixed (a device registered late, a metric now accepted).
 
-Each dead letter keeps the original payload, topic, the device it was about and the receive time. A
-replay parses the payload again exactly as the collector did at that receive time, applies today's
-registry, and produces the readings of that device that now pass to the readings topic. Replaying
+Each dead letter keeps the original payload, topic, what was refused in it (reason and device of each
+rejection) and the receive time. A replay parses the payload again exactly as the collector did at that
+receive time, applies today's registry, and produces the readings that now pass, of the devices the
+letter refused for a reason being replayed, to the readings topic. A letter whose list of rejections was
+cut (a message with very many) names too few devices: all of the message's readings that pass are sent
+again, which the processor stores once. Replaying
 twice is harmless: the processor stores a reading once per device, metric and timestamp. Progress is
 kept as the replay consumer group's committed offsets, so a second run looks only at newer letters
 unless asked to start from the beginning.
@@ -62,8 +65,8 @@ async def replay(
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap, acks="all", enable_idempotence=True
     )
-    registry = Registry(settings.db.conninfo())
-    limits = Limits(settings.ingest.max_payload_bytes, settings.ingest.max_future_skew_s * 1000)
+    registry = Registry(settings.db.conninfo(), rated_power_factor=settings.ingest.rated_power_factor)
+    limits = Limits.from_settings(settings.ingest)
     reject_unknown_metrics = settings.ingest.unknown_metrics == "reject"
     await consumer.start()
     await producer.start()
@@ -123,8 +126,8 @@ def _replay_one(
     reject_unknown_metrics: bool,
 ) -> list[tuple[bytes, bytes]]:
     letter = orjson.loads(raw)
-    reason = str(letter.get("reason"))
-    if reason not in reasons or (tenant is not None and letter.get("tenant") != tenant):
+    wanted, devices = _devices_to_replay(letter, reasons)
+    if not wanted or (tenant is not None and letter.get("tenant") != tenant):
         return []
     summary.considered += 1
     if letter.get("payload_truncated"):
@@ -136,13 +139,37 @@ def _replay_one(
         return []
     payload = str(letter.get("payload", "")).encode()
     parsed = parse_message(topic, payload, received_ms=int(letter["received_ms"]), limits=limits)
-    device = letter.get("device")
-    parsed.accepted = [d for d in parsed.accepted if device is None or d.device == device]
+    parsed.accepted = [d for d in parsed.accepted if devices is None or d.device in devices]
     result, _ = check_ownership(
         parsed, topic.tenant, topic.gateway, registry, reject_unknown_metrics=reject_unknown_metrics
     )
     summary.still_rejected.update(
-        r.reason.value for r in result.rejected if device is None or r.device == device
+        r.reason.value for r in result.rejected if devices is None or r.device in devices
     )
     summary.replayed_readings += result.reading_count
     return [(d.kafka_key(), d.encode()) for d in result.accepted]
+
+
+def _devices_to_replay(letter: dict[str, object], reasons: set[str]) -> tuple[bool, frozenset[str] | None]:
+    """Whether the letter refused anything for the reasons asked, and the devices whose readings its
+    replay may send (None: any)."""
+    if letter.get("v") == 1:
+        # One rejection per letter, about one device (or the whole message).
+        if str(letter.get("reason")) not in reasons:
+            return False, None
+        device = letter.get("device")
+        return True, None if device is None else frozenset({str(device)})
+    counted = letter.get("reasons")
+    if not isinstance(counted, dict) or not reasons.intersection(counted):
+        return False, None
+    rejected = letter.get("rejected")
+    if letter.get("rejected_truncated") or not isinstance(rejected, list):
+        return True, None
+    devices = {
+        entry.get("device")
+        for entry in rejected
+        if isinstance(entry, dict) and entry.get("reason") in reasons
+    }
+    if None in devices:
+        return True, None
+    return True, frozenset(str(d) for d in devices)

@@ -23,9 +23,11 @@ Sessions, as Sparkplug B 3.0 defines them for a host application:
   takes the device offline. An NDEATH must be checked against its bdSeq, so an unreadable one does
   nothing else.
 
-Every metric of a BIRTH or DATA message is a reading if its value is a finite number (the contract);
-anything else is dead-lettered, one rejection per metric point, except the protocol's own metadata
-(``_is_protocol_metadata``) and nulls in a BIRTH, which declare a metric with no current value yet.
+Every metric of a BIRTH or DATA message is a reading if its value is a finite number within its metric's
+plausible range and its timestamp within the floor and the future skew (the contract); anything else is
+dead-lettered, one rejection per metric point, except the protocol's own metadata
+(``_is_protocol_metadata``) and nulls in a BIRTH, which declare a metric with no current value yet. A DATA message without metrics is refused as
+`empty`.
 """
 
 from __future__ import annotations
@@ -264,11 +266,18 @@ class SparkplugSessions:
     ) -> list[Reading]:
         horizon = received_ms + limits.max_future_skew_ms
         is_birth = sp_topic.message_type in _BIRTHS
+        if not is_birth and not decoded.metrics:
+            result.rejected.append(
+                Rejection(DeadLetterReason.EMPTY, "a DATA message without metrics", device)
+            )
+            return []
         readings: list[Reading] = []
-        for metric in decoded.metrics:
+        for index, metric in enumerate(decoded.metrics):
             name = metric.name if table is None else table.resolve(metric)
             if name is None:
-                result.rejected.append(Rejection(DeadLetterReason.SCHEMA, _unnamed(metric, table), device))
+                result.rejected.append(
+                    Rejection(DeadLetterReason.SCHEMA, _unnamed(metric, table), device, index)
+                )
                 if metric.alias is not None:
                     # Only the node can say what the alias means: ask it to declare its aliases again.
                     self._request_rebirth(node, sp_topic, received_ms, result)
@@ -277,7 +286,7 @@ class SparkplugSessions:
                 # A BIRTH must list every metric the node will report; one without a current value
                 # is sent as null, which refuses nothing (a null in DATA is refused: not a number).
                 continue
-            point = _reading(name, metric, decoded.ts_ms, horizon, device)
+            point = _reading(name, metric, decoded.ts_ms, horizon, limits, device, index)
             if isinstance(point, Rejection):
                 result.rejected.append(point)
             else:
@@ -345,31 +354,44 @@ def _unnamed(metric: DecodedMetric, table: AliasTable | None) -> str:
 
 
 def _reading(
-    name: str, metric: DecodedMetric, payload_ts_ms: int | None, horizon: int, device: str
+    name: str,
+    metric: DecodedMetric,
+    payload_ts_ms: int | None,
+    horizon: int,
+    limits: Limits,
+    device: str,
+    index: int,
 ) -> Reading | Rejection:
     """One metric point as a reading, or why not, checked in the order the JSON path checks."""
     ts_ms = metric.ts_ms if metric.ts_ms is not None else payload_ts_ms
     if ts_ms is None:
         return Rejection(
-            DeadLetterReason.SCHEMA, f"{name}: no timestamp in the metric or the payload", device
+            DeadLetterReason.SCHEMA, f"{name}: no timestamp in the metric or the payload", device, index, name
         )
     if ts_ms > horizon:
-        return Rejection(
-            DeadLetterReason.FUTURE_TS, f"{name}: ts {ts_ms} is beyond receive time + skew", device
-        )
+        detail = f"{name}: ts {ts_ms} is beyond receive time + skew"
+        return Rejection(DeadLetterReason.FUTURE_TS, detail, device, index, name)
+    if ts_ms < limits.min_ts_ms:
+        detail = f"{name}: ts {ts_ms} is before the timestamp floor"
+        return Rejection(DeadLetterReason.PAST_TS, detail, device, index, name)
     value = metric.value
     if metric.is_null:
-        return Rejection(DeadLetterReason.SCHEMA, f"{name}: null value", device)
+        return Rejection(DeadLetterReason.SCHEMA, f"{name}: null value", device, index, name)
     # bool is an int in Python, so the type check comes first: a Boolean metric is not a number.
     if isinstance(value, bool | str) or metric.datatype not in _NUMERIC_TYPES:
         detail = f"{name}: datatype {_datatype_name(metric.datatype)} is not a number"
-        return Rejection(DeadLetterReason.SCHEMA, detail, device)
+        return Rejection(DeadLetterReason.SCHEMA, detail, device, index, name)
     if value is None:
         detail = f"{name}: value does not fit datatype {_datatype_name(metric.datatype)}"
-        return Rejection(DeadLetterReason.SCHEMA, detail, device)
-    if not math.isfinite(value):
-        return Rejection(DeadLetterReason.NON_FINITE, f"{name}={value}", device)
-    return Reading(ts_ms, name, float(value))
+        return Rejection(DeadLetterReason.SCHEMA, detail, device, index, name)
+    fval = float(value)
+    if not math.isfinite(fval):
+        return Rejection(DeadLetterReason.NON_FINITE, f"{name}={value}", device, index, name)
+    low, high = limits.ranges.get(name, limits.other_range)
+    if not low <= fval <= high:
+        detail = f"{name}={fval!r} outside [{low!r}, {high!r}]"
+        return Rejection(DeadLetterReason.OUT_OF_RANGE, detail, device, index, name)
+    return Reading(ts_ms, name, fval)
 
 
 def _valid_seq(seq: int | None) -> int | None:

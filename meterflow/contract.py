@@ -54,6 +54,52 @@ class DeadLetterReason(enum.StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     TENANT_MISMATCH = "tenant_mismatch"
     UNKNOWN_METRIC = "unknown_metric"
+    # A value outside its metric's plausible range (METRIC_RANGES, or a tighter one from the registry).
+    OUT_OF_RANGE = "out_of_range"
+    # A timestamp before the configured floor (IngestSettings.min_ts).
+    PAST_TS = "past_ts"
+    # A message that carries nothing: {}, [], {"device": []}, points without values, Sparkplug DATA
+    # without metrics. Refused rather than ignored, so a misconfigured gateway shows up.
+    EMPTY = "empty"
+    # The summary a gateway gets, once a minute at most, while its dead letters exceed its byte budget.
+    DLQ_BUDGET = "dlq_budget"
+
+
+class MetricRange(NamedTuple):
+    low: float
+    high: float
+
+
+# The widest values a real meter of any size reports, per canonical metric. A reading outside is a fault
+# or an attack and is refused (out_of_range): aggregates add up millions of readings, and a few values
+# near float64's limit (1.8e308) turn every sum they enter into inf or NaN. Within these bounds a sum of
+# 1e12 readings stays below 1e26. They are wide on purpose: what is merely implausible for one device
+# (a power spike, a register jump) is stored, flagged and kept out of the figures by the processor.
+# Overridable per metric (IngestSettings.metric_ranges); the registry can make them tighter per device.
+METRIC_RANGES: Final[dict[str, MetricRange]] = {
+    # Registers never show a negative count; 12 digits (1 TWh, 1e12 Nm3, GJ or litres) exceed any
+    # register a meter has, with or without a multiplier folded in.
+    "energy_import_kwh": MetricRange(0.0, 1e12),
+    "energy_export_kwh": MetricRange(0.0, 1e12),
+    "gas_nm3": MetricRange(0.0, 1e12),
+    "heat_gj": MetricRange(0.0, 1e12),
+    "fuel_l": MetricRange(0.0, 1e12),
+    # 100 GW either way: four times the largest power station (Three Gorges, 22.5 GW).
+    "power_kw": MetricRange(-1e8, 1e8),
+    "reactive_power_kvar": MetricRange(-1e8, 1e8),
+    "flex_up_kw": MetricRange(-1e8, 1e8),
+    "flex_down_kw": MetricRange(-1e8, 1e8),
+    # A percentage; a battery management system may drift a little past 0-100 after calibration (the
+    # processor flags beyond 100), beyond [-10, 110] it is not a state of charge.
+    "soc_pct": MetricRange(-10.0, 110.0),
+}
+# Metrics outside the canonical set (kept when IngestSettings.unknown_metrics is "keep").
+OTHER_METRIC_RANGE: Final = MetricRange(-1e15, 1e15)
+# Metrics a device's rated power bounds (IngestSettings.rated_power_factor x rated_power_kw).
+RATED_POWER_METRICS: Final = frozenset({"power_kw", "reactive_power_kvar", "flex_up_kw", "flex_down_kw"})
+# Timestamps before this are refused (past_ts) unless configured otherwise: no meter reads before it,
+# and far-past values (year 1, -1e15 ms) are outside what PostgreSQL stores.
+DEFAULT_MIN_TS_MS: Final = 946_684_800_000  # 2000-01-01T00:00:00Z
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -293,6 +339,25 @@ def validation_summary(exc: ValidationError) -> str:
 
 
 # --- dead letters ------------------------------------------------------------------------------
+# v2: one record per rejected message (or per refused record for the processor and intensity service),
+# listing what was refused in it. `reasons` counts every rejection by reason; `rejected` lists them in
+# order (reason, device, point index, metric, detail), cut once its encoding reaches the larger of the
+# payload's size and DEAD_LETTER_MIN_LIST_BYTES, so a record stays within a small multiple of the payload
+# however many points one message gets refused.
+
+DEAD_LETTER_V2: Final = 2
+DEAD_LETTER_MIN_LIST_BYTES: Final = 2048
+# Details quote input (metric names, device ids): cut, so that one long name cannot inflate a record.
+DEAD_LETTER_DETAIL_CHARS: Final = 200
+
+
+class DeadLetterEntry(TypedDict, total=False):
+    reason: str
+    detail: str
+    device: str
+    # The point's index in its device's list (JSON forms) or the metric's index (Sparkplug).
+    point: int
+    metric: str
 
 
 def encode_dead_letter(
@@ -303,25 +368,53 @@ def encode_dead_letter(
     cap: int,
     received_ms: int,
     binary: bool = False,
+    rejected: list[DeadLetterEntry] | None = None,
     **origin: object,
 ) -> bytes:
-    """A record of the dead-letter topic: why, where it came from (`origin`: topic, tenant, partition, ...)
+    """A record of the dead-letter topic: why (`reason` and `detail` name the first problem, `rejected`
+    lists them all when there are several), where it came from (`origin`: topic, tenant, partition, ...)
     and the payload, cut at `cap` bytes. Binary payloads (Sparkplug protobuf) are kept as base64 so that
     they survive JSON intact."""
+    entries = rejected if rejected else [DeadLetterEntry(reason=reason, detail=detail)]
+    reasons: dict[str, int] = {}
+    for entry in entries:
+        reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
+    budget = max(len(payload), DEAD_LETTER_MIN_LIST_BYTES)
+    listed: list[DeadLetterEntry] = []
+    used = 0
+    for entry in entries:
+        short = _short_entry(entry)
+        used += len(orjson.dumps(short)) + 1
+        if used > budget:
+            break
+        listed.append(short)
     kept = payload[:cap]
     return orjson.dumps(
         {
-            "v": 1,
+            "v": DEAD_LETTER_V2,
             "reason": reason,
-            "detail": detail,
+            "detail": detail[:DEAD_LETTER_DETAIL_CHARS],
             **origin,
             "received_ms": received_ms,
+            "reasons": reasons,
+            "rejected": listed,
+            "rejected_total": len(entries),
+            "rejected_truncated": len(listed) < len(entries),
             "payload": base64.b64encode(kept).decode() if binary else kept.decode("utf-8", errors="replace"),
             "payload_encoding": "base64" if binary else "utf-8",
             "payload_bytes": len(payload),
             "payload_truncated": len(payload) > cap,
         }
     )
+
+
+def _short_entry(entry: DeadLetterEntry) -> DeadLetterEntry:
+    short = entry.copy()
+    if "detail" in short:
+        short["detail"] = short["detail"][:DEAD_LETTER_DETAIL_CHARS]
+    if "metric" in short:
+        short["metric"] = short["metric"][:DEAD_LETTER_DETAIL_CHARS]
+    return short
 
 
 # --- grid carbon intensity ------------------------------------------------------------------------

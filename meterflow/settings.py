@@ -7,10 +7,11 @@ so tests can construct their own.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -123,6 +124,18 @@ class IngestSettings(_Group):
     # Metrics outside the canonical set: kept and counted ("keep"), or dead-lettered ("reject").
     unknown_metrics: Literal["keep", "reject"] = "keep"
     registry_refresh_s: float = 60.0
+    # Readings stamped before this are dead-lettered (past_ts); see meterflow.contract.DEFAULT_MIN_TS_MS.
+    min_ts: AwareDatetime = datetime(2000, 1, 1, tzinfo=UTC)
+    # Plausible ranges replacing meterflow.contract.METRIC_RANGES for the metrics named, e.g.
+    # METERFLOW_INGEST__METRIC_RANGES='{"power_kw": [-5e5, 5e5]}'; beyond them readings are out_of_range.
+    metric_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    # A device with a registered rated power refuses power readings beyond it times this factor. Wide:
+    # spikes up to it are stored and flagged by the processor (plausibility_margin), not refused.
+    rated_power_factor: float = Field(default=100.0, gt=1.0)
+    # Dead-letter bytes a gateway may cause per minute (a token bucket of this size, refilled evenly).
+    # Beyond it its dead letters are counted, not written, and one dlq_budget letter a minute says so:
+    # a gateway with a broken clock or a hostile one cannot fill the dead-letter topic.
+    dlq_budget_bytes_per_min: int = Field(default=8 * 1024 * 1024, gt=0)
 
 
 class ProcessingSettings(_Group):

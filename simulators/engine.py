@@ -503,11 +503,12 @@ class Simulation:
         if draw[1] < f.glitch and self.import_reg[i] >= 0:
             reg = self.registers[int(self.import_reg[i])]
             glitch_ts = ts + int(self.interval_ms[i]) // 2
-            jump = float(self.rated[i]) * GLITCH_HOURS
-            points.append(
-                DevicePoint(glitch_ts, {reg.metric: round(values[reg.metric] + jump, reg.decimals)})
-            )
-            self.log.glitches.append(LoggedFault("glitch", tenant, name, reg.metric, glitch_ts))
+            glitched = round(values[reg.metric] + float(self.rated[i]) * GLITCH_HOURS, reg.decimals)
+            # No register shows more than its maximum: the collector refuses such a read (out_of_range),
+            # so it could not test the processor's plausibility check.
+            if glitched <= (reg.modulus - 1) * reg.resolution:
+                points.append(DevicePoint(glitch_ts, {reg.metric: glitched}))
+                self.log.glitches.append(LoggedFault("glitch", tenant, name, reg.metric, glitch_ts))
 
     def _exchanges(self, ts: int, due: I64) -> None:
         """Swap meters after their reading at `ts`: the old meter's last read is what was just reported,

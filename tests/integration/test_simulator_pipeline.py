@@ -133,7 +133,8 @@ async def _dead_letters(p: Pipeline, prefix: str, count: int) -> Counter[str]:
                 for record in records:
                     letter = orjson.loads(record.value or b"{}")
                     if (letter.get("tenant") or "").startswith(prefix):
-                        seen[letter["reason"]] += 1
+                        # One letter per message, counting its rejections by reason.
+                        seen.update(letter["reasons"])
     finally:
         await consumer.stop()
     return seen
