@@ -60,6 +60,21 @@ READ_FLAG_NAMES: Final = ("ok", "first", "rollover", "negative", "implausible", 
 # A drop from above this share of the register's maximum to a small value is a rollover.
 ROLLOVER_ZONE: Final = 0.9
 
+# No meter reads, and no interval holds, more than this in magnitude (a 12-digit register times the
+# largest instrument-transformer ratios stays far below it). Beyond it a value is a glitch or an attack:
+# flagged, never booked, so that sums of any number of booked quantities stay finite (2^31 rows of
+# 1e15 are 2e24, nowhere near float64's 1.8e308) and no aggregate can become inf or NaN.
+VALUE_LIMIT: Final = 1e15
+# Reads are booked only inside 1970-01-01 to 2200-01-01 (epoch ms), what the database, the API's time
+# ranges and the audit chain hold; elsewhere int64 differences could wrap and buckets be absurd.
+TS_MIN: Final = 0
+TS_MAX: Final = 7_258_118_400_000
+# An interval longer than this is booked whole in the bucket it ends in (substituted) instead of
+# pro-rated over every bucket it overlaps: a register read after a year's silence would otherwise make
+# half a million 1-minute rows, and a read decades apart tens of millions. The total stays exact; only
+# where inside so long a gap the energy was used is unknown anyway.
+MAX_PRORATE_SPAN_MS: Final = 31 * 86_400_000
+
 # Indexing with unsigned integers spares numba's negative-index wraparound, a measurable share of the
 # fused kernel's time; used only where the index is known to be in range.
 U = np.uint64
@@ -73,7 +88,8 @@ def _prorate_count(t0: I64, t1: I64, bad: I8, width_ms: int) -> int:
     n = 0
     for j in range(t0.size):
         if bad[j] == 0 and t1[j] > t0[j]:
-            first = t0[j] - t0[j] % width_ms
+            start = t0[j] if t1[j] - t0[j] <= MAX_PRORATE_SPAN_MS else t1[j] - 1
+            first = start - start % width_ms
             last = (t1[j] - 1) - (t1[j] - 1) % width_ms
             n += (last - first) // width_ms + 1
     return n
@@ -97,8 +113,16 @@ def _prorate(
         if bad[j] != 0 or t1[j] <= t0[j]:
             continue
         span = t1[j] - t0[j]
-        first = t0[j] - t0[j] % width_ms
         last = (t1[j] - 1) - (t1[j] - 1) % width_ms
+        if span > MAX_PRORATE_SPAN_MS:
+            # Whole in the bucket it ends in (see MAX_PRORATE_SPAN_MS).
+            out_interval[k] = j
+            out_bucket[k] = last
+            out_qty[k] = qty[j]
+            out_quality[k] = SUBSTITUTED
+            k += 1
+            continue
+        first = t0[j] - t0[j] % width_ms
         if first == last:
             out_interval[k] = j
             out_bucket[k] = first
@@ -211,7 +235,8 @@ def _reduce_sorted(
 @njit(cache=True, nogil=True)
 def _instantaneous_flags(series: I32, value: F64, abs_limit: F64, out_quality: I8, out_flagged: I8) -> None:
     for i in range(series.size):
-        if abs(value[i]) > abs_limit[series[i]]:
+        # Not `>`: NaN compares false, and must be a spike too.
+        if not abs(value[i]) <= min(abs_limit[series[i]], VALUE_LIMIT):
             out_quality[i] = NO_QUALITY
             out_flagged[i] = 1
         else:
@@ -267,14 +292,24 @@ def _group_bound(
     series: I32, ts: I64, read_flag: I8, reads: NDArray[np.void], widths: I64, scratch: I64, mark: int
 ) -> int:
     """The most (series, bucket) groups any width can get from a batch whose register pass is done: a
-    series' groups lie between the earliest start of its intervals and flagged reads, and its last read.
-    `scratch[s]` holds `mark` once the batch has seen s, and the earliest and latest times so far."""
+    series' groups lie between the earliest start of its intervals and flagged reads, and its last read;
+    and each read touches at most its interval's span over the width plus two buckets (the tighter bound
+    when reads lie far apart). `scratch[s]` holds `mark` once the batch has seen s, and the earliest and
+    latest times so far."""
     k = 0
+    n = 0
+    read_span_sum = 0
     for i in range(series.size):
         s = series[i]
         f = read_flag[i]
         t = ts[i]
+        if not TS_MIN <= t < TS_MAX:
+            continue  # never bucketed
         lo = reads[i].start if f in (READ_OK, READ_ROLLOVER, READ_REBASELINE) else t
+        if t - lo > MAX_PRORATE_SPAN_MS:
+            lo = t - 1
+        n += 1
+        read_span_sum += t - lo
         if scratch[s, 0] != mark:
             scratch[s, 0] = mark
             scratch[s, 1] = lo
@@ -291,7 +326,7 @@ def _group_bound(
             scratch[s, 0] = NO_TS
     need = 0
     for w in range(widths.size):
-        need = max(need, span_sum // widths[w] + 2 * k)
+        need = max(need, min(span_sum // widths[w] + 2 * k, read_span_sum // widths[w] + 2 * n))
     return need
 
 
@@ -320,12 +355,22 @@ def _register_pass(
         if has_extras and not math.isnan(extras[0, i]):
             anchor_next = extras[0, i]
         st = state[s]
+        p = params[s]
+        # A value no register can hold (NaN and inf included: the comparisons are false) or a time
+        # outside what is stored is a glitch: flagged, anchoring nothing, never booked.
+        if not (
+            abs(v) <= VALUE_LIMIT
+            and v <= p.register_max + p.resolution
+            and abs(anchor_next) <= VALUE_LIMIT
+            and TS_MIN <= t < TS_MAX
+        ):
+            read_flag[i] = READ_IMPLAUSIBLE
+            continue
         if st.anchor_ts == NO_TS:
             st.anchor_ts = t
             st.anchor_val = anchor_next
             read_flag[i] = READ_FIRST
             continue
-        p = params[s]
         r = reads[i]
         d = v - st.anchor_val
         flag = READ_OK
@@ -336,16 +381,19 @@ def _register_pass(
         ):
             d = (p.register_max + p.resolution - st.anchor_val) + v
             flag = READ_ROLLOVER
-        if 0.0 <= d <= p.max_rate_per_ms * (t - st.anchor_ts) + p.resolution:
+        q = d * extras[1, i] if has_extras else d
+        if 0.0 <= d <= p.max_rate_per_ms * (t - st.anchor_ts) + p.resolution and q <= VALUE_LIMIT:
             r.start = st.anchor_ts
-            r.qty = d * extras[1, i] if has_extras else d
+            r.qty = q
             st.anchor_ts = t
             st.anchor_val = anchor_next
             if st.pending_ts != NO_TS:
                 st.pending_ts = NO_TS
             read_flag[i] = flag
-        elif st.pending_ts != NO_TS and (
-            0.0 <= v - st.pending_val <= p.max_rate_per_ms * (t - st.pending_ts) + p.resolution
+        elif (
+            st.pending_ts != NO_TS
+            and 0.0 <= v - st.pending_val <= p.max_rate_per_ms * (t - st.pending_ts) + p.resolution
+            and (v - st.pending_val) * (extras[1, i] if has_extras else 1.0) <= VALUE_LIMIT
         ):
             r.unknown_from = st.anchor_ts
             r.start = st.pending_ts
@@ -433,14 +481,20 @@ def _bucket_pass(
     ng = 0
     for i in range(series.size):
         f = read_flag[i]
-        if f == READ_FIRST:
+        t1 = ts[i]
+        # A read outside the stored times was flagged by the register pass and has no bucket.
+        if f == READ_FIRST or not TS_MIN <= t1 < TS_MAX:
             continue
         flagged = f in (READ_NEGATIVE, READ_IMPLAUSIBLE)
         s = U(series[i])
-        t1 = ts[i]
         t0 = t1 if flagged else reads[i].start
         if t1 <= t0 and not flagged:
             continue
+        single = MEASURED  # the quality of an interval inside one bucket
+        if t1 - t0 > MAX_PRORATE_SPAN_MS:
+            # Whole in the bucket it ends in (see MAX_PRORATE_SPAN_MS).
+            t0 = t1 - 1
+            single = SUBSTITUTED
         h = per_series[s, U(col)] - first_id
         last = per_series[s, U(col + 1)]
         valid = h >= 0
@@ -469,7 +523,7 @@ def _bucket_pass(
                     if math.isnan(g_float[1, U(h)]) or q > g_float[1, U(h)]:
                         g_float[1, U(h)] = q
                     g_i32[1, U(h)] += 1
-                    g_i32[2 + MEASURED, U(h)] += 1
+                    g_i32[2 + single, U(h)] += 1
                     continue
                 if not valid or first > last:
                     # A new head made with its first contribution: the common case in small batches.
@@ -482,12 +536,12 @@ def _bucket_pass(
                     g_float[0, U(ng)] = q
                     g_float[1, U(ng)] = q
                     g_i32[1, U(ng)] = 1
-                    g_i32[2 + MEASURED, U(ng)] = 1
+                    g_i32[2 + single, U(ng)] = 1
                     per_series[s, U(col)] = first_id + ng
                     per_series[s, U(col + 1)] = first
                     ng += 1
                     continue
-                quality = MEASURED
+                quality = single
             elif t1 - t0 <= max_interp_gap_ms:
                 quality = ESTIMATED
             else:
@@ -924,9 +978,15 @@ def _first_groups(columns: _Columns, n: int) -> Buckets:
     )  # fmt: skip
 
 
+def spikes(value: F64, abs_limit: F64) -> NDArray[np.bool_]:
+    """The instantaneous values `instantaneous_buckets` leaves out (`abs_limit` per value)."""
+    return ~(np.abs(value) <= np.minimum(abs_limit, VALUE_LIMIT))
+
+
 def instantaneous_buckets(series: I32, ts: I64, value: F64, abs_limit: F64, width_ms: int) -> Buckets:
     """Average and maximum inputs per bucket for instantaneous metrics (power, SOC): values beyond
-    `abs_limit[series]` (rated x margin; inf when unknown) are spikes, flagged and left out."""
+    `abs_limit[series]` (rated x margin; inf when unknown) or VALUE_LIMIT, and NaN, are spikes, flagged
+    and left out."""
     quality = np.empty(series.size, np.int8)
     flagged = np.empty(series.size, np.int8)
     _instantaneous_flags(series, value, abs_limit, quality, flagged)

@@ -13,6 +13,9 @@ reads arrive, and states each rule the way the issue and the kernels' docstring 
   confirms an unregistered reset: the time up to the drop is unknown, counting resumes from the drop.
 * A booked interval ``(t0, t1]`` spreads over the buckets it overlaps in proportion to time. Inside one
   bucket it is measured; across several it is estimated, or substituted beyond the interpolation limit.
+  One longer than `MAX_PRORATE_SPAN_MS` lies whole, substituted, in the bucket it ends in.
+* A value beyond `VALUE_LIMIT` (or NaN, inf, above the register's maximum, at a time outside
+  `TS_MIN`..`TS_MAX`) is implausible whatever came before; so is a quantity beyond `VALUE_LIMIT`.
 
 The `*_from_kernel` adapters turn the kernels' arrays into the same plain structures for comparison.
 """
@@ -83,8 +86,22 @@ def _consumed(register: Register, before: float, after: float) -> tuple[float, b
     return after - before, False
 
 
-def _plausible(register: Register, qty: float, elapsed_ms: int) -> bool:
-    return 0.0 <= qty <= register.max_rate_per_ms * elapsed_ms + register.resolution
+def _plausible(register: Register, qty: float, elapsed_ms: int, multiplier: float) -> bool:
+    return (
+        0.0 <= qty <= register.max_rate_per_ms * elapsed_ms + register.resolution
+        and qty * multiplier <= kernels.VALUE_LIMIT
+    )
+
+
+def _possible(register: Register, read: Read) -> bool:
+    """A value a register can hold, at a time that is stored."""
+    anchor = read.value if read.install_after is None else read.install_after
+    return (
+        abs(read.value) <= kernels.VALUE_LIMIT
+        and read.value <= register.maximum + register.resolution
+        and abs(anchor) <= kernels.VALUE_LIMIT
+        and kernels.TS_MIN <= read.ts < kernels.TS_MAX
+    )
 
 
 def intervals(
@@ -102,18 +119,21 @@ def intervals(
         state = states.setdefault(s, SeriesState())
         for read in sorted(series_reads, key=lambda r: r.ts):
             new_anchor = (read.ts, read.value if read.install_after is None else read.install_after)
+            if not _possible(register, read):
+                outcome[read.series, read.ts] = "implausible"
+                continue
             if state.anchor is None:
                 state.anchor = new_anchor
                 outcome[read.series, read.ts] = "first"
                 continue
             anchor_ts, anchor_value = state.anchor
             qty, wrapped = _consumed(register, anchor_value, read.value)
-            if _plausible(register, qty, read.ts - anchor_ts):
+            if _plausible(register, qty, read.ts - anchor_ts, read.multiplier):
                 booked.append(Interval(s, anchor_ts, read.ts, qty * read.multiplier, False))
                 state.anchor, state.pending_drop = new_anchor, None
                 outcome[read.series, read.ts] = "rollover" if wrapped else "ok"
             elif state.pending_drop is not None and _plausible(
-                register, read.value - state.pending_drop[1], read.ts - state.pending_drop[0]
+                register, read.value - state.pending_drop[1], read.ts - state.pending_drop[0], read.multiplier
             ):
                 drop_ts, drop_value = state.pending_drop
                 booked.append(Interval(s, anchor_ts, drop_ts, 0.0, True))
@@ -139,6 +159,8 @@ def spread(interval: Interval, width_ms: int, max_interp_gap_ms: int) -> list[tu
     if interval.bad or interval.t1 <= interval.t0:
         return []
     span = interval.t1 - interval.t0
+    if span > kernels.MAX_PRORATE_SPAN_MS:
+        return [(bucket_start(interval.t1 - 1, width_ms), interval.qty, kernels.SUBSTITUTED)]
     parts: list[tuple[int, int]] = []
     bucket = bucket_start(interval.t0, width_ms)
     while bucket < interval.t1:
@@ -178,7 +200,7 @@ def register_buckets(
     bucket."""
     rows = energy_buckets(booked, width_ms, max_interp_gap_ms)
     for (s, ts), what in outcome.items():
-        if what in ("negative", "implausible"):
+        if what in ("negative", "implausible") and kernels.TS_MIN <= ts < kernels.TS_MAX:
             add(rows, (s, bucket_start(ts, width_ms)), 0.0, kernels.NO_QUALITY, True)
     return rows
 
@@ -190,7 +212,7 @@ def instantaneous(
     only as flagged."""
     rows: BucketRows = {}
     for s, ts, value in samples:
-        spike = abs(value) > abs_limit[s]
+        spike = not abs(value) <= min(abs_limit[s], kernels.VALUE_LIMIT)
         add(
             rows,
             (s, bucket_start(ts, width_ms)),

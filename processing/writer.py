@@ -406,7 +406,7 @@ class BatchWriter:
         out: BatchOutcome,
     ) -> None:
         limit = self.series.abs_limit
-        spikes = np.abs(value) > limit[s]
+        spikes = kernels.spikes(value, limit[s])
         for i in np.flatnonzero(spikes).tolist():
             flag_rows.append((*self.series.keys[s[i]], int(ts[i]), "spike"))
         if spikes.any():
