@@ -1,4 +1,6 @@
-"""API keys: stored as SHA-256 hashes, scoped to a role and (except admins) a tenant."""
+"""API keys: stored as SHA-256 hashes, scoped to a role and (except admins and regulators) a tenant.
+
+This module says who a request comes from; what that key may do is `api.access`."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
@@ -25,9 +26,6 @@ class Principal:
     key_id: str
     role: str
     tenant: str | None
-
-    def can_read_tenant(self, tenant: str) -> bool:
-        return self.role == "admin" or self.tenant == tenant
 
 
 def hash_key(key: str) -> str:
@@ -137,26 +135,3 @@ async def principal(request: Request) -> Principal:
             headers={"Retry-After": retry_after_header(wait)},
         )
     return who
-
-
-PrincipalDep = Annotated[Principal, Depends(principal)]
-
-
-def require_admin(who: Principal) -> None:
-    if who.role != "admin":
-        raise Problem(403, "forbidden", "Admin role required", f"key {who.key_id} has role {who.role}")
-
-
-def require_writer(who: Principal, tenant: str) -> None:
-    """Admins, or an enterprise key submitting its own tenant's data."""
-    if who.role == "admin" or (who.role == "enterprise" and who.tenant == tenant):
-        return
-    if who.tenant != tenant:
-        require_tenant(who, tenant)
-    raise Problem(403, "forbidden", "Not allowed", f"key {who.key_id} cannot submit data for {tenant!r}")
-
-
-def require_tenant(who: Principal, tenant: str) -> None:
-    if not who.can_read_tenant(tenant):
-        # 404, not 403: a foreign key must not learn which tenants exist.
-        raise Problem(404, "not-found", "Not found", f"no tenant {tenant!r} visible to this key")

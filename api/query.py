@@ -14,7 +14,7 @@ from fastapi import Request, Response
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from api.auth import Principal, require_tenant
+from api.access import Access, Kind
 from api.problems import Problem
 
 # Far outside any metering data, and inside what time zone arithmetic can represent.
@@ -130,20 +130,17 @@ def tenant_zone(name: Any) -> ZoneInfo:
 
 async def resolve_site(
     conn: psycopg.AsyncConnection[Any],
-    who: Principal,
+    who: Access,
     site: str,
     tenant: str | None,
     *,
     aggregate: bool,
     cache: SiteCache | None = None,
 ) -> SiteRef:
-    """The site as this key may see it. Enterprise keys see their own tenant's sites; operators also see
-    other tenants' aggregates (`aggregate`), as the contract allows; admins see everything. A site id is
-    unique within a tenant, so a key that sees several tenants names one when the id is ambiguous."""
-    if who.role == "enterprise" or (who.role == "operator" and not aggregate):
-        if tenant is not None:
-            require_tenant(who, tenant)
-        tenant = who.tenant
+    """The site as this key may see it (`aggregate`: for a figure summed over its devices; the policy is
+    api.access). A site id is unique within a tenant, so a key that sees several tenants names one when
+    the id is ambiguous."""
+    tenant = who.tenant_scope(tenant, Kind.AGGREGATE if aggregate else Kind.RAW)
     rows = cache.get((site, tenant)) if cache is not None else None
     if rows is None:
         cur = await conn.execute(
@@ -167,8 +164,9 @@ async def resolve_site(
     return SiteRef(str(t), site, tenant_zone(zone), area, province)
 
 
-async def resolve_tenant(conn: psycopg.AsyncConnection[Any], who: Principal, tenant: str) -> ZoneInfo:
-    require_tenant(who, tenant)
+async def resolve_tenant(conn: psycopg.AsyncConnection[Any], who: Access, tenant: str) -> ZoneInfo:
+    """The zone of a tenant whose accounts (carbon figures) this key may read."""
+    who.read_tenant(tenant, Kind.ACCOUNT)
     cur = await conn.execute("SELECT timezone FROM tenants WHERE tenant_id = %s", (tenant,))
     row = await cur.fetchone()
     if row is None:

@@ -50,6 +50,11 @@ def register_fleet(
                 progress(1)
             return resp
 
+        # A VPP is a registry entity (unowned here: admins act on it until one assigns an operator);
+        # a device naming it in its registration is then enrolled directly, as the admin key may.
+        vpps = {d.vpp for e in spec.enterprises for s in e.sites for g in s.gateways for d in g.devices}
+        for vpp in sorted(v for v in vpps if v is not None):
+            post("/v1/vpps", {"vpp": vpp, "name": vpp})
         for e in spec.enterprises:
             post(
                 "/v1/enterprises",

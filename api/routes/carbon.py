@@ -18,7 +18,7 @@ import psycopg
 from fastapi import APIRouter, Query, Request, Response
 from psycopg.rows import dict_row
 
-from api.auth import PrincipalDep, require_tenant, require_writer
+from api.access import AccessDep, Kind
 from api.grading import Peer, Schemes, grade, intensity
 from api.models import (
     AccountLine,
@@ -110,7 +110,7 @@ def _point(ts: datetime, rows: list[dict[str, Any]]) -> CarbonPoint:
 @router.get("/enterprises/{tenant}/carbon")
 async def enterprise_carbon(
     tenant: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Annotated[datetime, Query(description="inclusive; the local day containing it is the first")],
     end: Annotated[datetime, Query(description="exclusive; a partial last local day is included")],
@@ -161,11 +161,11 @@ _OUTPUT_COLS = (
 
 @router.post("/enterprises/{tenant}/output-values", status_code=201)
 async def submit_output_value(
-    tenant: str, body: OutputValueIn, who: PrincipalDep, request: Request
+    tenant: str, body: OutputValueIn, who: AccessDep, request: Request
 ) -> OutputValue:
     """Submit (or resubmit, replacing) value added, output value and product quantity for a period:
     the denominators of carbon intensity. Admins, or the enterprise's own key."""
-    require_writer(who, tenant)
+    who.write_tenant(tenant)
     if body.period_end <= body.period_start:
         raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
     if body.value_added_cny is None and body.output_value_cny is None and body.product_quantity is None:
@@ -185,8 +185,8 @@ async def submit_output_value(
 
 
 @router.get("/enterprises/{tenant}/output-values")
-async def list_output_values(tenant: str, who: PrincipalDep, request: Request) -> Page[OutputValue]:
-    require_tenant(who, tenant)
+async def list_output_values(tenant: str, who: AccessDep, request: Request) -> Page[OutputValue]:
+    who.read_tenant(tenant, Kind.ACCOUNT)
     async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"SELECT {_OUTPUT_COLS} FROM output_values WHERE tenant_id = %s ORDER BY period_start, period_end",
@@ -238,7 +238,7 @@ async def _year_outputs(
 # --- carbon account ----------------------------------------------------------------------------------
 
 
-async def _account(request: Request, who: PrincipalDep, tenant: str, year: int, scheme: str) -> CarbonAccount:
+async def _account(request: Request, who: AccessDep, tenant: str, year: int, scheme: str) -> CarbonAccount:
     settings: Settings = request.app.state.settings
     schemes: Schemes = request.app.state.grading_schemes
     if scheme not in schemes.schemes:
@@ -435,7 +435,7 @@ SchemeParam = Annotated[str, Query(description="grading scheme id")]
 @router.get("/enterprises/{tenant}/carbon-account")
 async def carbon_account(
     tenant: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     year: Year,
     scheme: SchemeParam = "zhejiang-carbon-efficiency",
@@ -449,7 +449,7 @@ async def carbon_account(
 @router.get("/enterprises/{tenant}/carbon-account/export")
 async def carbon_account_export(
     tenant: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     year: Year,
     format: Literal["csv", "json"] = "csv",

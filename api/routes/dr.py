@@ -12,12 +12,11 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Principal, PrincipalDep
+from api.access import Access, AccessDep
 from api.models import Page
 from api.problems import Problem
 from api.query import fetch_dicts
 from api.routes.intensity import QUARTER_MS, intensity_steps
-from api.routes.vpp import require_vpp
 from meterflow.contract import ZONE_PATTERN, EmissionBasis, SignalType
 from meterflow.settings import Settings
 from processing import dr
@@ -114,11 +113,6 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _require_dispatcher(who: Principal) -> None:
-    if who.role not in ("admin", "operator"):
-        raise Problem(403, "forbidden", "Operator role required", f"key {who.key_id} has role {who.role}")
-
-
 _EVENT_COLS = (
     "event_id, vpp, start_at AS start, end_at AS end, direction, committed_kw, baseline, valid_ratio, program, "
     "created_at"
@@ -153,10 +147,9 @@ def _local_window(settings: Settings, start: datetime, end: datetime) -> tuple[d
 
 
 @router.post("/vpps/{vpp}/dr-events", status_code=201)
-async def create_event(vpp: str, body: DrEventIn, who: PrincipalDep, request: Request) -> DrEvent:
-    """Create a demand-response event (operator or admin)."""
-    _require_dispatcher(who)
-    await require_vpp(request, who, vpp)
+async def create_event(vpp: str, body: DrEventIn, who: AccessDep, request: Request) -> DrEvent:
+    """Create a demand-response event (the VPP's owner or an admin)."""
+    await who.vpp(request, vpp, manage=True)
     settings = _settings(request)
     _local_window(settings, body.start, body.end)
     rows = await fetch_dicts(
@@ -170,8 +163,8 @@ async def create_event(vpp: str, body: DrEventIn, who: PrincipalDep, request: Re
 
 
 @router.get("/vpps/{vpp}/dr-events")
-async def list_events(vpp: str, who: PrincipalDep, request: Request) -> Page[DrEvent]:
-    await require_vpp(request, who, vpp)
+async def list_events(vpp: str, who: AccessDep, request: Request) -> Page[DrEvent]:
+    await who.vpp(request, vpp)
     rows = await fetch_dicts(
         request,
         f"SELECT {_EVENT_COLS} FROM dr_events WHERE vpp = %(vpp)s ORDER BY start_at DESC",
@@ -180,7 +173,7 @@ async def list_events(vpp: str, who: PrincipalDep, request: Request) -> Page[DrE
     return Page[DrEvent](data=[DrEvent.model_validate(r) for r in rows])
 
 
-async def _event(request: Request, who: Principal, event_id: int) -> DrEvent:
+async def _event(request: Request, who: Access, event_id: int) -> DrEvent:
     rows = await fetch_dicts(
         request, f"SELECT {_EVENT_COLS} FROM dr_events WHERE event_id = %(id)s", {"id": event_id}
     )
@@ -188,14 +181,14 @@ async def _event(request: Request, who: Principal, event_id: int) -> DrEvent:
         raise Problem(404, "not-found", "Not found", f"no DR event {event_id}")
     event = DrEvent.model_validate(rows[0])
     try:
-        await require_vpp(request, who, event.vpp)
+        await who.vpp(request, event.vpp)
     except Problem as exc:
         raise Problem(404, "not-found", "Not found", f"no DR event {event_id}") from exc
     return event
 
 
 @router.get("/dr-events/{event_id}")
-async def get_event(event_id: EventId, who: PrincipalDep, request: Request) -> DrEvent:
+async def get_event(event_id: EventId, who: AccessDep, request: Request) -> DrEvent:
     return await _event(request, who, event_id)
 
 
@@ -336,7 +329,7 @@ async def _evaluate(
 @router.get("/dr-events/{event_id}/result")
 async def event_result(
     event_id: EventId,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     baseline: Annotated[BaselineName | None, Query(description="default: the event's own baseline")] = None,
     marginal_zone: Annotated[
@@ -355,7 +348,7 @@ async def event_result(
 
 @router.get("/dr-events/{event_id}/report")
 async def event_report(
-    event_id: EventId, who: PrincipalDep, request: Request, baseline: BaselineName | None = None
+    event_id: EventId, who: AccessDep, request: Request, baseline: BaselineName | None = None
 ) -> dict[str, Any]:
     """The result as an OpenADR 3 style report: one resource (the VPP), 15-minute intervals with BASELINE
     and DEMAND (kW, mean) and DELTA_USAGE (kWh delivered) payloads, DATA_QUALITY MISSING where not measured."""
@@ -419,9 +412,10 @@ async def event_report(
 
 
 @router.put("/dr-holidays/{day}")
-async def put_holiday(day: date, body: HolidayIn, who: PrincipalDep, request: Request) -> Holiday:
-    """A holiday: never a baseline day, and not a working day (operator or admin)."""
-    _require_dispatcher(who)
+async def put_holiday(day: date, body: HolidayIn, who: AccessDep, request: Request) -> Holiday:
+    """A holiday: never a baseline day, and not a working day. Holidays apply to every VPP's baselines,
+    so only admins set them."""
+    who.require_admin()
     rows = await fetch_dicts(
         request,
         "INSERT INTO dr_holidays (day, name) VALUES (%(day)s, %(name)s) "
@@ -432,6 +426,6 @@ async def put_holiday(day: date, body: HolidayIn, who: PrincipalDep, request: Re
 
 
 @router.get("/dr-holidays")
-async def list_holidays(who: PrincipalDep, request: Request) -> Page[Holiday]:
+async def list_holidays(who: AccessDep, request: Request) -> Page[Holiday]:
     rows = await fetch_dicts(request, "SELECT day, name FROM dr_holidays ORDER BY day", {})
     return Page[Holiday](data=[Holiday.model_validate(r) for r in rows])

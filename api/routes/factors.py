@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
-from api.auth import PrincipalDep, require_admin
+from api.access import AccessDep
 from api.models import EmissionFactorIn, EmissionFactorOut, Page
 from api.problems import Problem
 from api.query import pool
@@ -31,7 +31,7 @@ def _out(row: dict[str, Any]) -> EmissionFactorOut:
 
 @router.get("/emission-factors")
 async def list_factors(
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     carrier: str | None = None,
     kind: str | None = None,
@@ -67,7 +67,7 @@ async def list_factors(
 
 
 @router.get("/emission-factors/{factor_id}")
-async def get_factor(factor_id: str, who: PrincipalDep, request: Request) -> EmissionFactorOut:
+async def get_factor(factor_id: str, who: AccessDep, request: Request) -> EmissionFactorOut:
     async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(f"SELECT {_COLS} FROM emission_factors WHERE factor_id = %s", (factor_id,))
         row = await cur.fetchone()
@@ -77,11 +77,11 @@ async def get_factor(factor_id: str, who: PrincipalDep, request: Request) -> Emi
 
 
 @router.post("/emission-factors", status_code=201)
-async def create_factor(body: EmissionFactorIn, who: PrincipalDep, request: Request) -> EmissionFactorOut:
+async def create_factor(body: EmissionFactorIn, who: AccessDep, request: Request) -> EmissionFactorOut:
     """Add a factor, optionally superseding one (`replaces`). Admin only. The library with the new
     factor must still validate (one factor per carrier, kind, region and year in force, units, fuel
     inputs reproducing the value)."""
-    require_admin(who)
+    who.require_admin()
     row = {
         "factor_id": body.factor_id,
         "carrier": body.carrier,

@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from psycopg.rows import dict_row
 
-from api.auth import PrincipalDep
+from api.access import AccessDep
 from api.models import (
     BestWindow,
     EstimatedCarbon,
@@ -91,7 +91,7 @@ def _ms(ts: datetime) -> int:
 
 
 @router.get("/grid-intensity")
-async def list_zones(who: PrincipalDep, request: Request) -> list[IntensityZone]:
+async def list_zones(who: AccessDep, request: Request) -> list[IntensityZone]:
     """Every zone, signal type and basis with stored intensity, and the span it covers."""
     async with read_pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute("""
@@ -105,7 +105,7 @@ async def list_zones(who: PrincipalDep, request: Request) -> list[IntensityZone]
 @router.get("/grid-intensity/{zone}")
 async def zone_intensity(
     zone: Zone,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Annotated[datetime, Query(description="inclusive; without an offset, UTC")],
     end: Annotated[datetime, Query(description="exclusive")],
@@ -134,7 +134,7 @@ async def zone_intensity(
 @router.get("/grid-intensity/{zone}/latest")
 async def zone_latest(
     zone: Zone,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     signal_type: Signal = SignalType.AVERAGE,
     basis: Basis = EmissionBasis.DIRECT,
@@ -158,7 +158,7 @@ async def zone_latest(
 @router.get("/grid-intensity/{zone}/best-window")
 async def zone_best_window(
     zone: Zone,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Annotated[datetime, Query(description="earliest start of the window; without an offset, UTC")],
     end: Annotated[datetime, Query(description="latest end of the window")],
@@ -210,7 +210,7 @@ def _period_ms(buckets_ms: I64, interval: str, zone: ZoneInfo) -> I64:
 @router.get("/enterprises/{tenant}/carbon/estimated")
 async def estimated_carbon(
     tenant: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Annotated[datetime, Query(description="inclusive; without an offset, in the tenant's zone")],
     end: Annotated[datetime, Query(description="exclusive")],

@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import psycopg
 from fastapi import APIRouter, Query, Request
 from psycopg.rows import dict_row
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import KeyCache, PrincipalDep, hash_key, new_key, require_admin
-from api.models import ApiKeyCreated, ApiKeyIn, ApiKeyOut, Page
+from api.access import AccessDep
+from api.auth import KeyCache, hash_key, new_key
+from api.models import ApiKeyCreated, ApiKeyOut, Page, TenantId
 from api.problems import Problem
 from api.query import pool
 
 router = APIRouter(prefix="/v1", tags=["api keys"])
 
 _COLS = "key_id, role, tenant_id AS tenant, label, created_at, revoked_at"
+# Keys bound to no tenant: admins see everything, regulators read every tenant's aggregates and accounts.
+UNBOUND_ROLES = ("admin", "regulator")
+
+
+class ApiKeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["admin", "enterprise", "operator", "regulator"]
+    tenant: TenantId | None = None
+    label: Annotated[str, Field(max_length=200)] | None = None
 
 
 @router.post("/api-keys", status_code=201)
-async def create_key(body: ApiKeyIn, who: PrincipalDep, request: Request) -> ApiKeyCreated:
-    """Issue a key; the key itself is returned once. Enterprise and operator keys need a tenant."""
-    require_admin(who)
-    if body.role != "admin" and body.tenant is None:
+async def create_key(body: ApiKeyIn, who: AccessDep, request: Request) -> ApiKeyCreated:
+    """Issue a key; the key itself is returned once. Enterprise and operator keys need a tenant; admin
+    and regulator keys have none."""
+    who.require_admin()
+    if body.role not in UNBOUND_ROLES and body.tenant is None:
         raise Problem(422, "tenant-required", "Tenant required", f"{body.role} keys are bound to a tenant")
-    if body.role == "admin" and body.tenant is not None:
-        raise Problem(422, "invalid-key", "Admin keys have no tenant", "leave tenant out for admin keys")
+    if body.role in UNBOUND_ROLES and body.tenant is not None:
+        raise Problem(
+            422,
+            "invalid-key",
+            f"{body.role.capitalize()} keys have no tenant",
+            f"leave tenant out for {body.role} keys",
+        )
     key_id, key = new_key()
     try:
         async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -44,7 +62,7 @@ async def create_key(body: ApiKeyIn, who: PrincipalDep, request: Request) -> Api
 
 @router.get("/api-keys")
 async def list_keys(
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     tenant: str | None = None,
     include_revoked: bool = False,
@@ -52,7 +70,7 @@ async def list_keys(
     cursor: str | None = None,
 ) -> Page[ApiKeyOut]:
     """Keys (never their secrets), in key-id order. Admin only."""
-    require_admin(who)
+    who.require_admin()
     async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"SELECT {_COLS} FROM api_keys WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
@@ -68,9 +86,9 @@ async def list_keys(
 
 
 @router.delete("/api-keys/{key_id}")
-async def revoke_key(key_id: str, who: PrincipalDep, request: Request) -> ApiKeyOut:
+async def revoke_key(key_id: str, who: AccessDep, request: Request) -> ApiKeyOut:
     """Revoke a key: refused at once by this process, within `api.key_cache_s` by the others. Admin only."""
-    require_admin(who)
+    who.require_admin()
     if key_id == who.key_id:
         raise Problem(409, "conflict", "Cannot revoke own key", "revoke it with another admin key")
     async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
-from api.auth import PrincipalDep
+from api.access import AccessDep
 from api.models import SiteEui, SiteLoad, SiteTou, TouCalendarOut, TouSlot
 from api.problems import Problem
 from api.query import check_points, read_pool, resolve_site, time_range
@@ -141,7 +141,7 @@ POINTS_SQL = {interval: _points_sql(interval) for interval in SQL}
 @router.get("/sites/{site}/load", response_model=SiteLoad)
 async def site_load(
     site: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Start,
     end: End,
@@ -186,7 +186,7 @@ def _calendars(request: Request) -> Calendars:
 
 
 @router.get("/tou-calendars")
-async def tou_calendars(who: PrincipalDep, request: Request) -> list[TouCalendarOut]:
+async def tou_calendars(who: AccessDep, request: Request) -> list[TouCalendarOut]:
     """The time-of-use calendars this API splits load with (configurable data)."""
     return [
         TouCalendarOut(
@@ -203,7 +203,7 @@ async def tou_calendars(who: PrincipalDep, request: Request) -> list[TouCalendar
 @router.get("/sites/{site}/load/tou")
 async def site_tou(
     site: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Start,
     end: End,
@@ -260,7 +260,7 @@ async def site_tou(
 @router.get("/sites/{site}/eui")
 async def site_eui(
     site: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Start,
     end: End,

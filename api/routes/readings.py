@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from api.auth import PrincipalDep
+from api.access import Access, AccessDep, Kind
 from api.models import ReadingOut, Readings
 from api.problems import Problem
 from meterflow.settings import Settings
@@ -33,23 +33,17 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Problem(400, "bad-cursor", "Invalid cursor", "pass next_cursor back unchanged") from exc
 
 
-def _resolve_tenant(who: PrincipalDep, tenant: str | None) -> str:
-    if who.role == "admin":
-        if tenant is None:
-            raise Problem(400, "tenant-required", "Tenant required", "admin keys must pass ?tenant=")
-        return tenant
-    # Enterprise and operator keys read raw readings of their own tenant only.
-    if who.tenant is None:
-        raise Problem(403, "forbidden", "Key has no tenant", f"key {who.key_id} is not bound to a tenant")
-    if tenant is not None and tenant != who.tenant:
-        raise Problem(404, "not-found", "Not found", "no such device visible to this key")
-    return who.tenant
+def _resolve_tenant(who: Access, tenant: str | None) -> str:
+    scoped = who.tenant_scope(tenant, Kind.RAW)
+    if scoped is None:
+        raise Problem(400, "tenant-required", "Tenant required", "admin keys must pass ?tenant=")
+    return scoped
 
 
 @router.get("/devices/{device}/readings")
 async def device_readings(
     device: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Annotated[datetime, Query(description="inclusive, RFC 3339")],
     end: Annotated[datetime, Query(description="exclusive, RFC 3339")],

@@ -12,8 +12,9 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
+from psycopg.rows import dict_row
 
-from api.auth import PrincipalDep, require_admin, require_tenant, require_writer
+from api.access import AccessDep, Kind
 from api.models import (
     Device,
     DeviceIn,
@@ -35,7 +36,8 @@ from api.models import (
     SitePatch,
 )
 from api.problems import Problem
-from api.query import fetch_dicts, insert_returning
+from api.query import fetch_dicts, insert_returning, pool
+from api.routes.vpp import enrol_directly, write_errors
 from meterflow import brokerauth
 from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN, gateway_telemetry_topic
 from meterflow.settings import Settings
@@ -74,15 +76,6 @@ def _page(
     return rows, _cursor([str(rows[-1][k]) for k in keys])
 
 
-def _scope(who: PrincipalDep, tenant: str | None) -> str | None:
-    """Tenant filter for list routes: enterprise keys see only their own tenant."""
-    if who.role == "admin":
-        return tenant
-    if tenant is not None:
-        require_tenant(who, tenant)
-    return who.tenant
-
-
 # --- enterprises ---------------------------------------------------------------------------------
 
 
@@ -90,9 +83,9 @@ _TENANT_COLS = "tenant_id AS tenant, name, role, industry_code, timezone, annual
 
 
 @router.post("/enterprises", status_code=201)
-async def create_enterprise(body: EnterpriseIn, who: PrincipalDep, request: Request) -> Enterprise:
+async def create_enterprise(body: EnterpriseIn, who: AccessDep, request: Request) -> Enterprise:
     """Register an enterprise (tenant). Admin only."""
-    require_admin(who)
+    who.require_admin()
     row = await insert_returning(
         request,
         "INSERT INTO tenants (tenant_id, name, role, industry_code, timezone, annual_output_value_cny) "
@@ -105,7 +98,7 @@ async def create_enterprise(body: EnterpriseIn, who: PrincipalDep, request: Requ
 
 @router.get("/enterprises")
 async def list_enterprises(
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     industry_code: str | None = None,
     limit: Limit = 1000,
@@ -119,15 +112,20 @@ async def list_enterprises(
         "WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
         "AND (%(industry)s::text IS NULL OR industry_code = %(industry)s) AND tenant_id > %(after)s "
         "ORDER BY tenant_id LIMIT %(limit)s",
-        {"tenant": _scope(who, None), "industry": industry_code, "after": after, "limit": limit + 1},
+        {
+            "tenant": who.tenant_scope(None, Kind.ACCOUNT),
+            "industry": industry_code,
+            "after": after,
+            "limit": limit + 1,
+        },
     )
     rows, next_cursor = _page(rows, limit, ("tenant",))
     return Page[Enterprise](data=[Enterprise.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/enterprises/{tenant}")
-async def get_enterprise(tenant: str, who: PrincipalDep, request: Request) -> Enterprise:
-    require_tenant(who, tenant)
+async def get_enterprise(tenant: str, who: AccessDep, request: Request) -> Enterprise:
+    who.read_tenant(tenant, Kind.ACCOUNT)
     rows = await fetch_dicts(
         request,
         f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id = %(tenant)s",
@@ -147,9 +145,9 @@ _SITE_COLS = (
 
 
 @router.post("/sites", status_code=201)
-async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site:
+async def create_site(body: SiteIn, who: AccessDep, request: Request) -> Site:
     """Register a site of an enterprise. Admin only."""
-    require_admin(who)
+    who.require_admin()
     row = await insert_returning(
         request,
         "INSERT INTO sites (tenant_id, site_id, name, floor_area_m2, timezone, province, latitude, longitude, "
@@ -164,13 +162,13 @@ async def create_site(body: SiteIn, who: PrincipalDep, request: Request) -> Site
 async def update_site(
     site: Annotated[str, PathParam(pattern=DEVICE_PATTERN)],
     body: SitePatch,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     tenant: Annotated[str, Query(pattern=TENANT_PATTERN)],
 ) -> Site:
     """Change a site's name or grid zone (null: back to its province). Admin only. The province, time
     zone and floor area stay as registered: past carbon and EUI figures depend on them."""
-    require_admin(who)
+    who.require_admin()
     changes = body.model_dump(exclude_unset=True)
     assignments = ", ".join(f"{column} = %({column})s" for column in changes) or "site_id = site_id"
     rows = await fetch_dicts(
@@ -185,7 +183,7 @@ async def update_site(
 
 @router.get("/sites")
 async def list_sites(
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     tenant: str | None = None,
     province: str | None = None,
@@ -200,7 +198,7 @@ async def list_sites(
         "AND (%(province)s::text IS NULL OR province = %(province)s) AND (tenant_id, site_id) > (%(at)s, %(as)s) "
         "ORDER BY tenant_id, site_id LIMIT %(limit)s",
         {
-            "tenant": _scope(who, tenant),
+            "tenant": who.tenant_scope(tenant, Kind.ACCOUNT),
             "province": province,
             "at": after_tenant,
             "as": after_site,
@@ -217,9 +215,9 @@ _GATEWAY_COLS = "tenant_id AS tenant, gateway_id AS gateway, enabled, created_at
 
 
 @router.post("/gateways", status_code=201)
-async def create_gateway(body: GatewayIn, who: PrincipalDep, request: Request) -> GatewayCreated:
+async def create_gateway(body: GatewayIn, who: AccessDep, request: Request) -> GatewayCreated:
     """Register a gateway; its MQTT password is returned once and the broker's auth is reloaded."""
-    require_admin(who)
+    who.require_admin()
     password = secrets.token_urlsafe(24)
     row = await insert_returning(
         request,
@@ -242,7 +240,7 @@ async def create_gateway(body: GatewayIn, who: PrincipalDep, request: Request) -
 
 @router.get("/gateways")
 async def list_gateways(
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     tenant: str | None = None,
     enabled: bool | None = None,
@@ -256,16 +254,21 @@ async def list_gateways(
         f"SELECT {_GATEWAY_COLS} FROM gateways WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) "
         "AND (%(enabled)s::boolean IS NULL OR enabled = %(enabled)s) AND gateway_id > %(after)s "
         "ORDER BY gateway_id LIMIT %(limit)s",
-        {"tenant": _scope(who, tenant), "enabled": enabled, "after": after, "limit": limit + 1},
+        {
+            "tenant": who.tenant_scope(tenant, Kind.RAW),
+            "enabled": enabled,
+            "after": after,
+            "limit": limit + 1,
+        },
     )
     rows, next_cursor = _page(rows, limit, ("gateway",))
     return Page[Gateway](data=[Gateway.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.post("/gateways/{gateway}/credentials")
-async def rotate_gateway_credentials(gateway: str, who: PrincipalDep, request: Request) -> GatewayCreated:
+async def rotate_gateway_credentials(gateway: str, who: AccessDep, request: Request) -> GatewayCreated:
     """Issue a new MQTT password for a gateway (the old one stops working at once). Admin only."""
-    require_admin(who)
+    who.require_admin()
     password = secrets.token_urlsafe(24)
     rows = await fetch_dicts(
         request,
@@ -344,21 +347,36 @@ _DEVICE_COLS = ", ".join([*(f"{col} AS {name}" for name, col in _DEVICE_FIELDS.i
 
 
 @router.post("/devices", status_code=201)
-async def create_device(body: DeviceIn, who: PrincipalDep, request: Request) -> Device:
-    """Register a meter or VPP resource. Admin only."""
-    require_admin(who)
-    row = await insert_returning(
-        request,
-        f"INSERT INTO devices ({', '.join(_DEVICE_FIELDS.values())}) "
-        f"VALUES ({', '.join(f'%({name})s' for name in _DEVICE_FIELDS)}) RETURNING {_DEVICE_COLS}",
-        body.model_dump(),
-    )
+async def create_device(body: DeviceIn, who: AccessDep, request: Request) -> Device:
+    """Register a meter or VPP resource. Admin only; a `vpp` (registered with POST /v1/vpps) enrols the
+    device in it at once, as an approved enrolment."""
+    who.require_admin()
+    async with (
+        pool(request).connection() as conn,
+        conn.transaction(),
+        conn.cursor(row_factory=dict_row) as cur,
+    ):
+        with write_errors():
+            # The device exists before its enrolment, which is what sets devices.vpp (migration 0009).
+            await cur.execute(
+                f"INSERT INTO devices ({', '.join(_DEVICE_FIELDS.values())}) "
+                f"VALUES ({', '.join(f'%({name})s' for name in _DEVICE_FIELDS)}) RETURNING {_DEVICE_COLS}",
+                {**body.model_dump(), "vpp": None},
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise RuntimeError("INSERT ... RETURNING returned no row")
+            if body.vpp is not None:
+                await enrol_directly(
+                    cur, vpp=body.vpp, tenant=body.tenant, device=body.device, key_id=who.key_id
+                )
+                row["vpp"] = body.vpp
     return Device.model_validate(row)
 
 
 @router.get("/devices")
 async def list_devices(
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     tenant: str | None = None,
     site: str | None = None,
@@ -376,7 +394,7 @@ async def list_devices(
         "AND (%(vpp)s::text IS NULL OR vpp = %(vpp)s) AND (tenant_id, device_id) > (%(at)s, %(ad)s) "
         "ORDER BY tenant_id, device_id LIMIT %(limit)s",
         {
-            "tenant": _scope(who, tenant),
+            "tenant": who.tenant_scope(tenant, Kind.RAW),
             "site": site,
             "type": device_type,
             "vpp": vpp,
@@ -394,10 +412,10 @@ async def list_devices(
 
 @router.post("/devices/{device}/meter-exchanges", status_code=201)
 async def create_meter_exchange(
-    device: str, body: MeterExchangeIn, who: PrincipalDep, request: Request
+    device: str, body: MeterExchangeIn, who: AccessDep, request: Request
 ) -> MeterExchange:
     """Register a meter exchange (removal and install reads at one timestamp). Admin only."""
-    require_admin(who)
+    who.require_admin()
     row = await insert_returning(
         request,
         "INSERT INTO meter_exchanges (tenant_id, device_id, metric, ts, removal_read, install_read) "
@@ -409,11 +427,9 @@ async def create_meter_exchange(
 
 
 @router.post("/devices/{device}/multipliers", status_code=201)
-async def create_multiplier(
-    device: str, body: MultiplierIn, who: PrincipalDep, request: Request
-) -> Multiplier:
+async def create_multiplier(device: str, body: MultiplierIn, who: AccessDep, request: Request) -> Multiplier:
     """Set a device's CT x VT ratios and meter constant from a point in time. Admin only."""
-    require_admin(who)
+    who.require_admin()
     row = await insert_returning(
         request,
         "INSERT INTO meter_multipliers (tenant_id, device_id, effective_from, ct_ratio, vt_ratio, meter_constant) "
@@ -434,11 +450,11 @@ _CERTIFICATE_COLS = (
 
 @router.post("/green-certificates", status_code=201)
 async def create_green_certificates(
-    body: GreenCertificateIn, who: PrincipalDep, request: Request
+    body: GreenCertificateIn, who: AccessDep, request: Request
 ) -> GreenCertificate:
     """Record a block of green electricity certificates retired for a period (market-based Scope 2).
     Admins, or the enterprise's own key."""
-    require_writer(who, body.tenant)
+    who.write_tenant(body.tenant)
     if body.period_end <= body.period_start:
         raise Problem(422, "invalid-period", "Invalid period", "period_end must be after period_start")
     row = await insert_returning(
@@ -453,12 +469,12 @@ async def create_green_certificates(
 
 @router.get("/green-certificates")
 async def list_green_certificates(
-    who: PrincipalDep, request: Request, tenant: str | None = None
+    who: AccessDep, request: Request, tenant: str | None = None
 ) -> Page[GreenCertificate]:
     rows = await fetch_dicts(
         request,
         f"SELECT {_CERTIFICATE_COLS} FROM green_certificates WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s "
         "ORDER BY tenant_id, period_start, certificate_id",
-        {"tenant": _scope(who, tenant)},
+        {"tenant": who.tenant_scope(tenant, Kind.ACCOUNT)},
     )
     return Page[GreenCertificate](data=[GreenCertificate.model_validate(r) for r in rows])

@@ -1,26 +1,33 @@
-"""VPPs: resource models, flexibility capacity now / history / per node, a live stream, stale resources.
+"""VPPs: the registry of VPPs and their owners, enrolments, resource models, flexibility capacity now /
+history / per node, a live stream, stale resources.
 
-Capacity figures are what the vpp service (processing/vpp.py) last wrote. Operators and admins see every
-VPP; an enterprise key sees the VPPs its own devices belong to.
+A VPP is owned by an operator tenant (or by no one: then only admins act on it). A device joins a VPP only
+by an enrolment the VPP's owner or an admin approves; approving sets ``devices.vpp``, the membership the
+processor and the vpp service read, and a database trigger refuses any other way (migration 0009).
+Capacity figures are what the vpp service (processing/vpp.py) last wrote. Who sees which VPP is
+`api.access`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
 import psycopg
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Principal, PrincipalDep, require_tenant
-from api.models import Page
+from api.access import VISIBLE_VPP_SQL, Access, AccessDep
+from api.models import Page, TenantId
 from api.problems import Problem
 from api.query import fetch_dicts, pool
 from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN
@@ -98,11 +105,61 @@ class Resource(BaseModel):
     updated_at: datetime
 
 
+class VppIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vpp: Annotated[str, Field(pattern=DEVICE_PATTERN)]
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    owner: Annotated[TenantId | None, Field(description="an operator tenant; none: admins only")] = None
+
+
+class VppPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    owner: Annotated[TenantId | None, Field(description="an operator tenant; null: admins only")] = None
+
+
 class VppSummary(BaseModel):
     vpp: str
-    resources: int
+    name: str
+    owner: str | None
+    resources: int = Field(description="approved members with a resource model")
     nodes: int
     tenants: int
+    created_at: datetime
+
+
+EnrolmentStatus = Literal["requested", "approved", "rejected", "left"]
+
+
+class EnrolmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: TenantId
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)]
+    note: Annotated[str, Field(max_length=500)] | None = None
+
+
+class EnrolmentDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: Annotated[str, Field(max_length=500)] | None = None
+
+
+class Enrolment(BaseModel):
+    enrolment_id: int
+    vpp: str
+    tenant: str
+    device: str
+    status: EnrolmentStatus
+    requested_by: str
+    requested_at: datetime
+    decided_by: str | None
+    decided_at: datetime | None
+    left_by: str | None
+    left_at: datetime | None
+    note: str | None
 
 
 class CapacityNow(BaseModel):
@@ -172,19 +229,309 @@ def _check_duration(request: Request, duration_min: int) -> None:
         )
 
 
-def _sees_all(who: Principal) -> bool:
-    return who.role in ("admin", "operator")
+@contextmanager
+def write_errors() -> Iterator[None]:
+    """Database refusals of a registry write as problems: a duplicate is 409, an unknown reference 422,
+    a refused state change (the enrolment triggers) 409."""
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise Problem(
+            422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
+        ) from exc
+    except psycopg.errors.CheckViolation as exc:
+        raise Problem(409, "conflict", "Refused", str(exc.diag.message_primary or exc)) from exc
 
 
-async def require_vpp(request: Request, who: Principal, vpp: str) -> None:
-    """404 unless the VPP has resources this key may see."""
+# --- VPPs and enrolments ---------------------------------------------------------------------------
+
+_ENROLMENT_COLS = (
+    "enrolment_id, vpp_id AS vpp, tenant_id AS tenant, device_id AS device, status, requested_by, "
+    "requested_at, decided_by, decided_at, left_by, left_at, note"
+)
+_OPEN = "status IN ('requested', 'approved')"
+
+
+async def _open_enrolment(
+    cur: psycopg.AsyncCursor[dict[str, Any]], tenant: str, device: str
+) -> dict[str, Any] | None:
+    await cur.execute(
+        f"SELECT {_ENROLMENT_COLS} FROM vpp_enrolments WHERE tenant_id = %s AND device_id = %s AND {_OPEN} "
+        "FOR UPDATE",
+        (tenant, device),
+    )
+    return await cur.fetchone()
+
+
+async def enrol_directly(
+    cur: psycopg.AsyncCursor[dict[str, Any]],
+    *,
+    vpp: str,
+    tenant: str,
+    device: str,
+    key_id: str,
+    note: str | None = None,
+) -> dict[str, Any]:
+    """An admin's enrolment: approved at once (a pending request for the same VPP is approved, one for
+    another VPP rejected). A member of another VPP leaves it first, in its own request: the membership
+    history (device_membership) keeps one change per device and moment."""
+    await cur.execute("SELECT 1 FROM vpps WHERE vpp_id = %s", (vpp,))
+    if await cur.fetchone() is None:
+        raise Problem(422, "unknown-vpp", "Unknown VPP", f"no VPP {vpp!r}: register it with POST /v1/vpps")
+    current = await _open_enrolment(cur, tenant, device)
+    if current is not None and current["vpp"] == vpp and current["status"] == "approved":
+        return current
+    if current is not None and current["status"] == "approved":
+        raise Problem(
+            409,
+            "enrolled-elsewhere",
+            "Member of another VPP",
+            f"device {device!r} is a member of VPP {current['vpp']!r}: leave it first "
+            f"(POST /v1/vpp-enrolments/{current['enrolment_id']}/leave)",
+        )
+    if current is not None:
+        decision = "approved" if current["vpp"] == vpp else "rejected"
+        await cur.execute(
+            f"UPDATE vpp_enrolments SET status = %s, decided_by = %s, decided_at = now() "
+            f"WHERE enrolment_id = %s RETURNING {_ENROLMENT_COLS}",
+            (decision, key_id, current["enrolment_id"]),
+        )
+        row = await cur.fetchone()
+        if decision == "approved" and row is not None:
+            return row
+    await cur.execute(
+        "INSERT INTO vpp_enrolments (vpp_id, tenant_id, device_id, status, requested_by, decided_by, "
+        "decided_at, note) VALUES (%s, %s, %s, 'approved', %s, %s, now(), %s) "
+        f"RETURNING {_ENROLMENT_COLS}",
+        (vpp, tenant, device, key_id, key_id, note),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("INSERT ... RETURNING returned no row")
+    return row
+
+
+_SUMMARY_SQL = f"""
+    SELECT v.vpp_id AS vpp, v.name, v.owner_tenant AS owner, v.created_at,
+           count(r.device_id) AS resources, count(DISTINCT coalesce(d.topology_node, '')) FILTER (
+               WHERE r.device_id IS NOT NULL) AS nodes,
+           count(DISTINCT d.tenant_id) FILTER (WHERE r.device_id IS NOT NULL) AS tenants
+    FROM vpps v
+    LEFT JOIN devices d ON d.vpp = v.vpp_id
+    LEFT JOIN vpp_resources r ON r.tenant_id = d.tenant_id AND r.device_id = d.device_id
+    WHERE {VISIBLE_VPP_SQL} AND (%(one)s::text IS NULL OR v.vpp_id = %(one)s)
+    GROUP BY v.vpp_id ORDER BY v.vpp_id"""
+
+
+@router.post("/vpps", status_code=201)
+async def create_vpp(body: VppIn, who: AccessDep, request: Request) -> VppSummary:
+    """Register a VPP, owned by an operator tenant or (owner left out) by admins only. Admin only."""
+    who.require_admin()
+    with write_errors():
+        await fetch_dicts(
+            request,
+            "INSERT INTO vpps (vpp_id, name, owner_tenant) VALUES (%(vpp)s, %(name)s, %(owner)s) RETURNING vpp_id",
+            body.model_dump(),
+        )
+    return await get_vpp(body.vpp, who, request)
+
+
+@router.patch("/vpps/{vpp}")
+async def update_vpp(vpp: str, body: VppPatch, who: AccessDep, request: Request) -> VppSummary:
+    """Rename a VPP or hand it to another operator tenant (null: admins only). Admin only."""
+    who.require_admin()
+    changes = body.model_dump(exclude_unset=True)
+    if changes.get("name", "") is None:
+        raise Problem(422, "invalid-vpp", "Invalid VPP", "a VPP keeps a name")
+    columns = {"name": "name", "owner": "owner_tenant"}
+    assignments = ", ".join(f"{columns[k]} = %({k})s" for k in changes) or "vpp_id = vpp_id"
+    with write_errors():
+        rows = await fetch_dicts(
+            request,
+            f"UPDATE vpps SET {assignments} WHERE vpp_id = %(vpp)s RETURNING vpp_id",
+            {**changes, "vpp": vpp},
+        )
+    if not rows:
+        raise Problem(404, "not-found", "Not found", f"no VPP {vpp!r}")
+    return await get_vpp(vpp, who, request)
+
+
+@router.get("/vpps/{vpp}")
+async def get_vpp(vpp: str, who: AccessDep, request: Request) -> VppSummary:
+    rows = await fetch_dicts(request, _SUMMARY_SQL, {**who.vpp_params(), "one": vpp})
+    if not rows:
+        raise who.hidden(f"VPP {vpp!r}")
+    return VppSummary.model_validate(rows[0])
+
+
+@router.post("/vpps/{vpp}/enrolments", status_code=201)
+async def request_enrolment(vpp: str, body: EnrolmentIn, who: AccessDep, request: Request) -> Enrolment:
+    """Ask for a device to join a VPP (the device's enterprise): the VPP's owner approves or rejects it.
+    An admin's enrolment is approved at once. A device has at most one open (requested or approved)
+    enrolment."""
+    who.write_tenant(body.tenant)
+    async with (
+        pool(request).connection() as conn,
+        conn.transaction(),
+        conn.cursor(row_factory=dict_row) as cur,
+    ):
+        await cur.execute(
+            "SELECT 1 FROM devices WHERE tenant_id = %s AND device_id = %s", (body.tenant, body.device)
+        )
+        if await cur.fetchone() is None:
+            raise Problem(
+                404, "not-found", "Not found", f"no device {body.device!r} in tenant {body.tenant!r}"
+            )
+        await cur.execute("SELECT 1 FROM vpps WHERE vpp_id = %s", (vpp,))
+        if await cur.fetchone() is None:
+            raise Problem(404, "not-found", "Not found", f"no VPP {vpp!r}")
+        row: dict[str, Any] | None
+        with write_errors():
+            if who.is_admin:
+                row = await enrol_directly(
+                    cur, vpp=vpp, tenant=body.tenant, device=body.device, key_id=who.key_id, note=body.note
+                )
+            else:
+                await cur.execute(
+                    "INSERT INTO vpp_enrolments (vpp_id, tenant_id, device_id, status, requested_by, note) "
+                    f"VALUES (%s, %s, %s, 'requested', %s, %s) RETURNING {_ENROLMENT_COLS}",
+                    (vpp, body.tenant, body.device, who.key_id, body.note),
+                )
+                row = await cur.fetchone()
+    log.info("enrolment of %s/%s in VPP %s by key %s", body.tenant, body.device, vpp, who.key_id)
+    return Enrolment.model_validate(row)
+
+
+def _enrolment_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(400, "bad-cursor", "Invalid cursor", "pass next_cursor back unchanged") from exc
+
+
+@router.get("/vpp-enrolments")
+async def list_enrolments(
+    who: AccessDep,
+    request: Request,
+    vpp: str | None = None,
+    tenant: str | None = None,
+    status: EnrolmentStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    cursor: str | None = None,
+) -> Page[Enrolment]:
+    """Enrolments this key may see, oldest first: an owner's VPPs' (requests to decide included), a
+    tenant's own devices', every one for admins."""
+    if who.role == "regulator":
+        raise who.deny("regulator-raw", "regulators read aggregates and accounts only")
     rows = await fetch_dicts(
         request,
-        "SELECT 1 FROM devices WHERE vpp = %(vpp)s AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) LIMIT 1",
-        {"vpp": vpp, "tenant": None if _sees_all(who) else who.tenant},
+        f"""SELECT {", ".join("e." + c for c in _ENROLMENT_COLS.split(", "))}
+            FROM vpp_enrolments e JOIN vpps v USING (vpp_id)
+            WHERE (%(all)s OR e.tenant_id = %(own)s OR v.owner_tenant = %(owner)s)
+              AND (%(vpp)s::text IS NULL OR e.vpp_id = %(vpp)s)
+              AND (%(tenant)s::text IS NULL OR e.tenant_id = %(tenant)s)
+              AND (%(status)s::text IS NULL OR e.status = %(status)s)
+              AND e.enrolment_id > %(after)s
+            ORDER BY e.enrolment_id LIMIT %(limit)s""",
+        {
+            "all": who.is_admin,
+            "own": who.tenant,
+            "owner": who.tenant if who.role == "operator" else None,
+            "vpp": vpp,
+            "tenant": tenant,
+            "status": status,
+            "after": _enrolment_cursor(cursor),
+            "limit": limit + 1,
+        },
     )
-    if not rows:
-        raise Problem(404, "not-found", "Not found", f"no VPP {vpp!r} visible to this key")
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = base64.urlsafe_b64encode(str(rows[-1]["enrolment_id"]).encode()).decode() if more else None
+    return Page[Enrolment](data=[Enrolment.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+EnrolmentId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+
+
+async def _decide(
+    request: Request,
+    who: Access,
+    enrolment_id: int,
+    action: Literal["approve", "reject", "leave"],
+    note: str | None,
+) -> Enrolment:
+    """One transition of an enrolment. Approve and reject: the VPP's owner or an admin, of a request.
+    Leave: the device's tenant, the VPP's owner or an admin, of a request (withdrawn) or a membership."""
+    async with (
+        pool(request).connection() as conn,
+        conn.transaction(),
+        conn.cursor(row_factory=dict_row) as cur,
+    ):
+        await cur.execute(
+            f"SELECT {', '.join('e.' + c for c in _ENROLMENT_COLS.split(', '))}, v.owner_tenant "
+            "FROM vpp_enrolments e JOIN vpps v USING (vpp_id) WHERE e.enrolment_id = %s FOR UPDATE OF e",
+            (enrolment_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise who.hidden(f"enrolment {enrolment_id}")
+        owner = row["owner_tenant"]
+        manages = who.is_admin or (who.role == "operator" and owner is not None and owner == who.tenant)
+        if not (manages or row["tenant"] == who.tenant):
+            raise who.hidden(f"enrolment {enrolment_id}")
+        if action != "leave" and not manages:
+            raise who.deny("not-vpp-owner", f"only the owner of VPP {row['vpp']!r} (or an admin) decides")
+        if action == "leave" and not manages:
+            who.write_tenant(row["tenant"])
+        allowed = ("requested", "approved") if action == "leave" else ("requested",)
+        if row["status"] not in allowed:
+            raise Problem(
+                409, "conflict", "Enrolment already decided", f"enrolment {enrolment_id} is {row['status']}"
+            )
+        if action == "leave":
+            sql = "status = 'left', left_by = %(key)s, left_at = now()"
+            if row["status"] == "requested":
+                sql += ", decided_by = %(key)s, decided_at = now()"
+        else:
+            status = "approved" if action == "approve" else "rejected"
+            sql = f"status = '{status}', decided_by = %(key)s, decided_at = now()"
+        with write_errors():
+            await cur.execute(
+                f"UPDATE vpp_enrolments SET {sql}, note = coalesce(%(note)s, note) WHERE enrolment_id = %(id)s "
+                f"RETURNING {_ENROLMENT_COLS}",
+                {"key": who.key_id, "note": note, "id": enrolment_id},
+            )
+            updated = await cur.fetchone()
+    log.info("enrolment %s: %s by key %s", enrolment_id, action, who.key_id)
+    return Enrolment.model_validate(updated)
+
+
+@router.post("/vpp-enrolments/{enrolment_id}/approve")
+async def approve_enrolment(
+    enrolment_id: EnrolmentId, who: AccessDep, request: Request, body: EnrolmentDecision | None = None
+) -> Enrolment:
+    """Admit the device: from now on it counts in the VPP's figures (the VPP's owner or an admin)."""
+    return await _decide(request, who, enrolment_id, "approve", None if body is None else body.note)
+
+
+@router.post("/vpp-enrolments/{enrolment_id}/reject")
+async def reject_enrolment(
+    enrolment_id: EnrolmentId, who: AccessDep, request: Request, body: EnrolmentDecision | None = None
+) -> Enrolment:
+    """Refuse a request (the VPP's owner or an admin)."""
+    return await _decide(request, who, enrolment_id, "reject", None if body is None else body.note)
+
+
+@router.post("/vpp-enrolments/{enrolment_id}/leave")
+async def leave_enrolment(
+    enrolment_id: EnrolmentId, who: AccessDep, request: Request, body: EnrolmentDecision | None = None
+) -> Enrolment:
+    """Withdraw a request or leave the VPP (the device's enterprise, the VPP's owner or an admin)."""
+    return await _decide(request, who, enrolment_id, "leave", None if body is None else body.note)
 
 
 # --- resource models -------------------------------------------------------------------------------
@@ -198,16 +545,19 @@ _RESOURCE_SQL = """
     WHERE d.tenant_id = %(tenant)s AND d.device_id = %(device)s"""
 
 
-def _check_model(body: ResourceIn, device: dict[str, Any]) -> None:
-    """Ratings the class needs, after merging the body with what the device already has."""
+def _check_model(body: ResourceIn, device: dict[str, Any], vpp: str | None) -> None:
+    """Ratings the class needs, after merging the body with what the device already has; `vpp` is the
+    VPP the device is enrolled in or asks to join."""
 
     def merged(name: str) -> Any:
         value = getattr(body, name)
         return device[name] if value is None else value
 
     problems: list[str] = []
-    if merged("vpp") is None:
-        problems.append("a resource needs a vpp (on the device or in this body)")
+    if vpp is None:
+        problems.append(
+            "a resource needs a VPP: an enrolment (POST /v1/vpps/{vpp}/enrolments) or a vpp in this body"
+        )
     storage = body.resource_class in ("battery", "base_station")
     if storage and merged("energy_capacity_kwh") is None:
         problems.append(f"a {body.resource_class} needs energy_capacity_kwh")
@@ -231,11 +581,13 @@ def _check_model(body: ResourceIn, device: dict[str, Any]) -> None:
 
 
 @router.put("/devices/{device}/resource")
-async def put_resource(device: str, body: ResourceIn, who: PrincipalDep, request: Request) -> Resource:
-    """Register or replace the resource model of a device (admin, or the device's own enterprise)."""
-    if not (who.role == "admin" or (who.role == "enterprise" and who.tenant == body.tenant)):
-        require_tenant(who, body.tenant)
-        raise Problem(403, "forbidden", "Not allowed", f"key {who.key_id} cannot register resources")
+async def put_resource(device: str, body: ResourceIn, who: AccessDep, request: Request) -> Resource:
+    """Register or replace the resource model of a device (admin, or the device's own enterprise).
+
+    `vpp` never joins a VPP on an enterprise's word: it must name the VPP of the device's open (requested
+    or approved) enrolment, otherwise the request is refused (409 `not-enrolled`) and nothing is written.
+    An admin's `vpp` enrols the device directly."""
+    who.write_tenant(body.tenant)
     params = {"tenant": body.tenant, "device": device, **body.model_dump(exclude={"tenant"})}
     async with (
         pool(request).connection() as conn,
@@ -250,11 +602,21 @@ async def put_resource(device: str, body: ResourceIn, who: PrincipalDep, request
         current = await cur.fetchone()
         if current is None:
             raise Problem(404, "not-found", "Not found", f"no device {device!r} in tenant {body.tenant!r}")
-        _check_model(body, current)
+        enrolment = await _open_enrolment(cur, body.tenant, device)
+        enrolled = None if enrolment is None else enrolment["vpp"]
+        if body.vpp is not None and body.vpp != enrolled and not who.is_admin:
+            raise who.deny(
+                "not-enrolled",
+                f"device {device!r} is not enrolled in VPP {body.vpp!r}: ask to join with "
+                f"POST /v1/vpps/{body.vpp}/enrolments; its owner approves",
+            )
+        _check_model(body, current, body.vpp or enrolled)
+        if body.vpp is not None and body.vpp != enrolled:
+            with write_errors():
+                await enrol_directly(cur, vpp=body.vpp, tenant=body.tenant, device=device, key_id=who.key_id)
         try:
             await cur.execute(
                 """UPDATE devices SET
-                       vpp = coalesce(%(vpp)s, vpp),
                        topology_node = coalesce(%(topology_node)s, topology_node),
                        rated_power_kw = coalesce(%(rated_power_kw)s, rated_power_kw),
                        energy_capacity_kwh = coalesce(%(energy_capacity_kwh)s, energy_capacity_kwh),
@@ -289,9 +651,9 @@ async def put_resource(device: str, body: ResourceIn, who: PrincipalDep, request
 
 
 @router.get("/devices/{device}/resource")
-async def get_resource(device: str, who: PrincipalDep, request: Request, tenant: str) -> Resource:
-    if not _sees_all(who):
-        require_tenant(who, tenant)
+async def get_resource(device: str, who: AccessDep, request: Request, tenant: str) -> Resource:
+    """A device's resource model: its own tenant, admins, and the owner of the VPP it is a member of."""
+    await who.read_resource(request, tenant, device)
     rows = await fetch_dicts(request, _RESOURCE_SQL, {"tenant": tenant, "device": device})
     if not rows:
         raise Problem(404, "not-found", "Not found", f"device {device!r} of {tenant!r} has no resource model")
@@ -302,18 +664,10 @@ async def get_resource(device: str, who: PrincipalDep, request: Request, tenant:
 
 
 @router.get("/vpps")
-async def list_vpps(who: PrincipalDep, request: Request) -> Page[VppSummary]:
-    """VPPs with registered resources visible to this key."""
-    rows = await fetch_dicts(
-        request,
-        """SELECT d.vpp, count(*) AS resources, count(DISTINCT coalesce(d.topology_node, '')) AS nodes,
-                  count(DISTINCT d.tenant_id) AS tenants
-           FROM devices d JOIN vpp_resources r USING (tenant_id, device_id)
-           WHERE d.vpp IS NOT NULL AND (%(tenant)s::text IS NULL OR d.vpp IN (
-               SELECT vpp FROM devices WHERE tenant_id = %(tenant)s AND vpp IS NOT NULL))
-           GROUP BY d.vpp ORDER BY d.vpp""",
-        {"tenant": None if _sees_all(who) else who.tenant},
-    )
+async def list_vpps(who: AccessDep, request: Request) -> Page[VppSummary]:
+    """VPPs visible to this key: every one for admins and regulators, an operator's own, and those a
+    tenant has an approved member in."""
+    rows = await fetch_dicts(request, _SUMMARY_SQL, {**who.vpp_params(), "one": None})
     return Page[VppSummary](data=[VppSummary.model_validate(r) for r in rows])
 
 
@@ -341,11 +695,11 @@ def _not_computed(vpp: str) -> Problem:
 
 @router.get("/vpps/{vpp}/capacity")
 async def capacity_now(
-    vpp: str, who: PrincipalDep, request: Request, duration_min: Duration = 15
+    vpp: str, who: AccessDep, request: Request, duration_min: Duration = 15
 ) -> CapacityNow:
     """Deliverable (derated) and nameplate flexibility up and down, sustained for `duration_min`."""
     _check_duration(request, duration_min)
-    await require_vpp(request, who, vpp)
+    await who.vpp(request, vpp)
     async with pool(request).connection() as conn:
         now = await _capacity_now(conn, vpp, duration_min)
     if now is None:
@@ -356,7 +710,7 @@ async def capacity_now(
 @router.get("/vpps/{vpp}/capacity/history")
 async def capacity_history(
     vpp: str,
-    who: PrincipalDep,
+    who: AccessDep,
     request: Request,
     start: Annotated[datetime, Query(description="inclusive, RFC 3339")],
     end: Annotated[datetime, Query(description="exclusive, RFC 3339")],
@@ -377,7 +731,7 @@ async def capacity_history(
             400, "range-too-large", "Range too large", f"at most {MAX_HISTORY.days} days per request"
         )
     _check_duration(request, duration_min)
-    await require_vpp(request, who, vpp)
+    await who.vpp(request, vpp)
     rows = await fetch_dicts(
         request,
         """SELECT time_bucket(%(width)s::interval, bucket) AS ts, avg(up_kw) AS up_kw, avg(down_kw) AS down_kw,
@@ -404,11 +758,11 @@ async def capacity_history(
 
 @router.get("/vpps/{vpp}/capacity/nodes")
 async def capacity_nodes(
-    vpp: str, who: PrincipalDep, request: Request, duration_min: Duration = 15
+    vpp: str, who: AccessDep, request: Request, duration_min: Duration = 15
 ) -> NodesCapacity:
     """Capacity per topology node (resources without a node are under "")."""
     _check_duration(request, duration_min)
-    await require_vpp(request, who, vpp)
+    await who.vpp(request, vpp)
     rows = await fetch_dicts(
         request,
         """SELECT node, up_kw, down_kw, devices_online, devices_stale FROM vpp_node_capacity_now
@@ -426,16 +780,17 @@ async def capacity_nodes(
 
 
 @router.get("/vpps/{vpp}/stale-devices")
-async def stale_devices(vpp: str, who: PrincipalDep, request: Request) -> StaleDevices:
-    """Resources silent for more than 3x their telemetry interval (or never heard), left out of capacity."""
-    await require_vpp(request, who, vpp)
+async def stale_devices(vpp: str, who: AccessDep, request: Request) -> StaleDevices:
+    """Resources silent for more than 3x their telemetry interval (or never heard), left out of capacity:
+    every one for the VPP's owner and admins, a member tenant's own only; never for regulators."""
+    scope = await who.vpp(request, vpp, devices=True)
     rows = await fetch_dicts(
         request,
         """SELECT tenant_id AS tenant, device_id AS device, last_seen, telemetry_interval_s
            FROM vpp_stale_devices WHERE vpp = %(vpp)s
              AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
            ORDER BY last_seen NULLS FIRST, tenant_id, device_id""",
-        {"vpp": vpp, "tenant": None if _sees_all(who) else who.tenant},
+        {"vpp": vpp, "tenant": scope.devices_of},
     )
     return StaleDevices(vpp=vpp, devices=[StaleDevice.model_validate(r) for r in rows])
 
@@ -447,12 +802,12 @@ _STREAM_SLOTS = asyncio.Semaphore(MAX_STREAMS)
 
 @router.get("/vpps/{vpp}/capacity/stream", response_class=StreamingResponse)
 async def capacity_stream(
-    vpp: str, who: PrincipalDep, request: Request, duration_min: Duration = 15
+    vpp: str, who: AccessDep, request: Request, duration_min: Duration = 15
 ) -> StreamingResponse:
     """Server-sent events: the capacity-now JSON at once, then whenever the vpp service publishes a change
     for this VPP (it notifies within its poll of the telemetry that caused it)."""
     _check_duration(request, duration_min)
-    await require_vpp(request, who, vpp)
+    await who.vpp(request, vpp)
     settings: Settings = request.app.state.settings
     if _STREAM_SLOTS.locked():
         raise Problem(

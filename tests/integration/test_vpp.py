@@ -34,6 +34,7 @@ class Fleet:
     tenant: str
     gateway: str
     vpp: str
+    operator: str  # the operator tenant owning the VPP
     client: mqtt.Client
 
     def publish(self, values: dict[str, dict[str, float]]) -> None:
@@ -45,9 +46,9 @@ class Fleet:
         info.wait_for_publish(timeout=10)
 
 
-def _register_fleet(p: Pipeline) -> tuple[str, str, str, dict[str, str]]:
+def _register_fleet(p: Pipeline) -> tuple[str, str, str, str, dict[str, str]]:
     run = uuid.uuid4().hex[:8]
-    tenant, gateway, vpp = f"t-{run}", f"gw-{run}", f"vpp-{run}"
+    tenant, gateway, vpp, operator = f"t-{run}", f"gw-{run}", f"vpp-{run}", f"op-{run}"
     devices = {
         "bat-1": {"device_type": "battery", "rated_power_kw": 100, "energy_capacity_kwh": 200, "soc_min_pct": 10,
                   "soc_max_pct": 90, "vpp": vpp, "topology_node": "feeder-1"},
@@ -59,13 +60,17 @@ def _register_fleet(p: Pipeline) -> tuple[str, str, str, dict[str, str]]:
     models = {
         "bat-1": {"resource_class": "battery", "efficiency": 0.9},
         "pv-1": {"resource_class": "pv", "curtailable": True},
-        # The EV charger and the building join the VPP through their resource model.
+        # The EV charger and the building join the VPP through their resource model (an admin's enrolment).
         "ev-1": {"resource_class": "ev_charger", "vpp": vpp, "topology_node": "feeder-2", "min_power_kw": 6},
         "bl-1": {"resource_class": "building_load", "vpp": vpp, "topology_node": "feeder-2",
                  "sheddable_share": 0.2, "max_shed_min": 60},
     }  # fmt: skip
     with p.http() as http:
         assert http.post("/v1/enterprises", json={"tenant": tenant, "name": tenant}).status_code == 201
+        op = {"tenant": operator, "name": "grid operator", "role": "operator"}
+        assert http.post("/v1/enterprises", json=op).status_code == 201
+        created = http.post("/v1/vpps", json={"vpp": vpp, "name": "east", "owner": operator})
+        assert created.status_code == 201, created.text
         assert (
             http.post("/v1/sites", json={"tenant": tenant, "site": "s1", "name": "campus"}).status_code == 201
         )
@@ -86,18 +91,18 @@ def _register_fleet(p: Pipeline) -> tuple[str, str, str, dict[str, str]]:
         assert bad.status_code == 422
         assert bad.headers["content-type"].startswith("application/problem+json")
         assert "reserved_soc_pct" in bad.json()["detail"]
-    return tenant, gateway, vpp, creds
+    return tenant, gateway, vpp, operator, creds
 
 
 @pytest.fixture(scope="module")
 def fleet(pipeline: Pipeline) -> Iterator[Fleet]:
-    tenant, gateway, vpp, creds = _register_fleet(pipeline)
+    tenant, gateway, vpp, operator, creds = _register_fleet(pipeline)
     pipeline.env["METERFLOW_VPP__METRICS_PORT"] = "0"
     pipeline.env["METERFLOW_VPP__GROUP"] = f"{pipeline.shared_group}-vpp"
     pipeline.start("vpp", "vpp")
     pipeline.wait_for_log("vpp", "vpp service reading")
     client = _connect(pipeline, creds)
-    yield Fleet(tenant, gateway, vpp, client)
+    yield Fleet(tenant, gateway, vpp, operator, client)
     client.disconnect()
     client.loop_stop()
     pipeline.stop("vpp")
@@ -153,6 +158,7 @@ def test_capacity_equals_the_hand_computation(pipeline: Pipeline, fleet: Fleet) 
         assert by_node["feeder-2"]["up_kw"] == pytest.approx(10 * EV + 60 * BUILDING)
         listed = {v["vpp"]: v for v in http.get("/v1/vpps").json()["data"]}
         assert listed[fleet.vpp]["resources"] == 4
+        assert listed[fleet.vpp]["owner"] == fleet.operator
         now = datetime.now(UTC)
         hist = http.get(
             f"/v1/vpps/{fleet.vpp}/capacity/history",
@@ -166,13 +172,15 @@ def test_capacity_equals_the_hand_computation(pipeline: Pipeline, fleet: Fleet) 
         assert missing.headers["content-type"].startswith("application/problem+json")
 
 
-def _operator_key(p: Pipeline) -> str:
-    tenant = f"op-{uuid.uuid4().hex[:8]}"
+def _operator_key(p: Pipeline, tenant: str | None = None) -> str:
+    """A key of the operator `tenant`, or of a new operator tenant that owns nothing."""
     key_id, key = new_key()
     with psycopg.connect(p.settings.db.conninfo()) as conn:
-        conn.execute(
-            "INSERT INTO tenants (tenant_id, name, role) VALUES (%s, %s, 'operator')", (tenant, tenant)
-        )
+        if tenant is None:
+            tenant = f"op-{uuid.uuid4().hex[:8]}"
+            conn.execute(
+                "INSERT INTO tenants (tenant_id, name, role) VALUES (%s, %s, 'operator')", (tenant, tenant)
+            )
         conn.execute(
             "INSERT INTO api_keys (key_id, key_hash, tenant_id, role, label) VALUES (%s, %s, %s, 'operator', 'test')",
             (key_id, hash_key(key), tenant),
@@ -203,10 +211,10 @@ def _stream(
                 events.put((time.monotonic(), orjson.loads(line[5:])))
 
 
-def test_stream_pushes_a_change_and_operators_see_every_vpp(pipeline: Pipeline, fleet: Fleet) -> None:
+def test_stream_pushes_a_change_and_the_owner_sees_its_vpp(pipeline: Pipeline, fleet: Fleet) -> None:
     fleet.publish(ALL_ONLINE)
     _wait_for(pipeline, fleet.vpp, {"devices_online": 4})
-    key = _operator_key(pipeline)
+    key = _operator_key(pipeline, fleet.operator)
     events: queue.Queue[tuple[float, dict[str, object]]] = queue.Queue()
     stop = threading.Event()
     reader = threading.Thread(target=_stream, args=(pipeline, fleet.vpp, key, events, stop), daemon=True)
@@ -225,8 +233,12 @@ def test_stream_pushes_a_change_and_operators_see_every_vpp(pipeline: Pipeline, 
     assert event["down_kw"] == pytest.approx(80 * BATTERY + 40 * PV + 12 * EV)
     # Measured, not asserted (timing never goes in tests): telemetry to pushed event.
     print(f"stream pushed the change {got_at - sent:.3f} s after the telemetry was published")  # noqa: T201
-    # The operator key reads the capacity of a VPP of another tenant.
+    # The owning operator reads the capacity of its VPP, whose resources are another tenant's; an operator
+    # owning nothing does not see it.
     assert _capacity(pipeline, fleet.vpp, 30, key)["vpp"] == fleet.vpp
+    stranger = {"Authorization": f"Bearer {_operator_key(pipeline)}"}
+    with pipeline.http() as http:
+        assert http.get(f"/v1/vpps/{fleet.vpp}/capacity", headers=stranger).status_code == 404
     stop.set()
     fleet.publish({**ALL_ONLINE, "ev-1": {"power_kw": 12}})  # one more event wakes the reader to stop
     reader.join(timeout=DEADLINE_S)

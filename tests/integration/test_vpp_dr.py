@@ -106,6 +106,8 @@ def test_buildings_shed_a_known_load_and_every_baseline_measures_it(pipeline: Pi
         resp = http.post("/v1/gateways", json={"tenant": tenant, "gateway": gateway})
         assert resp.status_code == 201, resp.text
         creds = resp.json()["mqtt"]
+        # An unowned VPP (admins act on it); the admin's device registrations enrol directly.
+        assert http.post("/v1/vpps", json={"vpp": vpp, "name": "dr test"}).status_code == 201
         for device in SHED_KW:
             body = {"tenant": tenant, "device": device, "site": "s1", "gateway": gateway, "role": "resource",
                     "rated_power_kw": 200, "vpp": vpp, "topology_node": "feeder-9"}  # fmt: skip
