@@ -1,16 +1,24 @@
-"""The collector's own machinery without services: paho's buffered reads and the ack order."""
+"""The collector's own machinery without services: paho's buffered reads, the ack order, and dead letters
+(one per message, bounded, within a gateway's budget)."""
 
 from __future__ import annotations
 
 import socket
 import struct
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import orjson
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import REGISTRY
 
-from ingest.collector import Collector, _Batch, _Client
-from meterflow.settings import Settings
+from ingest.collector import Collector, _Batch, _Client, _Incoming
+from ingest.payloads import parse_message
+from ingest.registry import Registry, check_ownership
+from meterflow.contract import TelemetryTopic
+from meterflow.settings import IngestSettings, Settings
 
 
 def _varint(n: int) -> bytes:
@@ -85,3 +93,105 @@ def test_acks_leave_in_arrival_order_and_only_on_the_delivering_connection() -> 
     collector._ack_ready()
     assert fake.acks == [1, 2, 3]
     assert collector._inflight == 0
+
+
+# --- dead letters: one per message, bounded, within a gateway's budget ------------------------------
+
+NOW = 1763712000000
+GATEWAY_TOPIC = "meterflow/v1/acme/gw-1/telemetry"
+
+
+def _incoming(topic: str, payload: bytes) -> _Incoming:
+    msg = mqtt.MQTTMessage(1, topic.encode())
+    msg.payload = payload
+    return _Incoming(msg, topic, 0)
+
+
+def _rejected(reason: str) -> float:
+    return REGISTRY.get_sample_value("meterflow_ingest_rejected_total", {"reason": reason}) or 0.0
+
+
+def _budget_exceeded() -> float:
+    return REGISTRY.get_sample_value("meterflow_ingest_dlq_budget_exceeded_total") or 0.0
+
+
+def _letter(
+    collector: Collector, topic: str, payload: bytes, registry: Registry | None = None
+) -> bytes | None:
+    parsed = parse_message(
+        TelemetryTopic("acme", "gw-1", None), payload, received_ms=NOW, limits=collector.limits
+    )
+    if registry is not None:
+        parsed, _ = check_ownership(parsed, "acme", "gw-1", registry, reject_unknown_metrics=False)
+    record = collector._dead_letter(_incoming(topic, payload), parsed.rejected, NOW)
+    return None if record is None else record.value
+
+
+def test_a_thousand_bad_points_make_one_letter_of_bounded_size() -> None:
+    collector = Collector(Settings())
+    payload = b'{"m-1":[' + b",".join([b"10"] * 1000) + b"]}"
+    assert 2900 < len(payload) < 3100
+    before = _rejected("schema")
+    value = _letter(collector, GATEWAY_TOPIC, payload)
+    assert value is not None
+    assert len(value) <= 2.5 * len(payload)
+    letter = orjson.loads(value)
+    assert letter["reasons"] == {"schema": 1000}
+    assert (letter["rejected_total"], letter["rejected_truncated"]) == (1000, True)
+    assert letter["rejected"][0] == {
+        "reason": "schema",
+        "detail": letter["detail"],
+        "device": "m-1",
+        "point": 0,
+    }
+    assert letter["payload"] == payload.decode()
+    assert _rejected("schema") - before == 1000
+
+
+def test_a_thousand_unknown_devices_make_one_letter_of_bounded_size() -> None:
+    collector = Collector(Settings())
+    registry = Registry("", rated_power_factor=100.0)
+    registry._gateways = {"gw-1": "acme"}
+    payload = orjson.dumps({f"d{i}": [{"ts": NOW, "values": {"power_kw": 1}}] for i in range(1000)})
+    before = _rejected("unknown_device")
+    value = _letter(collector, GATEWAY_TOPIC, payload, registry)
+    assert value is not None
+    assert len(value) <= 2.5 * len(payload)
+    assert orjson.loads(value)["reasons"] == {"unknown_device": 1000}
+    assert _rejected("unknown_device") - before == 1000
+
+
+def test_a_gateway_past_its_budget_is_counted_and_announced_not_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway whose clock runs a week ahead: every batch is future_ts. Its letters stop at its
+    budget (plus the record that crossed it), one dlq_budget letter says so, its refusals are still
+    counted, and another gateway's letters are unaffected; a minute later it writes again."""
+    clock = [1000.0]
+    monkeypatch.setattr("ingest.collector.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    budget = 64 * 1024
+    collector = Collector(Settings(ingest=IngestSettings(dlq_budget_bytes_per_min=budget)))
+    week = 7 * 86_400_000
+    batch = orjson.dumps(
+        {
+            f"m-{d}": [{"ts": NOW + week + i * 1000, "values": {"power_kw": 5.0}} for i in range(10)]
+            for d in range(10)
+        }
+    )
+    future_before, exceeded_before = _rejected("future_ts"), _budget_exceeded()
+    letters = [_letter(collector, GATEWAY_TOPIC, batch) for _ in range(200)]
+    written = [(value, orjson.loads(value)) for value in letters if value is not None]
+    data = [value for value, letter in written if letter["reason"] == "future_ts"]
+    announced = [letter for _, letter in written if letter["reason"] == "dlq_budget"]
+    assert len(announced) == 1 and announced[0]["gateway"] == "gw-1"
+    assert sum(len(value) for value in data) <= budget + len(data[0])
+    suppressed = 200 - len(data)
+    assert suppressed > 150
+    assert _budget_exceeded() - exceeded_before == suppressed
+    assert _rejected("future_ts") - future_before == 200 * 100
+    # Another gateway of the same moment is not held back.
+    other = _letter(collector, "meterflow/v1/acme/gw-2/telemetry", batch)
+    assert other is not None and orjson.loads(other)["reason"] == "future_ts"
+    clock[0] += 60
+    again = _letter(collector, GATEWAY_TOPIC, batch)
+    assert again is not None and orjson.loads(again)["reason"] == "future_ts"

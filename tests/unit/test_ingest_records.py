@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from ingest import records
 from ingest.records import Partitioner, RecordBatch
-from meterflow.contract import DeviceReadings, Reading, decode_records, device_key
+from meterflow.contract import (
+    DEAD_LETTER_DETAIL_CHARS,
+    DEAD_LETTER_MIN_LIST_BYTES,
+    DeadLetterEntry,
+    DeviceReadings,
+    Reading,
+    decode_records,
+    device_key,
+    encode_dead_letter,
+)
 
 PARTITIONS = [0, 1, 2, 3, 4, 5]
 
@@ -79,3 +89,35 @@ def test_a_record_is_closed_at_max_readings(monkeypatch: pytest.MonkeyPatch) -> 
     assert [len(decode_records(value)) for _, _, value in out] == [2, 2, 2]
     back = [(d.device, r.ts_ms) for _, _, value in out for d in decode_records(value) for r in d.readings]
     assert sorted(back, key=lambda x: x[1]) == [(f"m-{ts % 2}", ts) for ts in range(10)]
+
+
+# --- dead-letter records ---------------------------------------------------------------------------
+
+
+def test_a_dead_letter_without_a_list_counts_its_one_reason() -> None:
+    """The processor's and intensity service's letters: one refused record each."""
+    letter = orjson.loads(
+        encode_dead_letter(
+            reason="undecodable_record", detail="bad", payload=b"\x00\x01", cap=100, received_ms=7, offset=3
+        )
+    )
+    assert letter["v"] == 2 and letter["offset"] == 3
+    assert letter["reasons"] == {"undecodable_record": 1}
+    assert letter["rejected"] == [{"reason": "undecodable_record", "detail": "bad"}]
+    assert (letter["rejected_total"], letter["rejected_truncated"]) == (1, False)
+
+
+def test_long_names_in_rejections_cannot_inflate_a_letter() -> None:
+    payload = b"x" * 1000
+    long = "m" * 100_000
+    entries = [
+        DeadLetterEntry(reason="out_of_range", detail=long, device="d", metric=long) for _ in range(1000)
+    ]
+    value = encode_dead_letter(
+        reason="out_of_range", detail=long, payload=payload, cap=10**6, received_ms=7, rejected=entries
+    )
+    assert len(value) <= len(payload) + DEAD_LETTER_MIN_LIST_BYTES + 1000
+    letter = orjson.loads(value)
+    assert letter["reasons"] == {"out_of_range": 1000}
+    assert letter["rejected_truncated"] and 0 < len(letter["rejected"]) < 1000
+    assert len(letter["rejected"][0]["metric"]) == len(letter["detail"]) == DEAD_LETTER_DETAIL_CHARS

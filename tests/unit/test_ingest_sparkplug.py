@@ -399,6 +399,57 @@ def test_future_timestamps_are_refused_per_point() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("fields", "value"),
+    [
+        ({"datatype": pb.DataType.Double, "double_value": 1e308}, 1e308),
+        ({"datatype": pb.DataType.Double, "double_value": -1e308}, -1e308),
+        ({"datatype": pb.DataType.Float, "float_value": 1.2e29}, 1.2e29),
+        ({"datatype": pb.DataType.UInt64, "long_value": 2**64 - 1}, float(2**64 - 1)),
+    ],
+)
+def test_extreme_values_are_out_of_range_per_metric(fields: dict[str, object], value: float) -> None:
+    sessions = _born()
+    result = _send(
+        sessions,
+        MessageType.DDATA,
+        _raw(
+            _metric(name="energy_import_kwh", timestamp=TS, datatype=pb.DataType.Double, double_value=101.0),
+            _metric(name="power_kw", timestamp=TS, **fields),
+        ),
+    )
+    assert _rows(result) == [(DEV, TS, "energy_import_kwh", 101.0)]
+    assert [(r.reason, r.device, r.point, r.metric) for r in result.rejected] == [
+        (DeadLetterReason.OUT_OF_RANGE, DEV, 1, "power_kw")
+    ]
+    assert math.isclose(float(result.rejected[0].detail.split("=")[1].split()[0]), value, rel_tol=1e-6)
+
+
+def test_timestamps_before_the_floor_are_refused_per_metric() -> None:
+    sessions = _born()
+    points: list[tuple[int | str, int, float]] = [(1, 0, 100.0), (1, 946_684_799_999, 100.5), (2, TS, 6.0)]
+    result = _send(sessions, MessageType.DDATA, encode_ddata(points, TS, seq=2))
+    assert _rows(result) == [(DEV, TS, "power_kw", 6.0)]
+    assert [(r.reason, r.point) for r in result.rejected] == [
+        (DeadLetterReason.PAST_TS, 0),
+        (DeadLetterReason.PAST_TS, 1),
+    ]
+
+
+@pytest.mark.parametrize("kind", [MessageType.DDATA, MessageType.NDATA])
+def test_data_without_metrics_is_refused_as_empty(kind: MessageType) -> None:
+    sessions = _born()
+    result = _send(sessions, kind, _raw())
+    assert result.accepted == []
+    assert [r.reason for r in result.rejected] == [DeadLetterReason.EMPTY]
+
+
+def test_births_without_readings_are_not_empty() -> None:
+    sessions = SparkplugSessions()
+    result = _send(sessions, MessageType.NBIRTH, encode_nbirth(0, TS, seq=0))
+    assert (result.accepted, result.rejected) == ([], [])
+
+
 def test_future_birth_values_are_refused_too() -> None:
     sessions = SparkplugSessions()
     _send(sessions, MessageType.NBIRTH, encode_nbirth(0, TS, seq=0))

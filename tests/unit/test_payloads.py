@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import orjson
+import pytest
 
 from ingest.payloads import Limits, parse_message
-from meterflow.contract import DeadLetterReason, TelemetryTopic
+from meterflow.contract import METRIC_RANGES, DeadLetterReason, TelemetryTopic
+from meterflow.settings import IngestSettings
 
 TOPIC = TelemetryTopic("acme", "gw-1", None)
 LIMITS = Limits(max_payload_bytes=10_000, max_future_skew_ms=300_000)
+LIMITS_BIG = Limits(max_payload_bytes=256 * 1024, max_future_skew_ms=300_000)
 NOW = 1763712000000
 
 
@@ -59,10 +64,138 @@ def test_overflowing_number_is_non_finite() -> None:
         limits=LIMITS,
     )
     assert result.accepted == []
-    assert [r.reason for r in result.rejected] in (
-        [DeadLetterReason.NON_FINITE],
-        [DeadLetterReason.INVALID_JSON],
+    assert [r.reason for r in result.rejected] == [DeadLetterReason.NON_FINITE]
+
+
+def _hundred(bad_literal: bytes, at: int = 37) -> bytes:
+    """100 readings of one device, the one at `at` written as `bad_literal` (not valid for orjson)."""
+    points = [{"ts": NOW - i * 1000, "values": {"power_kw": 1000.0 + i}} for i in range(100)]
+    raw = orjson.dumps({"m-1": points})
+    return raw.replace(b'"power_kw":' + str(1000.0 + at).encode(), b'"power_kw":' + bad_literal, 1)
+
+
+@pytest.mark.parametrize(
+    "literal", [b"1e309", b"-1e309", b"NaN", b"Infinity", b"-Infinity", b"1" + b"0" * 5000]
+)
+def test_a_literal_orjson_refuses_rejects_only_its_reading(literal: bytes) -> None:
+    result = parse_message(TOPIC, _hundred(literal), received_ms=NOW, limits=LIMITS_BIG)
+    assert result.reading_count == 99
+    assert [(r.reason, r.device, r.point, r.metric) for r in result.rejected] == [
+        (DeadLetterReason.NON_FINITE, "m-1", 37, "power_kw")
+    ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'["\\ud800", 1e309]',  # a lone surrogate the Kafka encoder could not write
+        b"[" * 5000 + b"1e309" + b"]" * 5000,  # deeper than the stdlib parser's recursion
+        b'{"m-1": [{"ts": 1, "values": {"power_kw": 1e309}}',  # cut short
+        b'\xff{"m-1": [{"ts": 1, "values": {"power_kw": 1e309}}]}',  # not UTF-8
+    ],
+)
+def test_what_neither_parser_reads_is_invalid_json(payload: bytes) -> None:
+    result = parse_message(TOPIC, payload, received_ms=NOW, limits=LIMITS_BIG)
+    assert [r.reason for r in result.rejected] == [DeadLetterReason.INVALID_JSON]
+
+
+@pytest.mark.parametrize(
+    ("metric", "value"),
+    [
+        ("power_kw", 1e308),
+        ("power_kw", -1e308),
+        ("energy_import_kwh", 1.8e19),
+        ("energy_import_kwh", 1.2e29),
+        ("energy_import_kwh", -1.0),
+        ("soc_pct", 1e6),
+        ("vendor_temp_c", 1e300),  # no canonical range: the generic one
+    ],
+)
+def test_extreme_finite_values_are_out_of_range_and_siblings_stay(metric: str, value: float) -> None:
+    result = parse(
+        {
+            "m-1": [
+                {"ts": NOW, "values": {metric: value, "reactive_power_kvar": 3.0}},
+                {"ts": NOW - 60_000, "values": {"power_kw": 4.0}},
+            ]
+        }
     )
+    assert result.reading_count == 2  # type: ignore[attr-defined]
+    assert [(r.reason, r.point, r.metric) for r in result.rejected] == [  # type: ignore[attr-defined]
+        (DeadLetterReason.OUT_OF_RANGE, 0, metric)
+    ]
+
+
+def test_an_integer_beyond_64_bits_is_out_of_range() -> None:
+    raw = b'{"m-1": [{"ts": %d, "values": {"power_kw": 18446744073709551616, "soc_pct": 50}}]}' % NOW
+    result = parse_message(TOPIC, raw, received_ms=NOW, limits=LIMITS)
+    assert result.reading_count == 1
+    assert [r.reason for r in result.rejected] == [DeadLetterReason.OUT_OF_RANGE]
+
+
+def test_configured_ranges_replace_the_contracts() -> None:
+    settings = IngestSettings(
+        metric_ranges={"power_kw": (-10.0, 10.0)}, min_ts=datetime(2020, 1, 1, tzinfo=UTC)
+    )
+    limits = Limits.from_settings(settings)
+    assert limits.ranges["energy_import_kwh"] == METRIC_RANGES["energy_import_kwh"]
+    result = parse_message(
+        TOPIC,
+        orjson.dumps(
+            {
+                "m-1": [
+                    {"ts": NOW, "values": {"power_kw": 11.0, "energy_import_kwh": 5.0}},
+                    {"ts": 1_546_300_800_000, "values": {"power_kw": 1.0}},  # 2019-01-01
+                ]
+            }
+        ),
+        received_ms=NOW,
+        limits=limits,
+    )
+    assert result.reading_count == 1
+    assert [r.reason for r in result.rejected] == [DeadLetterReason.OUT_OF_RANGE, DeadLetterReason.PAST_TS]
+
+
+@pytest.mark.parametrize("ts", [-1_000_000_000_000_000, "0001-01-01T00:00:00Z", 0, 946_684_799_999])
+def test_timestamps_before_the_floor_are_past_ts(ts: int | str) -> None:
+    result = parse(
+        {"m-1": [{"ts": ts, "values": {"power_kw": 1.0}}, {"ts": NOW, "values": {"power_kw": 2.0}}]}
+    )
+    assert result.reading_count == 1  # type: ignore[attr-defined]
+    assert [(r.reason, r.point) for r in result.rejected] == [(DeadLetterReason.PAST_TS, 0)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("doc", "topic"),
+    [
+        ({}, TOPIC),
+        ([], TOPIC),
+        ({"m-1": []}, TOPIC),
+        ({"m-1": [], "m-2": []}, TOPIC),
+        ({"m-1": [{"ts": NOW, "values": {}}]}, TOPIC),
+        ([], TelemetryTopic("acme", "gw-1", "m-9")),
+    ],
+)
+def test_empty_messages_are_refused_as_empty(doc: object, topic: TelemetryTopic) -> None:
+    result = parse(doc, topic)
+    assert result.accepted == []  # type: ignore[attr-defined]
+    assert [r.reason for r in result.rejected] == [DeadLetterReason.EMPTY]  # type: ignore[attr-defined]
+
+
+def test_rejections_name_the_point_they_refuse_in_the_slow_path_too() -> None:
+    result = parse(
+        {
+            "m-1": [
+                {"ts": NOW, "values": {"power_kw": "high"}},
+                {"ts": NOW, "values": {"power_kw": 1.0}},
+                {"ts": NOW + 3_600_000, "values": {"power_kw": 2.0}},
+            ]
+        }
+    )
+    assert [(r.reason, r.point) for r in result.rejected] == [  # type: ignore[attr-defined]
+        (DeadLetterReason.SCHEMA, 0),
+        (DeadLetterReason.FUTURE_TS, 2),
+    ]
 
 
 def test_single_device_form_accepts_object_or_array() -> None:
