@@ -63,6 +63,8 @@ class DeadLetterReason(enum.StrEnum):
     EMPTY = "empty"
     # The summary a gateway gets, once a minute at most, while its dead letters exceed its byte budget.
     DLQ_BUDGET = "dlq_budget"
+    # A second reading of a stored (device, metric, ts) with another value: the first stays (processor).
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
 
 class MetricRange(NamedTuple):

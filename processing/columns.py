@@ -3,6 +3,8 @@ docs/ingest.md) decoded straight into columns with dense series indices."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,12 +12,24 @@ from typing import Any
 import numpy as np
 import orjson
 
-from processing.kernels import F64, I32, I64
+from meterflow.contract import DeadLetterEntry, DeadLetterReason
+from processing.kernels import F64, I32, I64, TS_MAX, TS_MIN, VALUE_LIMIT
 from processing.series import SeriesTable
 
 
 class UndecodableRecord(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The readings of one record that were left out, each with its reason: what its dead letter lists."""
+
+    partition: int
+    offset: int
+    raw: bytes
+    rejected: list[DeadLetterEntry]
+    reasons: Counter[DeadLetterReason]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +41,9 @@ class Columns:
     record_partition: I32
     record_received_ms: I64
     record_gateway: list[str]
+    # Where each record came from, for dead letters about its readings.
+    record_offset: I64
+    record_raw: list[bytes]
 
     @property
     def partition(self) -> I32:
@@ -45,13 +62,17 @@ class ColumnBuilder:
     partitions: list[int]
     received: list[int]
     gateways: list[str]
+    offsets: list[int]
+    raws: list[bytes]
+    refused: list[Refusal]
 
     @classmethod
     def start(cls, table: SeriesTable) -> ColumnBuilder:
-        return cls(table, [], [], [], [], [], [], [])
+        return cls(table, [], [], [], [], [], [], [], [], [], [])
 
-    def add(self, partition: int, raw: bytes) -> int:
-        """Decode one record; returns how many readings it carried. Raises UndecodableRecord."""
+    def add(self, partition: int, raw: bytes, offset: int = -1) -> int:
+        """Decode one record; returns how many readings it adds. Readings no stage may store (below) are
+        left out and listed in `refused`, per reason; their siblings stay. Raises UndecodableRecord."""
         try:
             doc = orjson.loads(raw)
             version = doc["v"]
@@ -79,18 +100,57 @@ class ColumnBuilder:
             raise
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise UndecodableRecord(f"undecodable record: {exc!r}") from exc
-        if ts.ndim != 1 or value.ndim != 1 or not np.isfinite(value).all():
-            # JSON has no NaN: a NaN here was a null.
-            raise UndecodableRecord("timestamps and values must be finite numbers")
+        if ts.ndim != 1 or value.ndim != 1:
+            raise UndecodableRecord("timestamps and values must be numbers")
+        # The collector checks these first; the processor checks again (defence in depth), because a
+        # value no aggregate can hold or a time the database cannot store would poison figures or stop
+        # every poll of the partition.
+        ok = (np.abs(value) <= VALUE_LIMIT) & (ts >= TS_MIN) & (ts < TS_MAX)
+        if not ok.all():
+            self._refuse(partition, offset, raw, doc, ok, ts, value, metric_col)
+            series, ts, value = series[ok], ts[ok], value[ok]
         r = len(self.partitions)
         self.partitions.append(partition)
         self.received.append(received)
         self.gateways.append(gateway)
+        self.offsets.append(offset)
+        self.raws.append(raw)
         self.series.append(series)
         self.ts.append(ts)
         self.value.append(value)
         self.record.append(np.full(series.size, r, np.int32))
         return int(series.size)
+
+    def _refuse(
+        self, partition: int, offset: int, raw: bytes, doc: dict[str, Any], ok: np.ndarray, ts: I64,
+        value: F64, metric_col: Sequence[str],
+    ) -> None:  # fmt: skip
+        devices = doc["devices"] if doc["v"] == 2 else [doc["device"]]
+        readings = doc["readings"]
+        rejected: list[DeadLetterEntry] = []
+        reasons: Counter[DeadLetterReason] = Counter()
+        for i in np.flatnonzero(~ok).tolist():
+            t, v = int(ts[i]), float(value[i])
+            if not math.isfinite(v):
+                reason = DeadLetterReason.NON_FINITE  # JSON has no NaN: a NaN here was a null
+            elif t < TS_MIN:
+                reason = DeadLetterReason.PAST_TS
+            elif t >= TS_MAX:
+                reason = DeadLetterReason.FUTURE_TS
+            else:
+                reason = DeadLetterReason.OUT_OF_RANGE
+            reasons[reason] += 1
+            rejected.append(
+                DeadLetterEntry(
+                    reason=reason.value,
+                    detail=f"ts {t}, value {v!r}: outside what the processor stores "
+                    f"(|value| <= {VALUE_LIMIT:g}, {TS_MIN} <= ts < {TS_MAX})",
+                    device=devices[readings[i][0]] if doc["v"] == 2 else devices[0],
+                    point=i,
+                    metric=metric_col[i],
+                )
+            )
+        self.refused.append(Refusal(partition, offset, raw, rejected, reasons))
 
     def _series(
         self, tenant: str, devices: list[str], dev_col: Sequence[int], metric_col: Sequence[str]
@@ -129,4 +189,6 @@ class ColumnBuilder:
             np.array(self.partitions, np.int32),
             np.array(self.received, np.int64),
             self.gateways,
+            np.array(self.offsets, np.int64),
+            self.raws,
         )

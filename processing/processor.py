@@ -27,7 +27,7 @@ from aiokafka import (
 from aiokafka.errors import IllegalStateError
 from prometheus_client import Counter, Gauge, Histogram
 
-from meterflow.contract import encode_dead_letter, now_ms
+from meterflow.contract import DeadLetterEntry, DeadLetterReason, encode_dead_letter, now_ms
 from meterflow.settings import Settings
 from processing import kernels, pgcopy, store
 from processing.audit import AuditError, AuditLog
@@ -36,7 +36,7 @@ from processing.keys import KeyIds
 from processing.registry import RegistryView
 from processing.retention import apply_retention
 from processing.series import SeriesTable
-from processing.writer import BatchOutcome, BatchWriter
+from processing.writer import BatchOutcome, BatchWriter, Conflict
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,15 @@ LATE = Counter(
 FLAGS = Counter("meterflow_processor_quality_flags_total", "Readings flagged by VEE, by kind", ["kind"])
 AGG_ROWS = Counter("meterflow_processor_aggregate_rows_total", "Aggregate rows added to or corrected")
 BAD_RECORDS = Counter("meterflow_processor_bad_records_total", "Records sent to the DLQ", ["reason"])
+REFUSED = Counter(
+    "meterflow_processor_refused_readings_total",
+    "Readings left out of a record and dead-lettered: non-finite, out of range, or at a time not stored",
+    ["reason"],
+)
+CONFLICTS = Counter(
+    "meterflow_processor_conflicting_duplicates_total",
+    "Duplicates of a stored (or earlier) reading with another value: the first is kept, this dead-lettered",
+)
 LAG = Gauge("meterflow_processor_lag_records", "Records behind the partition end", ["partition"])
 BATCH_SECONDS = Histogram(
     "meterflow_processor_batch_seconds",
@@ -241,7 +250,7 @@ class Processor:
             for rec in records:
                 RECORDS.inc()
                 try:
-                    builder.add(tp.partition, rec.value or b"")
+                    builder.add(tp.partition, rec.value or b"", rec.offset)
                 except UndecodableRecord as exc:
                     undecodable.append((tp, rec.offset, rec.value or b"", str(exc)))
             next_offsets[tp.partition] = records[-1].offset + 1
@@ -251,8 +260,18 @@ class Processor:
         # Dead letters go out only for polls that are written, so a dropped poll sends none twice.
         for tp, offset, value, detail in poll.undecodable:
             await self._dead_letter(tp, offset, value, detail)
+        for refusal in poll.builder.refused:
+            for reason, count in refusal.reasons.items():
+                REFUSED.labels(reason.value).inc(count)
+            first = refusal.rejected[0]
+            await self._dead_letter(
+                TopicPartition(self.topic, refusal.partition), refusal.offset, refusal.raw, first["detail"],
+                reason=first["reason"], rejected=refusal.rejected,
+            )  # fmt: skip
         async with self.write_lock:
             outcome = await self._write(columns, poll.next_offsets)
+        if outcome.conflicts:
+            await self._dead_letter_conflicts(columns, outcome.conflicts)
         self.readings_done += outcome.readings
         self.polls += 1
         READINGS.inc(outcome.readings)
@@ -285,11 +304,40 @@ class Processor:
             self.audit.forget()
             raise
 
-    async def _dead_letter(self, tp: TopicPartition, offset: int, value: bytes, detail: str) -> None:
-        BAD_RECORDS.labels("undecodable_record").inc()
+    async def _dead_letter_conflicts(self, columns: Columns, conflicts: list[Conflict]) -> None:
+        """One dead letter per record, listing its conflicting readings with the kept and the sent value."""
+        CONFLICTS.inc(len(conflicts))
+        by_record: dict[int, list[DeadLetterEntry]] = {}
+        for c in conflicts:
+            by_record.setdefault(c.record, []).append(
+                DeadLetterEntry(
+                    reason=DeadLetterReason.CONFLICTING_DUPLICATE.value,
+                    detail=f"ts {c.ts_ms}: value {c.value!r} differs from the value kept, {c.kept!r}",
+                    device=c.key[1],
+                    metric=c.key[2],
+                )
+            )
+        for r, rejected in by_record.items():
+            await self._dead_letter(
+                TopicPartition(self.topic, int(columns.record_partition[r])), int(columns.record_offset[r]),
+                columns.record_raw[r], rejected[0]["detail"],
+                reason=DeadLetterReason.CONFLICTING_DUPLICATE.value, rejected=rejected,
+            )  # fmt: skip
+
+    async def _dead_letter(
+        self,
+        tp: TopicPartition,
+        offset: int,
+        value: bytes,
+        detail: str,
+        *,
+        reason: str = "undecodable_record",
+        rejected: list[DeadLetterEntry] | None = None,
+    ) -> None:
+        BAD_RECORDS.labels(reason).inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
         record = encode_dead_letter(
-            reason="undecodable_record",
+            reason=reason,
             detail=detail,
             payload=value,
             cap=cap,
@@ -297,6 +345,7 @@ class Processor:
             topic=tp.topic,
             partition=tp.partition,
             offset=offset,
+            rejected=rejected,
         )
         await self.producer.send_and_wait(self.settings.kafka.dlq_topic, record)
         log.warning("record %s[%d]@%d sent to DLQ: %s", tp.topic, tp.partition, offset, detail)

@@ -58,17 +58,34 @@ async def copy_readings(cur: Cur, stream: bytes, table: str = "reading_values") 
     await _copy(cur, table, READING_COLUMNS, stream)
 
 
-async def insert_unless_stored(cur: Cur, stream: bytes) -> list[tuple[int, int]]:
-    """Readings that may already be stored: insert the new ones, return their (series_id, ts_ms); the
-    rest are duplicates. Once per poll (the stage empties at commit)."""
+async def insert_unless_stored(
+    cur: Cur, stream: bytes
+) -> tuple[list[tuple[int, int]], list[tuple[int, int, float]]]:
+    """Readings that may already be stored: insert the new ones and return their (series_id, ts_ms); the
+    rest are duplicates, of which those whose stored value differs are returned as conflicts (series_id,
+    ts_ms, stored value). Once per poll (the stage empties at commit)."""
     await _copy(cur, "readings_stage", READING_COLUMNS, stream)
+    # The statement's scan of reading_values does not see the rows its own INSERT adds: the join finds
+    # exactly the readings that were stored before.
     await cur.execute(f"""
-        INSERT INTO reading_values ({READING_COLUMNS})
-        SELECT {READING_COLUMNS} FROM readings_stage
-        ON CONFLICT (series_id, ts) DO NOTHING
-        RETURNING series_id, (extract(epoch FROM ts) * 1000)::bigint""")
-    inserted = await cur.fetchall()
-    return [(int(series), int(ts)) for series, ts in inserted]
+        WITH inserted AS (
+            INSERT INTO reading_values ({READING_COLUMNS})
+            SELECT {READING_COLUMNS} FROM readings_stage
+            ON CONFLICT (series_id, ts) DO NOTHING
+            RETURNING series_id, ts)
+        SELECT series_id, (extract(epoch FROM ts) * 1000)::bigint, NULL::float8 FROM inserted
+        UNION ALL
+        SELECT r.series_id, (extract(epoch FROM r.ts) * 1000)::bigint, r.value
+        FROM readings_stage s JOIN reading_values r ON r.series_id = s.series_id AND r.ts = s.ts
+        WHERE r.value <> s.value""")
+    inserted: list[tuple[int, int]] = []
+    conflicts: list[tuple[int, int, float]] = []
+    for series, ts, stored in await cur.fetchall():
+        if stored is None:
+            inserted.append((int(series), int(ts)))
+        else:
+            conflicts.append((int(series), int(ts), float(stored)))
+    return inserted, conflicts
 
 
 async def load_series_state(

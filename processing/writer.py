@@ -47,14 +47,26 @@ class AuditAppender(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A duplicate of a (series, ts) with another value than the one kept (stored, or first in the poll)."""
+
+    record: int  # index into the poll's records
+    key: SeriesKey
+    ts_ms: int
+    kept: float
+    value: float
+
+
 @dataclass(slots=True)
 class BatchOutcome:
     readings: int = 0
     inserted: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # conflicting ones included
     late: int = 0
     flags: Counter[str] = field(default_factory=Counter)
     aggregate_rows: int = 0
+    conflicts: list[Conflict] = field(default_factory=list)
 
 
 Parts = dict[str, list[rollup.Part]]  # per aggregate table
@@ -121,6 +133,13 @@ class BatchWriter:
         first = np.ones(s.size, np.bool_)
         first[1:] = (s[1:] != s[:-1]) | (ts[1:] != ts[:-1])
         out.duplicates += int(s.size - first.sum())
+        if not first.all():
+            # The stable sort keeps arrival order among equal keys: the first to arrive is kept.
+            kept = np.maximum.accumulate(np.where(first, np.arange(s.size), 0))
+            for i in np.flatnonzero(value != value[kept]).tolist():
+                out.conflicts.append(
+                    Conflict(int(rec[i]), t.keys[s[i]], int(ts[i]), float(value[kept[i]]), float(value[i]))
+                )
         s, ts, value, rec = s[first], ts[first], value[first], rec[first]
         fresh = ts > t.last_ts[s]
 
@@ -167,9 +186,11 @@ class BatchWriter:
                     raise outcome
             late = np.zeros(s.size, np.bool_)
             if not fresh.all():
-                inserted_old = await store.insert_unless_stored(
+                inserted_old, conflicts = await store.insert_unless_stored(
                     cur, self._stream(cols, gateways, s, ts, value, rec, ~fresh, audit_ids)
                 )
+                if conflicts:
+                    self._stored_conflicts(conflicts, s, ts, value, rec, ~fresh, out)
                 if inserted_old:
                     stored_s = np.array([t.by_db_id[series_id] for series_id, _ in inserted_old], np.int64)
                     stored_ts = np.array([ts_ms for _, ts_ms in inserted_old], np.int64)
@@ -218,6 +239,24 @@ class BatchWriter:
         if out.inserted:
             np.maximum.at(t.last_ts, s[inserted], ts[inserted])
         return out
+
+    def _stored_conflicts(
+        self, conflicts: list[tuple[int, int, float]], s: I32, ts: I64, value: F64, rec: I32,
+        maybe: np.ndarray, out: BatchOutcome,
+    ) -> None:  # fmt: skip
+        """Name the poll's readings that duplicate a stored one with another value."""
+        named = _pairs(
+            np.array([self.series.by_db_id[c[0]] for c in conflicts], np.int64),
+            np.array([c[1] for c in conflicts], np.int64),
+        )
+        rows = np.flatnonzero(maybe)
+        rows = rows[np.isin(_pairs(s[rows], ts[rows]), named)]
+        position = {(int(s[i]), int(ts[i])): i for i in rows.tolist()}
+        for series_id, ts_ms, stored in conflicts:
+            i = position[(self.series.by_db_id[series_id], ts_ms)]
+            out.conflicts.append(
+                Conflict(int(rec[i]), self.series.keys[s[i]], ts_ms, stored, float(value[i]))
+            )
 
     def _apply_new_exchanges(self) -> None:
         t = self.series

@@ -66,7 +66,6 @@ def test_an_empty_poll_has_empty_columns() -> None:
         (_v2([[2, 60_000, "power_kw", 1.0]]), "device ind"),
         (_v2([[-1, 60_000, "power_kw", 1.0]]), "device ind"),
         (_v2([[True, 60_000, "power_kw", 1.0]]), "device ind"),
-        (_v2([[0, 60_000, "power_kw", None]]), "finite"),
         (_v2([[0, "soon", "power_kw", 1.0]]), "undecodable"),
         (_v2([[0, 60_000, 5, 1.0]]), "strings"),
         (_v2([[0, 60_000, "power_kw"]]), "undecodable"),
@@ -79,3 +78,38 @@ def test_bad_records_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
     with pytest.raises(UndecodableRecord, match=reason):
         builder.add(0, raw)
     assert builder.finish().series.size == 0  # nothing of a refused record stays behind
+
+
+def test_poisoned_readings_are_left_out_with_reasons_and_their_siblings_kept() -> None:
+    """Values no aggregate can hold and times the database cannot store never reach the writer (issue 13,
+    finding 5): each is listed with its reason for the record's dead letter; the honest readings stay."""
+    t = 1_767_225_600_000
+    raw = _v2(
+        [
+            [0, t, "energy_import_kwh", 1.5],
+            [0, t + 1, "energy_import_kwh", 1e308],
+            [1, t, "power_kw", -1.8e19],
+            [1, t + 1, "power_kw", None],
+            [0, -(10**15), "energy_import_kwh", 2.0],
+            [1, -62_135_596_800_000, "power_kw", 2.0],
+            [1, 2**62, "power_kw", 2.0],
+            [1, t + 2, "power_kw", 3.0],
+        ]
+    )
+    builder = ColumnBuilder.start(SeriesTable())
+    assert builder.add(2, raw, 41) == 2
+    cols = builder.finish()
+    assert cols.value.tolist() == [1.5, 3.0]
+    assert cols.ts.tolist() == [t, t + 2]
+    (refusal,) = builder.refused
+    assert (refusal.partition, refusal.offset, refusal.raw) == (2, 41, raw)
+    assert [(e["reason"], e["device"], e["metric"], e["point"]) for e in refusal.rejected] == [
+        ("out_of_range", "a", "energy_import_kwh", 1),
+        ("out_of_range", "b", "power_kw", 2),
+        ("non_finite", "b", "power_kw", 3),
+        ("past_ts", "a", "energy_import_kwh", 4),
+        ("past_ts", "b", "power_kw", 5),
+        ("future_ts", "b", "power_kw", 6),
+    ]
+    assert refusal.reasons == {"out_of_range": 2, "non_finite": 1, "past_ts": 2, "future_ts": 1}
+    assert cols.record_offset.tolist() == [41] and cols.record_raw == [raw]
