@@ -86,6 +86,15 @@ def install(app: FastAPI) -> None:
         # range), which only a request can bring.
         return _response(400, "invalid-value", "Invalid value", str(exc).splitlines()[0], request.url.path)
 
+    @app.exception_handler(psycopg.errors.IntegrityError)
+    async def _integrity(request: Request, exc: psycopg.errors.IntegrityError) -> JSONResponse:
+        # SQLSTATE class 23 a route did not expect: a constraint or guard trigger of the registry
+        # refused the write, which is the request's fault, never the server's.
+        detail = str(exc.diag.message_primary or exc)
+        if isinstance(exc, psycopg.errors.UniqueViolation):
+            return _response(409, "conflict", "Already exists", detail, request.url.path)
+        return _response(422, "constraint", "Refused by a registry rule", detail, request.url.path)
+
     @app.exception_handler(psycopg.OperationalError)
     async def _unavailable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
         # A pool timeout, a lost connection or a cancelled statement: the request was fine.
@@ -111,7 +120,8 @@ def install(app: FastAPI) -> None:
 
 _PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
-    "description": "RFC 9457 problem details; `type` is stable, `detail` is for people.",
+    "description": "RFC 9457 problem details; `type` is stable, `detail` is for people. A request that does "
+    "not fit the schema (`.../validation`, 422) lists one entry in `errors` per offending value.",
     "type": "object",
     "required": ["type", "title", "status", "detail", "instance"],
     "properties": {
@@ -120,35 +130,19 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
         "status": {"type": "integer", "minimum": 400, "maximum": 599},
         "detail": {"type": "string"},
         "instance": {"type": "string", "description": "the request path"},
-    },
-}
-_VALIDATION_SCHEMA: dict[str, Any] = {
-    "title": "ValidationProblem",
-    "description": "A request that does not fit the schema: one entry in `errors` per offending value.",
-    "allOf": [
-        {"$ref": "#/components/schemas/Problem"},
-        {
-            "type": "object",
-            "required": ["errors"],
-            "properties": {
-                "errors": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["loc", "msg", "type"],
-                        "properties": {
-                            "loc": {
-                                "type": "array",
-                                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                            },
-                            "msg": {"type": "string"},
-                            "type": {"type": "string"},
-                        },
-                    },
-                }
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
             },
         },
-    ],
+    },
 }
 _DESCRIPTIONS = {
     400: "Invalid request (a range, cursor or value the route refuses)",
@@ -169,10 +163,9 @@ _RETRY_AFTER = {
 
 
 def _problem_response(status: int, description: str | None) -> dict[str, Any]:
-    name = "ValidationProblem" if status == 422 else "Problem"
     response: dict[str, Any] = {
         "description": description or _DESCRIPTIONS.get(status, "Error"),
-        "content": {MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
     if status in (429, 503):
         response["headers"] = _RETRY_AFTER
@@ -186,7 +179,6 @@ def document(schema: dict[str, Any], statuses: Mapping[tuple[str, str], Collecti
     a route declares without content (e.g. `responses={503: {...}}`) gets the problem schema too."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = _PROBLEM_SCHEMA
-    components["ValidationProblem"] = _VALIDATION_SCHEMA
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     for path, operations in schema.get("paths", {}).items():

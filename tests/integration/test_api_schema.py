@@ -1,7 +1,12 @@
-"""Schemathesis against the API's own OpenAPI schema: no input makes a 500, and every error is
-problem+json. Reads run with the admin key (every code path, every tenant); writes with an enterprise
-key of a throwaway tenant, so generated bodies are validated and then refused or stored for that
-tenant only (an admin's random writes would change shared reference data such as emission factors)."""
+"""Schemathesis against the API's own OpenAPI schema: no input makes a 500, and every answer, error or
+not, has a status, media type and body the schema documents for its operation.
+
+Operation by operation, reads run with the admin key (every code path, every tenant) and with an
+enterprise key; writes with an enterprise key of a throwaway tenant, so generated bodies are validated
+and then refused or stored for that tenant only (an admin's random writes would change shared reference
+data such as emission factors). The stateful phase follows the schema's links (create -> read) with an
+enterprise key over every operation and with the admin key over everything but what is shared by every
+tenant (emission factors, DR holidays) or by the broker (gateway credentials)."""
 
 from __future__ import annotations
 
@@ -12,17 +17,39 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.core.result import Ok
+from schemathesis.core.transport import Response
 from schemathesis.generation.case import Case
 from schemathesis.generation.modes import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from meterflow.settings import Settings
 from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
 
 pytestmark = pytest.mark.integration
 
-MAX_EXAMPLES = 40
+MAX_EXAMPLES = 30
+STATEFUL_EXAMPLES = 40
+STATEFUL_STEPS = 8
+CHECKS: list[CheckFunction] = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+# The SSE stream never ends by design; it shares its parameters with the capacity route.
+STREAM = r"/stream$"
+# Data every tenant shares, or the broker's accounts: not for an admin's random writes.
+SHARED_WRITES = [
+    ("POST", r"^/v1/emission-factors$"),
+    ("PUT", r"^/v1/dr-holidays/"),
+    ("POST", r"^/v1/gateways"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,41 +72,78 @@ def enterprise_key(api: ApiServer, fleet: Fleet) -> str:
         return str(r.json()["key"])
 
 
-def test_no_input_makes_a_server_error(api: ApiServer, enterprise_key: str) -> None:
+def _schema(api: ApiServer) -> Any:
+    return schemathesis.openapi.from_url(f"{api.url}/openapi.json").exclude(path_regex=STREAM)
+
+
+def test_every_operation_answers_as_documented(api: ApiServer, enterprise_key: str) -> None:
     """Each operation in turn with generated inputs (schemathesis' pytest plugin is not used: its lazy
     fixture loader does not work with this pytest)."""
-    # The SSE stream never ends by design; it shares its parameters with the capacity route.
-    schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json").exclude(path_regex=r"/stream$")
     failures: list[str] = []
     operations = 0
-    for result in schema.get_all_operations():
+    for result in _schema(api).get_all_operations():
         assert isinstance(result, Ok), result
         operation = result.ok()
         operations += 1
-        key = api.admin_key if operation.method.upper() == "GET" else enterprise_key
+        keys = [api.admin_key, enterprise_key] if operation.method.upper() == "GET" else [enterprise_key]
 
-        # Inputs that fit the schema and inputs that do not (the latter must give 4xx problems).
+        # Inputs that fit the schema and inputs that do not (the latter must give documented 4xx problems).
         cases = st.one_of(
             operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
         )
 
-        @given(case=cases)
+        @given(case=cases, key=st.sampled_from(keys))
         @settings(
             max_examples=MAX_EXAMPLES,
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
         )
-        def check(case: Case[Any]) -> None:
-            response = case.call(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)  # noqa: B023
-            case.validate_response(response, checks=[not_a_server_error])
-            if response.status_code >= 400:
-                media = response.headers.get("content-type") or [""]
-                assert media[0] == "application/problem+json", response.text[:200]
+        def check(case: Case[Any], key: str) -> None:
+            headers = {"Authorization": f"Bearer {key}"}
+            response = case.call(base_url=api.url, headers=headers, timeout=60)
+            case.validate_response(response, checks=CHECKS, headers=headers)
 
         try:
             check()
         except Exception as exc:  # noqa: BLE001  (every operation's failures, in one report)
-            failures.append(f"{operation.method.upper()} {operation.path}: {exc}"[:2000])
+            failures.append(f"{operation.method.upper()} {operation.path}: {exc}"[:3000])
     assert operations >= 25
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("role", ["enterprise", "admin"])
+def test_linked_operations_answer_as_documented(api: ApiServer, enterprise_key: str, role: str) -> None:
+    """Schemathesis' stateful phase: sequences of calls along the schema's links, each answer checked."""
+    schema = _schema(api)
+    key = enterprise_key
+    if role == "admin":
+        key = api.admin_key
+        for method, path in SHARED_WRITES:
+            schema = schema.exclude(method=method, path_regex=path)
+    headers = {"Authorization": f"Bearer {key}"}
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
+            return {"base_url": api.url, "headers": headers, "timeout": 60}
+
+        def validate_response(
+            self,
+            response: Response,
+            case: Case[Any],
+            additional_checks: list[CheckFunction] | None = None,
+            **kwargs: Any,
+        ) -> None:
+            case.validate_response(
+                response, checks=CHECKS, headers=headers, transport_kwargs=kwargs, recorder=self.recorder
+            )
+
+    Machine.run(
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES,
+            stateful_step_count=STATEFUL_STEPS,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import psycopg
 import psycopg_pool
 import pytest
 import uvicorn
@@ -45,6 +46,18 @@ class _Lines(logging.Handler):
         self.lines.append(self.format(record))
 
 
+_INTEGRITY_ERRORS: dict[str, type[psycopg.errors.IntegrityError]] = {
+    "check": psycopg.errors.CheckViolation,  # e.g. a registry guard trigger
+    "not-null": psycopg.errors.NotNullViolation,
+    "unique": psycopg.errors.UniqueViolation,
+}
+
+
+async def _raise(error: str) -> None:
+    """What a route that did not expect a registry rule's refusal lets through."""
+    raise _INTEGRITY_ERRORS[error]("device d1 is not enrolled in VPP v1")
+
+
 @dataclass
 class Served:
     http: httpx.Client
@@ -57,6 +70,7 @@ def served() -> Iterator[Served]:
     lifespan; its pool never gives a connection."""
     app = create_app()
     app.state.pool = _UnreachablePool()
+    app.add_api_route("/probe/{error}", _raise)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=free_port(), lifespan="off", log_level="info")
     )
@@ -143,3 +157,13 @@ def test_access_log_never_holds_a_query_string(served: Served) -> None:
     assert len(lines) == 2, lines
     assert all(secret not in line and "?" not in line for line in lines), lines
     assert "/healthz" in lines[0] and "/v1/enterprises" in lines[1]
+
+
+@pytest.mark.parametrize(("error", "status"), [("check", 422), ("not-null", 422), ("unique", 409)])
+def test_a_write_a_registry_rule_refuses_is_a_problem_not_500(
+    served: Served, error: str, status: int
+) -> None:
+    response = served.http.get(f"/probe/{error}")
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "not enrolled" in response.json()["detail"]
