@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.access import VISIBLE_VPP_SQL, Access, AccessDep
+from api.access import DENIED, VISIBLE_VPP_SQL, Access, AccessDep
 from api.models import Page, TenantId
 from api.problems import Problem
 from api.query import fetch_dicts, pool
@@ -605,8 +605,11 @@ async def put_resource(device: str, body: ResourceIn, who: AccessDep, request: R
         enrolment = await _open_enrolment(cur, body.tenant, device)
         enrolled = None if enrolment is None else enrolment["vpp"]
         if body.vpp is not None and body.vpp != enrolled and not who.is_admin:
-            raise who.deny(
+            DENIED.labels(who.role, "not-enrolled").inc()
+            raise Problem(
+                409,
                 "not-enrolled",
+                "Not enrolled in this VPP",
                 f"device {device!r} is not enrolled in VPP {body.vpp!r}: ask to join with "
                 f"POST /v1/vpps/{body.vpp}/enrolments; its owner approves",
             )
