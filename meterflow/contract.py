@@ -1,7 +1,8 @@
 """The wire contract (../shared/contract-v1.md) and meterflow's internal Kafka record format.
 
-Owns: identifier patterns, canonical metric names, MQTT topic shapes, the gateway-batch payload model,
-and the versioned Kafka record that carries readings from ingest to processing. Every stage imports
+Owns: identifier patterns, canonical metric names and their plausible ranges, MQTT topic shapes, the
+gateway-batch payload model, the versioned Kafka record that carries readings from ingest to processing,
+and the dead-letter record every stage writes. Every stage imports
 from here; nothing here does I/O.
 """
 
