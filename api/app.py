@@ -220,9 +220,14 @@ def _add_links(schema: dict[str, Any]) -> None:
 
 
 class MeterflowApi(FastAPI):
-    """FastAPI whose OpenAPI schema tells the truth about errors, authentication and links."""
+    """FastAPI whose OpenAPI schema tells the truth about errors, authentication and links, and whose
+    every answer carries the security headers."""
 
     _documented: int | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside Starlette's server-error middleware, so a 500 carries the headers too.
+        return SecurityHeaders(super().build_middleware_stack())
 
     def openapi(self) -> dict[str, Any]:
         schema = super().openapi()
@@ -292,7 +297,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth.install(app, cfg)
     app.state.site_cache = SiteCache(cfg.api.key_cache_s)
     problems.install(app)
-    app.add_middleware(SecurityHeaders)
     install_access_log_filter()
     app.include_router(registry.router)
     app.include_router(readings.router)

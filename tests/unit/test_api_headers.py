@@ -54,7 +54,9 @@ _INTEGRITY_ERRORS: dict[str, type[psycopg.errors.IntegrityError]] = {
 
 
 async def _raise(error: str) -> None:
-    """What a route that did not expect a registry rule's refusal lets through."""
+    """What a route that did not expect a registry rule's refusal, or has a bug, lets through."""
+    if error == "bug":
+        raise ZeroDivisionError("float division by zero")
     raise _INTEGRITY_ERRORS[error]("device d1 is not enrolled in VPP v1")
 
 
@@ -93,6 +95,8 @@ def served() -> Iterator[Served]:
 def test_api_answers_are_neither_cached_nor_sniffed_nor_framed(served: Served) -> None:
     for response in (
         served.http.get("/healthz"),
+        # 500, from the outermost error handler; uvicorn then drops the connection, so none is reused.
+        served.http.get("/probe/bug", headers={"Connection": "close"}),
         served.http.get("/v1/enterprises"),  # no key: 401 problem
         served.http.get("/v1/no-such-route"),
         served.http.get("/openapi.json"),
