@@ -9,6 +9,7 @@ small enterprise weigh as much as a large one). No I/O except `load_schemes`.
 from __future__ import annotations
 
 import importlib.resources
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -86,9 +87,13 @@ class Peer:
     value_added_cny: float
 
 
-def intensity(co2e_kg: float, value_added_cny: float) -> float:
-    """tCO2 per 10,000 CNY."""
-    return (co2e_kg / 1000) / (value_added_cny / 10_000)
+def intensity(co2e_kg: float, value_added_cny: float) -> float | None:
+    """tCO2 per 10,000 CNY; None when there is no finite figure: no positive value added (a subnormal one
+    stored before the API bounded it divides to 0 or inf), or emissions that are not finite."""
+    if not (math.isfinite(co2e_kg) and math.isfinite(value_added_cny)) or value_added_cny / 10_000 <= 0:
+        return None
+    result = (co2e_kg / 1000) / (value_added_cny / 10_000)
+    return result if math.isfinite(result) else None
 
 
 def grade(
@@ -111,7 +116,10 @@ def grade(
     else:
         total_va = sum(p.value_added_cny for p in peers)
         average = intensity(sum(p.co2e_kg for p in peers), total_va)
-    if refused is not None or average is None or average <= 0:
+        if average is None:
+            refused = "the industry's figures give no finite average"
+    k = l_value / average if refused is None and average is not None and average > 0 else math.nan
+    if not math.isfinite(k):
         return Grade(
             scheme=scheme_id,
             scheme_name=scheme.name,
@@ -128,7 +136,6 @@ def grade(
             refused=refused or "the industry average is zero",
             formula=formula,
         )
-    k = l_value / average
     band = _band(scheme.grades, k)
     return Grade(
         scheme=scheme_id,

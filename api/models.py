@@ -15,6 +15,24 @@ TenantId = Annotated[str, Field(pattern=TENANT_PATTERN)]
 ObjectId = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 
 
+def _bounded(low: float, high: float, *, description: str | None = None) -> object:
+    """A registry or submitted figure: a JSON number (strict: `true` and "1" are not numbers), finite, and
+    within bounds no real figure leaves. The lower bound keeps subnormals like 5e-324 out of divisors (a
+    quotient by one is inf, a tenth of one is 0); the upper keeps sums and products far from overflow."""
+    return Field(strict=True, ge=low, le=high, allow_inf_nan=False, description=description)
+
+
+# Bounds of registry values (docs/api.md#validation-bounds). Stored values are read back without them:
+# a row written before they existed must stay readable (the routes that compute with it check it).
+Money = Annotated[float, _bounded(1.0, 1e15)]  # CNY: one yuan to a thousand trillion
+Quantity = Annotated[float, _bounded(1e-6, 1e15)]
+Area = Annotated[float, _bounded(1e-3, 1e9)]  # m2: up to 1,000 km2
+Power = Annotated[float, _bounded(1e-6, 1e8)]  # kW: up to 100 GW, as the contract's power range
+RegisterCount = Annotated[float, _bounded(0.0, 1e12)]  # as the contract's register range
+Ratio = Annotated[float, _bounded(1e-6, 1e6)]
+Percent = Annotated[float, _bounded(0.0, 100.0)]
+
+
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,12 +43,13 @@ class EnterpriseIn(_In):
     role: Literal["enterprise", "operator"] = "enterprise"
     industry_code: str | None = None
     timezone: str = "Asia/Shanghai"
-    annual_output_value_cny: (
-        Annotated[float, Field(gt=0, description="for carbon intensity per output")] | None
-    ) = None
+    annual_output_value_cny: Annotated[Money, Field(description="for carbon intensity per output")] | None = (
+        None
+    )
 
 
 class Enterprise(EnterpriseIn):
+    annual_output_value_cny: float | None = None
     created_at: datetime
 
 
@@ -38,11 +57,11 @@ class SiteIn(_In):
     tenant: TenantId
     site: ObjectId
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    floor_area_m2: Annotated[float, Field(gt=0)] | None = None
+    floor_area_m2: Area | None = None
     timezone: str | None = None
     province: str | None = Field(default=None, description="pinyin id, selects the grid emission factor")
-    latitude: Annotated[float, Field(ge=-90, le=90)] | None = None
-    longitude: Annotated[float, Field(ge=-180, le=180)] | None = None
+    latitude: Annotated[float, _bounded(-90, 90)] | None = None
+    longitude: Annotated[float, _bounded(-180, 180)] | None = None
     grid_zone: Annotated[str, Field(pattern=ZONE_PATTERN)] | None = Field(
         default=None,
         description="zone of the time-varying grid intensity that applies (e.g. CN-JS); default: the province id",
@@ -56,6 +75,7 @@ class SitePatch(_In):
 
 
 class Site(SiteIn):
+    floor_area_m2: float | None = None
     created_at: datetime
 
 
@@ -89,18 +109,23 @@ class DeviceIn(_In):
     role: Literal["grid", "submeter", "resource"] = Field(
         default="grid", description="grid: boundary meter counted in carbon and site load"
     )
-    rated_power_kw: Annotated[float, Field(gt=0)] | None = None
-    register_max: Annotated[float, Field(gt=0)] | None = None
-    register_resolution: Annotated[float, Field(gt=0)] = 0.01
-    telemetry_interval_s: Annotated[int, Field(gt=0)] = 60
-    energy_capacity_kwh: Annotated[float, Field(gt=0)] | None = None
-    soc_min_pct: Annotated[float, Field(ge=0, le=100)] = 10.0
-    soc_max_pct: Annotated[float, Field(ge=0, le=100)] = 95.0
+    rated_power_kw: Power | None = None
+    register_max: Annotated[float, _bounded(1e-6, 1e12)] | None = None
+    register_resolution: Annotated[float, _bounded(1e-9, 1e6)] = 0.01
+    telemetry_interval_s: Annotated[int, Field(strict=True, gt=0, le=86_400)] = 60
+    energy_capacity_kwh: Quantity | None = None
+    soc_min_pct: Percent = 10.0
+    soc_max_pct: Percent = 95.0
     vpp: Annotated[str, Field(pattern=DEVICE_PATTERN)] | None = None
     topology_node: str | None = None
 
 
 class Device(DeviceIn):
+    rated_power_kw: float | None = None
+    register_max: float | None = None
+    register_resolution: float = 0.01
+    telemetry_interval_s: int = 60
+    energy_capacity_kwh: float | None = None
     created_at: datetime
 
 
@@ -111,7 +136,7 @@ class GreenCertificateIn(_In):
     certificate: ObjectId
     period_start: date
     period_end: date
-    certificates: Annotated[int, Field(gt=0)]
+    certificates: Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
 
 
 class GreenCertificate(GreenCertificateIn):
@@ -125,11 +150,13 @@ class MeterExchangeIn(_In):
     tenant: TenantId
     metric: Literal["energy_import_kwh", "energy_export_kwh", "gas_nm3", "heat_gj", "fuel_l"]
     ts: datetime
-    removal_read: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    install_read: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    removal_read: RegisterCount
+    install_read: RegisterCount
 
 
 class MeterExchange(MeterExchangeIn):
+    removal_read: float
+    install_read: float
     device: str
     created_at: datetime
 
@@ -140,12 +167,15 @@ class MultiplierIn(_In):
 
     tenant: TenantId
     effective_from: datetime
-    ct_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
-    vt_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
-    meter_constant: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    ct_ratio: Ratio = 1.0
+    vt_ratio: Ratio = 1.0
+    meter_constant: Ratio = 1.0
 
 
 class Multiplier(MultiplierIn):
+    ct_ratio: float = 1.0
+    vt_ratio: float = 1.0
+    meter_constant: float = 1.0
     device: str
     created_at: datetime
 
@@ -289,13 +319,16 @@ class EnterpriseCarbon(BaseModel):
 class OutputValueIn(_In):
     period_start: date
     period_end: date = Field(description="exclusive")
-    value_added_cny: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    output_value_cny: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    product_quantity: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    value_added_cny: Money | None = None
+    output_value_cny: Money | None = None
+    product_quantity: Quantity | None = None
     product_unit: Annotated[str, Field(max_length=40)] | None = None
 
 
 class OutputValue(OutputValueIn):
+    value_added_cny: float | None = None
+    output_value_cny: float | None = None
+    product_quantity: float | None = None
     tenant: str
     created_at: datetime
 
@@ -370,7 +403,7 @@ class EmissionFactorIn(_In):
     ]
     region: Annotated[str, Field(min_length=1, max_length=40)]
     year: Annotated[int, Field(ge=1990, le=2200)] | None = None
-    value: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    value: Annotated[float, _bounded(1e-9, 1e6)]
     unit: str
     status: Literal["final", "provisional", "unverified"]
     published: str | None = None
