@@ -1,0 +1,270 @@
+"""Attacks on VPP ownership, as a hostile tenant or operator would try them (issue 13, findings 1 and 6):
+joining another tenant's VPP by naming it, reading it afterwards, foreign ids in paths and bodies,
+deciding enrolments of a VPP one does not own, dispatching or changing holidays, and writing
+membership straight into the database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+from meterflow.settings import Settings
+from processing.vpp import Fleet as VppFleet
+from processing.vpp import load_fleet as load_vpp_fleet
+from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
+
+pytestmark = pytest.mark.integration
+
+DAY = {"start": "2025-03-10T00:00:00+08:00", "end": "2025-03-11T00:00:00+08:00"}
+EVENT = {"start": "2025-03-12T14:00:00+08:00", "end": "2025-03-12T15:00:00+08:00", "direction": "up",
+         "committed_kw": 30, "program": "victim-programme"}  # fmt: skip
+
+
+@dataclass
+class Victim:
+    """Tenant B's battery in VPP X, owned by operator O; tenant A is the attacker."""
+
+    fleet: Fleet
+    vpp: str
+    operator: str
+    battery: str
+    attacker_device: str
+    keys: dict[str, str]
+
+
+def _key(api: ApiServer, role: str, tenant: str | None) -> str:
+    with api.client() as http:
+        r = http.post("/v1/api-keys", json={"role": role, "tenant": tenant})
+        assert r.status_code == 201, r.text
+        return str(r.json()["key"])
+
+
+@pytest.fixture(scope="module")
+def api(base_settings: Settings) -> Iterator[ApiServer]:
+    yield from serve(base_settings)
+
+
+@pytest.fixture(scope="module")
+def victim(base_settings: Settings, api: ApiServer) -> Victim:
+    fleet = load_fleet(base_settings)
+    vpp, operator, idle = f"vpp-east-{fleet.run}", f"grid{fleet.run}", f"idle{fleet.run}"
+    battery, attacker_device = f"{fleet.other}-bat", f"{fleet.tenant}-s1-pv"
+    with api.client() as http:
+        for op in (operator, idle):
+            assert (
+                http.post("/v1/enterprises", json={"tenant": op, "name": op, "role": "operator"}).status_code
+                == 201
+            )
+        assert http.post("/v1/vpps", json={"vpp": vpp, "name": "east", "owner": operator}).status_code == 201
+        body = {"tenant": fleet.other, "device": battery, "role": "resource", "device_type": "battery", "vpp": vpp,
+                "rated_power_kw": 100, "energy_capacity_kwh": 200}  # fmt: skip
+        assert http.post("/v1/devices", json=body).status_code == 201
+        model = {"tenant": fleet.other, "resource_class": "battery"}
+        assert http.put(f"/v1/devices/{battery}/resource", json=model).status_code == 200
+        assert http.post(f"/v1/vpps/{vpp}/dr-events", json=EVENT).status_code == 201
+    keys = {
+        "attacker": _key(api, "enterprise", fleet.tenant),
+        "victim": _key(api, "enterprise", fleet.other),
+        "owner": _key(api, "operator", operator),
+        "idle": _key(api, "operator", idle),
+    }
+    return Victim(fleet, vpp, operator, battery, attacker_device, keys)
+
+
+def _members(settings: Settings, vpp: str) -> dict[tuple[str, str], float]:
+    """The resources the vpp service counts in `vpp` (its own registry query), with their rated kW."""
+
+    async def load() -> VppFleet:
+        async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
+            return await load_vpp_fleet(conn)
+
+    fleet = asyncio.run(load())
+    if vpp not in fleet.vpps:
+        return {}
+    group = fleet.vpps.index(vpp)
+    return {
+        key: float(fleet.models.rated_kw[i])
+        for i, key in enumerate(fleet.keys)
+        if fleet.models.group[i] == group
+    }
+
+
+def _vpp_reads(v: Victim) -> list[str]:
+    return [
+        f"/v1/vpps/{v.vpp}",
+        f"/v1/vpps/{v.vpp}/capacity",
+        f"/v1/vpps/{v.vpp}/capacity/nodes",
+        f"/v1/vpps/{v.vpp}/stale-devices",
+        f"/v1/vpps/{v.vpp}/dr-events",
+    ]
+
+
+def test_enterprise_naming_a_foreign_vpp_in_its_resource_does_not_join_it(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Finding 1, step by step: the enterprise PUTs its own device's resource model with another tenant's
+    VPP. It must not join: the VPP's members and nameplate stay the victim's, and the key reads nothing."""
+    v = victim
+    before = _members(base_settings, v.vpp)
+    assert before == {(v.fleet.other, v.battery): 100.0}
+    attack = {"tenant": v.fleet.tenant, "resource_class": "battery", "vpp": v.vpp, "rated_power_kw": 200,
+              "energy_capacity_kwh": 400}  # fmt: skip
+    with api.client(v.keys["attacker"]) as http:
+        r = http.put(f"/v1/devices/{v.attacker_device}/resource", json=attack)
+        assert r.status_code == 409, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"].endswith("/not-enrolled")
+        # Nothing else gained: every read of the VPP is as if it did not exist, and the list omits it.
+        for path in _vpp_reads(v):
+            assert http.get(path).status_code == 404, path
+        history = http.get(f"/v1/vpps/{v.vpp}/capacity/history", params=DAY)
+        assert history.status_code == 404
+        assert v.vpp not in {x["vpp"] for x in http.get("/v1/vpps").json()["data"]}
+        assert "victim-programme" not in http.get(f"/v1/vpps/{v.vpp}/dr-events").text
+        with http.stream("GET", f"/v1/vpps/{v.vpp}/capacity/stream") as stream:
+            assert stream.status_code == 404
+    assert _members(base_settings, v.vpp) == before
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        row = conn.execute(
+            "SELECT d.vpp, r.device_id FROM devices d LEFT JOIN vpp_resources r USING (tenant_id, device_id) "
+            "WHERE d.tenant_id = %s AND d.device_id = %s",
+            (v.fleet.tenant, v.attacker_device),
+        ).fetchone()
+    assert row == (None, None), "the refused request wrote nothing"
+
+
+def test_membership_cannot_be_written_around_an_approved_enrolment(
+    victim: Victim, base_settings: Settings
+) -> None:
+    """The database itself refuses a device in a VPP without an approved enrolment, rewriting an
+    enrolment's history, and deleting it: no API bug can bypass the owner's approval."""
+    v = victim
+    with psycopg.connect(base_settings.db.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="not enrolled"):
+            conn.execute(
+                "UPDATE devices SET vpp = %s WHERE tenant_id = %s AND device_id = %s",
+                (v.vpp, v.fleet.tenant, v.attacker_device),
+            )
+        with pytest.raises(psycopg.errors.CheckViolation, match="not enrolled"):
+            conn.execute(
+                "INSERT INTO devices (tenant_id, device_id, vpp) VALUES (%s, %s, %s)",
+                (v.fleet.tenant, f"sneak-{v.fleet.run}", v.vpp),
+            )
+        (enrolment,) = conn.execute(
+            "INSERT INTO vpp_enrolments (vpp_id, tenant_id, device_id, status, requested_by) "
+            "VALUES (%s, %s, %s, 'requested', 'attacker') RETURNING enrolment_id",
+            (v.vpp, v.fleet.tenant, v.attacker_device),
+        ).fetchone()  # type: ignore[misc]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "UPDATE vpp_enrolments SET device_id = %s WHERE enrolment_id = %s", (v.battery, enrolment)
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM vpp_enrolments WHERE enrolment_id = %s", (enrolment,))
+        conn.execute(
+            "UPDATE vpp_enrolments SET status = 'rejected', decided_by = 'test', decided_at = now() "
+            "WHERE enrolment_id = %s",
+            (enrolment,),
+        )
+        with pytest.raises(psycopg.errors.CheckViolation, match="cannot become"):
+            conn.execute(
+                "UPDATE vpp_enrolments SET status = 'approved' WHERE enrolment_id = %s", (enrolment,)
+            )
+        (vpp,) = conn.execute(
+            "SELECT vpp FROM devices WHERE tenant_id = %s AND device_id = %s",
+            (v.fleet.tenant, v.attacker_device),
+        ).fetchone()  # type: ignore[misc]
+    assert vpp is None
+
+
+def test_enrolment_needs_the_owner_and_grants_only_aggregates(api: ApiServer, victim: Victim) -> None:
+    """A request grants nothing until the owner approves; an approved member reads the VPP's aggregates
+    and its own devices, never the other tenant's; leaving takes it all back. Foreign ids in bodies and
+    paths are refused."""
+    v = victim
+    own_pv = v.attacker_device
+    with api.client(v.keys["attacker"]) as http:
+        # Someone else's device in the body.
+        foreign = http.post(
+            f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.other, "device": v.battery}
+        )
+        assert foreign.status_code == 404
+        own_tenant_foreign_device = http.post(
+            f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.tenant, "device": v.battery}
+        )
+        assert own_tenant_foreign_device.status_code == 404
+        r = http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.tenant, "device": own_pv})
+        assert r.status_code == 201 and r.json()["status"] == "requested", r.text
+        enrolment = r.json()["enrolment_id"]
+        # A second open request for the same device is a conflict, not a second membership.
+        again = http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.tenant, "device": own_pv})
+        assert again.status_code == 409
+        # Requesting is not joining; approving one's own request is not allowed.
+        assert http.get(f"/v1/vpps/{v.vpp}/capacity").status_code == 404
+        assert http.post(f"/v1/vpp-enrolments/{enrolment}/approve").status_code == 403
+    with api.client(v.keys["idle"]) as http:
+        assert http.post(f"/v1/vpp-enrolments/{enrolment}/approve").status_code == 404
+        assert v.vpp not in {x["vpp"] for x in http.get("/v1/vpp-enrolments").json()["data"]}
+    with api.client(v.keys["victim"]) as http:
+        assert http.post(f"/v1/vpp-enrolments/{enrolment}/approve").status_code == 404
+        assert http.post(f"/v1/vpp-enrolments/{enrolment}/leave").status_code == 404
+    with api.client(v.keys["owner"]) as http:
+        pending = http.get("/v1/vpp-enrolments", params={"vpp": v.vpp, "status": "requested"}).json()["data"]
+        assert [(e["tenant"], e["device"]) for e in pending] == [(v.fleet.tenant, own_pv)]
+        approved = http.post(f"/v1/vpp-enrolments/{enrolment}/approve", json={"note": "welcome"})
+        assert approved.status_code == 200 and approved.json()["status"] == "approved", approved.text
+        assert http.post(f"/v1/vpp-enrolments/{enrolment}/reject").status_code == 409
+    with api.client(v.keys["attacker"]) as http:
+        # Now a member, its resource model needs no vpp in the body.
+        model = {"tenant": v.fleet.tenant, "resource_class": "pv", "rated_power_kw": 10}
+        assert http.put(f"/v1/devices/{own_pv}/resource", json=model).status_code == 200
+        summary = http.get(f"/v1/vpps/{v.vpp}")
+        assert summary.status_code == 200 and summary.json()["tenants"] == 2
+        assert http.get(f"/v1/vpps/{v.vpp}/dr-events").status_code == 200
+        # Per-device rows of the other member stay hidden.
+        assert (
+            http.get(f"/v1/devices/{v.battery}/resource", params={"tenant": v.fleet.other}).status_code == 404
+        )
+        listed = http.get("/v1/vpp-enrolments", params={"vpp": v.vpp}).json()["data"]
+        assert {e["tenant"] for e in listed} == {v.fleet.tenant}
+        left = http.post(f"/v1/vpp-enrolments/{enrolment}/leave")
+        assert left.status_code == 200 and left.json()["status"] == "left"
+        for path in _vpp_reads(v):
+            assert http.get(path).status_code == 404, path
+
+
+def test_operator_acts_only_on_the_vpps_it_owns(api: ApiServer, victim: Victim) -> None:
+    """Finding 6: an operator dispatching a VPP it does not own, writing global holidays, reading another
+    tenant's resource model and stale devices; the owner reads its members' models."""
+    v = victim
+    with api.client(v.keys["idle"]) as http:
+        assert http.post(f"/v1/vpps/{v.vpp}/dr-events", json=EVENT).status_code == 404
+        assert http.get(f"/v1/vpps/{v.vpp}/dr-events").status_code == 404
+        assert http.get(f"/v1/vpps/{v.vpp}/stale-devices").status_code == 404
+        holiday = http.put("/v1/dr-holidays/2025-03-11", json={"name": "skip the attacker's bad day"})
+        assert holiday.status_code == 403 and holiday.json()["type"].endswith("/forbidden")
+        model = http.get(f"/v1/devices/{v.battery}/resource", params={"tenant": v.fleet.other})
+        assert model.status_code == 404
+        assert http.get("/v1/devices", params={"tenant": v.fleet.other}).status_code == 404
+        assert http.patch(f"/v1/vpps/{v.vpp}", json={"owner": None}).status_code == 403
+        assert http.post("/v1/vpps", json={"vpp": f"mine-{v.fleet.run}", "name": "x"}).status_code == 403
+    with api.client(v.keys["owner"]) as http:
+        assert http.put("/v1/dr-holidays/2025-03-11", json={"name": "x"}).status_code == 403
+        model = http.get(f"/v1/devices/{v.battery}/resource", params={"tenant": v.fleet.other})
+        assert model.status_code == 200 and model.json()["vpp"] == v.vpp
+        # The owner sees its members' resource models, not the rest of their tenant.
+        pv = http.get(f"/v1/devices/{v.fleet.other}-s1-pv/resource", params={"tenant": v.fleet.other})
+        assert pv.status_code == 404
+        readings = http.get(f"/v1/devices/{v.battery}/readings", params={**DAY, "tenant": v.fleet.other})
+        assert readings.status_code == 404
+        created = http.post(f"/v1/vpps/{v.vpp}/dr-events", json={**EVENT, "program": "owner"})
+        assert created.status_code == 201, created.text
+        # Changing the VPP's member's resource model stays the member's (or an admin's) business.
+        put = http.put(
+            f"/v1/devices/{v.battery}/resource", json={"tenant": v.fleet.other, "resource_class": "battery"}
+        )
+        assert put.status_code == 404
