@@ -97,10 +97,13 @@ def parse_message(topic: TelemetryTopic, payload: bytes, *, received_ms: int, li
             Rejection(DeadLetterReason.TOO_LARGE, f"{len(payload)} bytes > limit {limits.max_payload_bytes}")
         )
         return result
-    doc = _load(payload)
-    if isinstance(doc, Rejection):
-        result.rejected.append(doc)
-        return result
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        doc = _load_non_finite(payload, exc)
+        if isinstance(doc, Rejection):
+            result.rejected.append(doc)
+            return result
 
     if topic.device is not None:
         per_device = {topic.device: doc if isinstance(doc, list) else [doc]}
@@ -113,10 +116,11 @@ def parse_message(topic: TelemetryTopic, payload: bytes, *, received_ms: int, li
         result.rejected.append(Rejection(DeadLetterReason.SCHEMA, "a gateway batch must be a JSON object"))
         return result
 
-    positions: dict[str, list[int]] = {}
+    positions: dict[str, list[int]] | None = None
     try:
         validated: dict[str, list[TelemetryPoint]] = _BATCH.validate_python(per_device)
     except ValidationError:
+        positions = {}
         validated = _validate_each(per_device, result, positions)
 
     horizon = received_ms + limits.max_future_skew_ms
@@ -127,7 +131,7 @@ def parse_message(topic: TelemetryTopic, payload: bytes, *, received_ms: int, li
         if not _valid_device(device):
             result.rejected.append(Rejection(DeadLetterReason.SCHEMA, "invalid device id", device[:64]))
             continue
-        where = positions.get(device)
+        where = None if positions is None else positions.get(device)
         readings: list[Reading] = []
         for i, point in enumerate(points):
             ts = point["ts"]
@@ -151,16 +155,13 @@ def parse_message(topic: TelemetryTopic, payload: bytes, *, received_ms: int, li
     return result
 
 
-def _load(payload: bytes) -> object:
-    """The JSON document, or an invalid_json rejection."""
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        refused = exc
-    # orjson refuses numbers beyond float64 (1e309) and NaN/Infinity literals. Read that way, one such
-    # value would lose its whole message; the stdlib parser reads them as non-finite floats, which the
-    # value checks refuse point by point. Anything orjson could not write back (a lone surrogate) is
-    # refused here rather than by the Kafka encoder.
+def _load_non_finite(payload: bytes, refused: orjson.JSONDecodeError) -> object:
+    """The JSON document orjson refused, or an invalid_json rejection.
+
+    orjson refuses numbers beyond float64 (1e309) and NaN/Infinity literals. Read that way, one such
+    value would lose its whole message; the stdlib parser reads them as non-finite floats, which the
+    value checks refuse point by point. Anything orjson could not write back (a lone surrogate) is
+    refused here rather than by the Kafka encoder."""
     try:
         doc = json.loads(payload.decode("utf-8"), parse_int=_json_int)
         orjson.dumps(doc)
