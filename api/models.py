@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from typing import Annotated, Generic, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from meterflow.contract import DEVICE_PATTERN, GATEWAY_PATTERN, TENANT_PATTERN, ZONE_PATTERN
 
@@ -13,6 +14,19 @@ T = TypeVar("T")
 
 TenantId = Annotated[str, Field(pattern=TENANT_PATTERN)]
 ObjectId = Annotated[str, Field(pattern=DEVICE_PATTERN)]
+
+
+def _known_zone(name: str) -> str:
+    # Local days, bills and carbon days are computed in it: a name the server cannot load would fail
+    # every later figure of the tenant, not this request.
+    try:
+        ZoneInfo(name)
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise ValueError(f"unknown time zone {name!r}: an IANA name such as Asia/Shanghai") from exc
+    return name
+
+
+TimeZone = Annotated[str, Field(max_length=64), AfterValidator(_known_zone)]
 
 
 def _bounded(low: float, high: float, *, description: str | None = None) -> object:
@@ -42,13 +56,14 @@ class EnterpriseIn(_In):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     role: Literal["enterprise", "operator"] = "enterprise"
     industry_code: str | None = None
-    timezone: str = "Asia/Shanghai"
+    timezone: TimeZone = "Asia/Shanghai"
     annual_output_value_cny: Annotated[Money, Field(description="for carbon intensity per output")] | None = (
         None
     )
 
 
 class Enterprise(EnterpriseIn):
+    timezone: str
     annual_output_value_cny: float | None = None
     created_at: datetime
 
@@ -58,7 +73,7 @@ class SiteIn(_In):
     site: ObjectId
     name: Annotated[str, Field(min_length=1, max_length=200)]
     floor_area_m2: Area | None = None
-    timezone: str | None = None
+    timezone: TimeZone | None = None
     province: str | None = Field(default=None, description="pinyin id, selects the grid emission factor")
     latitude: Annotated[float, _bounded(-90, 90)] | None = None
     longitude: Annotated[float, _bounded(-180, 180)] | None = None
@@ -75,6 +90,7 @@ class SitePatch(_In):
 
 
 class Site(SiteIn):
+    timezone: str | None = None
     floor_area_m2: float | None = None
     created_at: datetime
 
