@@ -577,7 +577,9 @@ def _check_model(body: ResourceIn, device: dict[str, Any], vpp: str | None) -> N
     if storage and body.reserved_soc_pct >= soc_max:
         problems.append("reserved_soc_pct must be below soc_max_pct")
     if problems:
-        raise Problem(422, "invalid-resource", "Invalid resource model", "; ".join(problems), errors=problems)
+        # `errors` in the documented shape of every problem (api.problems), one entry per rule broken.
+        errors = [{"loc": ["body"], "msg": msg, "type": "invalid-resource"} for msg in problems]
+        raise Problem(422, "invalid-resource", "Invalid resource model", "; ".join(problems), errors=errors)
 
 
 @router.put("/devices/{device}/resource")
