@@ -7,11 +7,12 @@ so tests can construct their own.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -136,6 +137,15 @@ class IngestSettings(_Group):
     # Beyond it its dead letters are counted, not written, and one dlq_budget letter a minute says so:
     # a gateway with a broken clock or a hostile one cannot fill the dead-letter topic.
     dlq_budget_bytes_per_min: int = Field(default=8 * 1024 * 1024, gt=0)
+
+    @field_validator("metric_ranges")
+    @classmethod
+    def _ranges_are_intervals(cls, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        # A NaN or reversed bound would refuse every reading of the metric.
+        for metric, (low, high) in ranges.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise ValueError(f"range of {metric!r} must be finite with low <= high, got [{low}, {high}]")
+        return ranges
 
 
 class ProcessingSettings(_Group):

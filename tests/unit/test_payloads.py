@@ -4,10 +4,11 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from ingest.payloads import Limits, parse_message
 from meterflow.contract import METRIC_RANGES, DeadLetterReason, TelemetryTopic
-from meterflow.settings import IngestSettings
+from meterflow.settings import IngestSettings, Settings
 
 TOPIC = TelemetryTopic("acme", "gw-1", None)
 LIMITS = Limits(max_payload_bytes=10_000, max_future_skew_ms=300_000)
@@ -208,3 +209,19 @@ def test_single_device_form_accepts_object_or_array() -> None:
 def test_batch_that_is_not_an_object_is_a_schema_error() -> None:
     result = parse([1, 2, 3])
     assert [r.reason for r in result.rejected] == [DeadLetterReason.SCHEMA]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bounds", [(5.0, 1.0), (float("nan"), 1.0), (0.0, float("inf"))])
+def test_a_range_that_would_refuse_everything_or_nothing_is_a_settings_error(
+    bounds: tuple[float, float],
+) -> None:
+    with pytest.raises(ValidationError):
+        IngestSettings(metric_ranges={"power_kw": bounds})
+
+
+def test_ranges_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERFLOW_INGEST__METRIC_RANGES", '{"power_kw": [-5e5, 5e5]}')
+    monkeypatch.setenv("METERFLOW_INGEST__MIN_TS", "2010-01-01T00:00:00Z")
+    limits = Limits.from_settings(Settings().ingest)
+    assert limits.ranges["power_kw"] == (-5e5, 5e5)
+    assert limits.min_ts_ms == 1_262_304_000_000
