@@ -181,6 +181,31 @@ _LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] =
     ("post", "/v1/api-keys", "201"): {
         "RevokeKey": ("delete", "/v1/api-keys/{key_id}", {"key_id": "$response.body#/key_id"}),
     },
+    ("post", "/v1/vpps", "201"): {
+        "GetVpp": ("get", "/v1/vpps/{vpp}", {"vpp": "$response.body#/vpp"}),
+        "UpdateVpp": ("patch", "/v1/vpps/{vpp}", {"vpp": "$response.body#/vpp"}),
+        "RequestEnrolment": ("post", "/v1/vpps/{vpp}/enrolments", {"vpp": "$response.body#/vpp"}),
+        "VppCapacity": ("get", "/v1/vpps/{vpp}/capacity", {"vpp": "$response.body#/vpp"}),
+        "VppEvents": ("get", "/v1/vpps/{vpp}/dr-events", {"vpp": "$response.body#/vpp"}),
+    },
+    ("post", "/v1/vpps/{vpp}/enrolments", "201"): {
+        "Approve": (
+            "post",
+            "/v1/vpp-enrolments/{enrolment_id}/approve",
+            {"enrolment_id": "$response.body#/enrolment_id"},
+        ),
+        "Reject": (
+            "post",
+            "/v1/vpp-enrolments/{enrolment_id}/reject",
+            {"enrolment_id": "$response.body#/enrolment_id"},
+        ),
+        "Leave": (
+            "post",
+            "/v1/vpp-enrolments/{enrolment_id}/leave",
+            {"enrolment_id": "$response.body#/enrolment_id"},
+        ),
+        "ListEnrolments": ("get", "/v1/vpp-enrolments", {"vpp": "$request.path.vpp"}),
+    },
     ("post", "/v1/vpps/{vpp}/dr-events", "201"): {
         "GetEvent": ("get", "/v1/dr-events/{event_id}", {"event_id": "$response.body#/event_id"}),
         "EventResult": ("get", "/v1/dr-events/{event_id}/result", {"event_id": "$response.body#/event_id"}),
