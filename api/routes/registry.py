@@ -357,20 +357,18 @@ async def create_device(body: DeviceIn, who: AccessDep, request: Request) -> Dev
         conn.cursor(row_factory=dict_row) as cur,
     ):
         with write_errors():
-            # The device exists before its enrolment, which is what sets devices.vpp (migration 0009).
-            await cur.execute(
-                f"INSERT INTO devices ({', '.join(_DEVICE_FIELDS.values())}) "
-                f"VALUES ({', '.join(f'%({name})s' for name in _DEVICE_FIELDS)}) RETURNING {_DEVICE_COLS}",
-                {**body.model_dump(), "vpp": None},
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise RuntimeError("INSERT ... RETURNING returned no row")
             if body.vpp is not None:
+                # Enrolment first (its key onto devices is checked at commit): the device row then carries
+                # its VPP from the start, so its membership history includes the readings it backfills.
                 await enrol_directly(
                     cur, vpp=body.vpp, tenant=body.tenant, device=body.device, key_id=who.key_id
                 )
-                row["vpp"] = body.vpp
+            await cur.execute(
+                f"INSERT INTO devices ({', '.join(_DEVICE_FIELDS.values())}) "
+                f"VALUES ({', '.join(f'%({name})s' for name in _DEVICE_FIELDS)}) RETURNING {_DEVICE_COLS}",
+                body.model_dump(),
+            )
+            row = await cur.fetchone()
     return Device.model_validate(row)
 
 

@@ -62,7 +62,9 @@ def upgrade() -> None:
             left_by      text,
             left_at      timestamptz,
             note         text CHECK (length(note) <= 500),
-            FOREIGN KEY (tenant_id, device_id) REFERENCES devices,
+            -- Deferred: a device registered with its VPP gets its approved enrolment first, so that the
+            -- device row is inserted with its VPP and its membership history starts with it (-infinity).
+            FOREIGN KEY (tenant_id, device_id) REFERENCES devices DEFERRABLE INITIALLY DEFERRED,
             CHECK ((status = 'requested') = (decided_at IS NULL AND left_at IS NULL)),
             CHECK ((status = 'left') = (left_at IS NOT NULL))
         )""")
