@@ -28,6 +28,8 @@ class Refusal:
     partition: int
     offset: int
     raw: bytes
+    tenant: str
+    gateway: str
     rejected: list[DeadLetterEntry]
     reasons: Counter[DeadLetterReason]
 
@@ -105,9 +107,15 @@ class ColumnBuilder:
         # The collector checks these first; the processor checks again (defence in depth), because a
         # value no aggregate can hold or a time the database cannot store would poison figures or stop
         # every poll of the partition.
-        ok = (np.abs(value) <= VALUE_LIMIT) & (ts >= TS_MIN) & (ts < TS_MAX)
+        ok = (
+            (value >= self.table.low[series])
+            & (value <= self.table.high[series])
+            & (np.abs(value) <= VALUE_LIMIT)
+            & (ts >= TS_MIN)
+            & (ts < TS_MAX)
+        )
         if not ok.all():
-            self._refuse(partition, offset, raw, doc, ok, ts, value, metric_col)
+            self._refuse(partition, offset, raw, doc, ok, series, ts, value, metric_col)
             series, ts, value = series[ok], ts[ok], value[ok]
         r = len(self.partitions)
         self.partitions.append(partition)
@@ -122,8 +130,8 @@ class ColumnBuilder:
         return int(series.size)
 
     def _refuse(
-        self, partition: int, offset: int, raw: bytes, doc: dict[str, Any], ok: np.ndarray, ts: I64,
-        value: F64, metric_col: Sequence[str],
+        self, partition: int, offset: int, raw: bytes, doc: dict[str, Any], ok: np.ndarray, series: I32,
+        ts: I64, value: F64, metric_col: Sequence[str],
     ) -> None:  # fmt: skip
         devices = doc["devices"] if doc["v"] == 2 else [doc["device"]]
         readings = doc["readings"]
@@ -131,6 +139,7 @@ class ColumnBuilder:
         reasons: Counter[DeadLetterReason] = Counter()
         for i in np.flatnonzero(~ok).tolist():
             t, v = int(ts[i]), float(value[i])
+            low, high = float(self.table.low[series[i]]), min(float(self.table.high[series[i]]), VALUE_LIMIT)
             if not math.isfinite(v):
                 reason = DeadLetterReason.NON_FINITE  # JSON has no NaN: a NaN here was a null
             elif t < TS_MIN:
@@ -143,14 +152,16 @@ class ColumnBuilder:
             rejected.append(
                 DeadLetterEntry(
                     reason=reason.value,
-                    detail=f"ts {t}, value {v!r}: outside what the processor stores "
-                    f"(|value| <= {VALUE_LIMIT:g}, {TS_MIN} <= ts < {TS_MAX})",
+                    detail=f"ts {t}, value {v!r}: outside what the processor stores ({low:g} <= value "
+                    f"<= {high:g}, {TS_MIN} <= ts < {TS_MAX})",
                     device=devices[readings[i][0]] if doc["v"] == 2 else devices[0],
                     point=i,
                     metric=metric_col[i],
                 )
             )
-        self.refused.append(Refusal(partition, offset, raw, rejected, reasons))
+        self.refused.append(
+            Refusal(partition, offset, raw, str(doc["tenant"]), str(doc["gateway"]), rejected, reasons)
+        )
 
     def _series(
         self, tenant: str, devices: list[str], dev_col: Sequence[int], metric_col: Sequence[str]

@@ -118,7 +118,7 @@ class Processor:
         self.readings_done = 0  # readings in committed polls (benchmarks watch it)
         self.rebalances = 0
         self.polls = 0
-        self.series = SeriesTable()
+        self.series = SeriesTable(metric_ranges=settings.ingest.metric_ranges)
         self.registry = RegistryView()
         self.audit = AuditLog(self.topic)
         self.key_ids = KeyIds(settings.db.conninfo())
@@ -266,7 +266,8 @@ class Processor:
             first = refusal.rejected[0]
             await self._dead_letter(
                 TopicPartition(self.topic, refusal.partition), refusal.offset, refusal.raw, first["detail"],
-                reason=first["reason"], rejected=refusal.rejected,
+                reason=first["reason"], rejected=refusal.rejected, tenant=refusal.tenant,
+                gateway=refusal.gateway,
             )  # fmt: skip
         async with self.write_lock:
             outcome = await self._write(columns, poll.next_offsets)
@@ -308,7 +309,9 @@ class Processor:
         """One dead letter per record, listing its conflicting readings with the kept and the sent value."""
         CONFLICTS.inc(len(conflicts))
         by_record: dict[int, list[DeadLetterEntry]] = {}
+        tenants: dict[int, str] = {}
         for c in conflicts:
+            tenants[c.record] = c.key[0]
             by_record.setdefault(c.record, []).append(
                 DeadLetterEntry(
                     reason=DeadLetterReason.CONFLICTING_DUPLICATE.value,
@@ -322,6 +325,7 @@ class Processor:
                 TopicPartition(self.topic, int(columns.record_partition[r])), int(columns.record_offset[r]),
                 columns.record_raw[r], rejected[0]["detail"],
                 reason=DeadLetterReason.CONFLICTING_DUPLICATE.value, rejected=rejected,
+                tenant=tenants[r], gateway=columns.record_gateway[r],
             )  # fmt: skip
 
     async def _dead_letter(
@@ -333,6 +337,8 @@ class Processor:
         *,
         reason: str = "undecodable_record",
         rejected: list[DeadLetterEntry] | None = None,
+        tenant: str | None = None,
+        gateway: str | None = None,
     ) -> None:
         BAD_RECORDS.labels(reason).inc()
         cap = self.settings.ingest.dlq_payload_cap_bytes
@@ -346,6 +352,8 @@ class Processor:
             partition=tp.partition,
             offset=offset,
             rejected=rejected,
+            tenant=tenant,
+            gateway=gateway,
         )
         await self.producer.send_and_wait(self.settings.kafka.dlq_topic, record)
         log.warning("record %s[%d]@%d sent to DLQ: %s", tp.topic, tp.partition, offset, detail)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from meterflow.contract import CANONICAL_METRICS, MetricKind
+from meterflow.contract import CANONICAL_METRICS, METRIC_RANGES, OTHER_METRIC_RANGE, MetricKind
 from processing.kernels import F64, I8, I32, I64, NO_TS, RegisterParams, RegisterState
 from processing.registry import RegistryView, SeriesKey
 
@@ -48,6 +48,12 @@ class SeriesTable:
         default_factory=lambda: RegisterParams(np.empty(0), np.empty(0), np.empty(0))
     )
     abs_limit: F64 = field(default_factory=lambda: np.empty(0))
+    # The plausible range of each series' metric (meterflow.contract.METRIC_RANGES, replaced per metric
+    # by `metric_ranges`): decoding refuses values outside it. Written as series are added, with room to
+    # grow, so decoding a poll never replaces the arrays above, which the poll being written uses.
+    metric_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    low: F64 = field(default_factory=lambda: np.empty(0))
+    high: F64 = field(default_factory=lambda: np.empty(0))
     _params_revision: int = -1
     _params_size: int = 0
 
@@ -58,6 +64,14 @@ class SeriesTable:
         i = len(self.keys)
         self.keys.append(key)
         self.index[key] = i
+        if i >= self.low.size:
+            grown = max(1024, 2 * self.low.size)
+            self.low = np.concatenate([self.low, np.full(grown - self.low.size, np.nan)])
+            self.high = np.concatenate([self.high, np.full(grown - self.high.size, np.nan)])
+        metric = key[2]
+        self.low[i], self.high[i] = self.metric_ranges.get(metric) or METRIC_RANGES.get(
+            metric, OTHER_METRIC_RANGE
+        )
         return i
 
     def sync_arrays(self) -> None:

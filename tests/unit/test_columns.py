@@ -81,7 +81,8 @@ def test_bad_records_are_refused_with_a_reason(raw: bytes, reason: str) -> None:
 
 
 def test_poisoned_readings_are_left_out_with_reasons_and_their_siblings_kept() -> None:
-    """Values no aggregate can hold and times the database cannot store never reach the writer (issue 13,
+    """Values outside their metric's plausible range (no aggregate could hold some of them) and times the
+    database cannot store never reach the writer, even when a record bypassed the collector (issue 13,
     finding 5): each is listed with its reason for the record's dead letter; the honest readings stay."""
     t = 1_767_225_600_000
     raw = _v2(
@@ -94,6 +95,8 @@ def test_poisoned_readings_are_left_out_with_reasons_and_their_siblings_kept() -
             [1, -62_135_596_800_000, "power_kw", 2.0],
             [1, 2**62, "power_kw", 2.0],
             [1, t + 2, "power_kw", 3.0],
+            [0, t + 3, "energy_import_kwh", 5e13],  # beyond any register (METRIC_RANGES)
+            [0, t + 4, "energy_import_kwh", -1.0],  # registers never count below zero
         ]
     )
     builder = ColumnBuilder.start(SeriesTable())
@@ -110,6 +113,19 @@ def test_poisoned_readings_are_left_out_with_reasons_and_their_siblings_kept() -
         ("past_ts", "a", "energy_import_kwh", 4),
         ("past_ts", "b", "power_kw", 5),
         ("future_ts", "b", "power_kw", 6),
+        ("out_of_range", "a", "energy_import_kwh", 8),
+        ("out_of_range", "a", "energy_import_kwh", 9),
     ]
-    assert refusal.reasons == {"out_of_range": 2, "non_finite": 1, "past_ts": 2, "future_ts": 1}
+    assert refusal.reasons == {"out_of_range": 4, "non_finite": 1, "past_ts": 2, "future_ts": 1}
     assert cols.record_offset.tolist() == [41] and cols.record_raw == [raw]
+
+
+def test_configured_ranges_replace_the_contract_ones() -> None:
+    builder = ColumnBuilder.start(SeriesTable(metric_ranges={"power_kw": (-10.0, 10.0)}))
+    assert (
+        builder.add(
+            0, _v2([[0, 1_767_225_600_000, "power_kw", 11.0], [0, 1_767_225_600_001, "power_kw", 9.0]])
+        )
+        == 1
+    )
+    assert [e["reason"] for e in builder.refused[0].rejected] == ["out_of_range"]
