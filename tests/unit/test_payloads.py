@@ -4,10 +4,12 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from ingest.payloads import Limits, parse_message
-from meterflow.contract import METRIC_RANGES, DeadLetterReason, TelemetryTopic
+from meterflow.contract import METRIC_RANGES, DeadLetterReason, TelemetryTopic, encode_dead_letter
 from meterflow.settings import IngestSettings, Settings
 
 TOPIC = TelemetryTopic("acme", "gw-1", None)
@@ -225,3 +227,48 @@ def test_ranges_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     limits = Limits.from_settings(Settings().ingest)
     assert limits.ranges["power_kw"] == (-5e5, 5e5)
     assert limits.min_ts_ms == 1_262_304_000_000
+
+
+_LITERALS = st.sampled_from(
+    [b"1e309", b"-1e309", b"NaN", b"Infinity", b"1e308", b"18446744073709551616", b"-0", b"1"]
+)
+_SCALAR = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=8)
+_POINT = st.fixed_dictionaries(
+    {
+        "ts": st.integers(-(2**63), 2**63 - 1) | st.just(NOW),
+        "values": st.dictionaries(st.text(max_size=8), _SCALAR, max_size=3),
+    }
+)
+_JSON = (
+    st.dictionaries(st.text(max_size=8), st.lists(_POINT | _SCALAR, max_size=4), max_size=3)
+    | st.lists(_POINT, max_size=3)
+    | st.recursive(
+        _SCALAR,
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=_JSON, literal=_LITERALS, topic=st.sampled_from([TOPIC, TelemetryTopic("acme", "gw-1", "m-9")]))
+def test_any_json_with_any_number_literal_is_read_or_refused_never_a_crash(
+    doc: object, literal: bytes, topic: TelemetryTopic
+) -> None:
+    """Whatever arrives, the result encodes: its readings to Kafka, its refusals to one dead letter."""
+    payload = orjson.dumps(doc).replace(b"null", literal, 1)
+    result = parse_message(topic, payload, received_ms=NOW, limits=LIMITS_BIG)
+    assert result.accepted or result.rejected
+    for device in result.accepted:
+        device.encode()
+    if result.rejected:
+        encode_dead_letter(
+            reason="x",
+            detail="x",
+            payload=payload,
+            cap=1000,
+            received_ms=NOW,
+            rejected=[r.entry() for r in result.rejected],
+        )
