@@ -99,7 +99,9 @@ def test_counts_are_json_integers(literal: str) -> None:
 
 def test_values_stored_before_the_bounds_stay_readable() -> None:
     """A row written before the bounds existed is still answered (the routes computing with it check it)."""
-    Enterprise.model_validate({**BASE[EnterpriseIn], "annual_output_value_cny": 5e-324, "created_at": NOW})
+    Enterprise.model_validate(
+        {**BASE[EnterpriseIn], "timezone": "UTC", "annual_output_value_cny": 5e-324, "created_at": NOW}
+    )
     OutputValue.model_validate(
         {"period_start": date(2026, 1, 1), "period_end": date(2027, 1, 1), "value_added_cny": 5e-324,
          "output_value_cny": None, "product_quantity": 1e-300, "product_unit": None, "tenant": "acme",
