@@ -3,10 +3,10 @@
 The broker's ACL already keeps a gateway on its own topics; this is the second line, and the one that
 catches a valid gateway naming a device of another tenant. A device's registration also bounds its
 readings where it can: power beyond its rated power (times a wide factor) or a register beyond its
-register_max is out_of_range. The whole registry is held in memory and
-reloaded periodically; a device not yet known is looked up once on first sight (a device registered a
-second ago must not be dead-lettered), with a short negative cache so a flood of readings for an
-unregistered device costs one query per interval, not one per message.
+register_max is out_of_range. The whole registry is held in memory and reloaded periodically; a
+device not yet known is looked up once on first sight (a device registered a second ago must not be
+dead-lettered), with a short negative cache so a flood of readings for an unregistered device costs
+one query per interval, not one per message.
 """
 
 from __future__ import annotations
