@@ -305,7 +305,7 @@ def drop_session(settings: Settings, client_id: str) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.username_pw_set(m.service_user, m.service_password.get_secret_value())
     with contextlib.suppress(OSError):
-        client.connect(m.host, m.port, keepalive=10, clean_start=True)
+        client.connect(m.host, m.service_port, keepalive=10, clean_start=True)
         deadline = time.monotonic() + 10
         while not client.is_connected() and time.monotonic() < deadline:
             client.loop(timeout=0.1)
@@ -506,7 +506,7 @@ class IngestBench:
         m = self.settings.mqtt
         return PublishJob(
             host=m.host,
-            port=m.port,
+            port=m.service_port,
             username=m.service_user,
             password=m.service_password.get_secret_value(),
             client_id=f"bench-{self.run_id}-{name}",
@@ -640,7 +640,7 @@ class IngestBench:
         root = f"meterflow/bench-{self.run_id}"
         sub = SubscribeJob(
             host=m.host,
-            port=m.port,
+            port=m.service_port,
             username=m.service_user,
             password=m.service_password.get_secret_value(),
             client_id=f"bench-{self.run_id}-bare",

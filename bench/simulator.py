@@ -47,7 +47,8 @@ def run_simulator_bench(
     options = RunOptions(
         mode="backfill", start_ms=start - start % 60_000, duration_s=minutes * 60, topic_root=TOPIC_ROOT
     )
-    host, port = settings.mqtt.host, settings.mqtt.port
+    # Several clients of one (service) account: the service listener keeps their distinct ids.
+    host, port = settings.mqtt.host, settings.mqtt.service_port
 
     tick(f"simulator: {spec.device_count} devices on {n_gateways} gateways, {minutes} simulated minutes")
     started = time.perf_counter()

@@ -262,7 +262,11 @@ class Collector:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 7 * 24 * 3600
         props.ReceiveMaximum = min(self.settings.ingest.max_inflight, 65535)
-        client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props)
+        # The service listener: gateway listeners replace client ids with usernames, and collectors
+        # sharing the subscription need distinct ids (settings.MqttSettings.service_port).
+        client.connect_async(
+            m.host, m.service_port, keepalive=m.keepalive_s, clean_start=False, properties=props
+        )
         return client
 
     def _on_socket_open(self, _client: mqtt.Client, _userdata: object, sock: SocketLike) -> None:
@@ -360,7 +364,7 @@ class Collector:
             client.subscribe(topics, properties=props)
         log.info(
             "connected to MQTT %s:%d, subscribing to %s, %s and %s",
-            self.settings.mqtt.host, self.settings.mqtt.port, json_topics, sparkplug_topics, state,
+            self.settings.mqtt.host, self.settings.mqtt.service_port, json_topics, sparkplug_topics, state,
         )  # fmt: skip
 
     def _on_subscribe(

@@ -10,6 +10,7 @@ from alembic.config import Config
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from meterflow.settings import Settings
+from processing.privileges import grant_service_privileges
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def migrate(settings: Settings, revision: str = "heads") -> None:
     # "heads": schema branches (API and VPP tables grow independently of each other) all apply.
     _wait_for_database(settings)
     command.upgrade(alembic_config(settings), revision)
+    grant_service_privileges(settings)
     log.info("database schema at %s", revision)
 
 

@@ -96,7 +96,8 @@ async def apply_retention(
                     (days,),
                 )
         else:
-            await cur.execute("SELECT drop_chunks('reading_values', older_than => %s)", (cutoff,))
+            # The owner's function (processing/privileges.py): the services' role owns no table.
+            await cur.execute("SELECT drop_raw_chunks(%s)", (cutoff,))
             dropped = tuple(str(name) for (name,) in await cur.fetchall())
         await cur.execute(_OLDEST_CHUNK)
         oldest = await cur.fetchone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -302,10 +303,11 @@ def simulate_over_mqtt(
     def connect(encoders: list[GatewayEncoder], start_ms: int) -> None:
         for gateway, encoder in zip(gateways, encoders, strict=True):
             will = encoder.will(start_ms) if gateway.format == "sparkplug" else None
+            # Gateway listeners replace the id with the gateway's username; on the service listener
+            # (benchmarks publish as the service account) it stays distinct and unguessable.
+            client_id = f"sim-{gateway.gateway}-{secrets.token_hex(8)}"
             clients.append(
-                GatewayClient(
-                    host, port, creds[gateway.gateway], client_id=f"sim-{gateway.gateway}", qos=qos, will=will
-                )
+                GatewayClient(host, port, creds[gateway.gateway], client_id=client_id, qos=qos, will=will)
             )
         for client, gateway, encoder in zip(clients, gateways, encoders, strict=True):
             if not client.wait_connected(30):

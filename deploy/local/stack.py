@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.local import bootstrap, proc
-from deploy.local.services import Kafka, Mosquitto, Postgres, Service, ServiceStatus
-from meterflow.settings import Settings
+from deploy.local.services import POSTGRES_PASSWORD_FILE, Kafka, Mosquitto, Postgres, Service, ServiceStatus
+from meterflow.settings import SECRET_FILES, SECRETS_DIR, Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,41 @@ def services(settings: Settings, cache_dir: Path | None = None) -> list[Service]
     return [Postgres(settings, cache), Mosquitto(settings, cache), Kafka(settings, cache)]
 
 
+def _new_secret(name: str) -> str:
+    if name == SECRET_FILES[("mqtt", "client_id")]:
+        # Stable per installation (the collector's persistent session resumes under it), not guessable.
+        return f"meterflow-collector-{secrets.token_hex(16)}"
+    return secrets.token_urlsafe(32)
+
+
+def ensure_secrets(state: Path) -> list[str]:
+    """Generate each missing secret once into <state>/secrets/ (folder 0700, files 0600); return the
+    names generated. An existing file is kept, so every process keeps agreeing with the services."""
+    folder = state / SECRETS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    created = []
+    for name in (*SECRET_FILES.values(), POSTGRES_PASSWORD_FILE):
+        path = folder / name
+        if path.exists() and path.read_text().strip():
+            continue
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_new_secret(name) + "\n")
+        created.append(name)
+    return created
+
+
 def up(settings: Settings, step: Step, *, timeout_s: float = 180.0) -> list[ServiceStatus]:
     state = settings.state_path
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o755)
+    created = ensure_secrets(state)
+    if created:
+        step(f"generated {', '.join(created)} in {state / SECRETS_DIR} (mode 0600)")
+        _stop_apps_holding_old_secrets(settings, step)
+    settings = settings.with_state_secrets()
     cache = default_cache_dir()
     bootstrap_log = state / "bootstrap.log"
     started = time.monotonic()
@@ -74,6 +105,18 @@ def down(settings: Settings, step: Step) -> None:
         if svc.pid() is not None:
             step(f"stopping {svc.name}")
             svc.stop()
+
+
+def _stop_apps_holding_old_secrets(settings: Settings, step: Step) -> None:
+    # Processes `meterflow run` started before the rotation would be refused on their next connect.
+    for name, pid_file in app_pid_files(settings).items():
+        pid = proc.running_pid(pid_file)
+        if pid is not None:
+            step(
+                f"stopping {name} (pid {pid}): it holds the rotated credentials; `meterflow run` restarts it"
+            )
+            proc.stop_pid(pid, timeout_s=30)
+        pid_file.unlink(missing_ok=True)
 
 
 def status(settings: Settings) -> list[ServiceStatus]:

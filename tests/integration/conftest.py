@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def base_settings() -> Iterator[Settings]:
     if not stack.healthy(settings):
         stack.up(settings, lambda msg: print(f"[stack] {msg}", file=sys.stderr))  # noqa: T201
         started = True
+        # Read again: a first stack up generated the secrets (<state>/secrets/) every process reads.
+        settings = Settings()
+    settings.require_secrets()
     migrate(settings)
     yield settings
     if started and not os.environ.get("METERFLOW_KEEP_STACK"):
@@ -103,7 +107,8 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
         "METERFLOW_KAFKA__READINGS_TOPIC": f"test-{run_id}.readings",
         "METERFLOW_KAFKA__DLQ_TOPIC": f"test-{run_id}.dlq",
         "METERFLOW_KAFKA__PROCESSOR_GROUP": f"test-{run_id}-processor",
-        "METERFLOW_MQTT__CLIENT_ID": f"test-{run_id}-collector",
+        # Unguessable, as every service client id (docs/ingest.md#credentials).
+        "METERFLOW_MQTT__CLIENT_ID": f"test-{secrets.token_hex(16)}-collector",
         "METERFLOW_INGEST__METRICS_PORT": "0",
         "METERFLOW_PROCESSING__METRICS_PORT": "0",
         "METERFLOW_BOOTSTRAP_ADMIN_KEY": admin_key,

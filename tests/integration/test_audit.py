@@ -33,7 +33,8 @@ HOUR_MS = 3_600_000
 
 @pytest.fixture
 async def conn(base_settings: Settings) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    async with await psycopg.AsyncConnection.connect(base_settings.db.conninfo()) as c:
+    # The owner role: tampering (dropping the trigger) and clean-up are beyond the services' role.
+    async with await psycopg.AsyncConnection.connect(base_settings.db.owner_conninfo()) as c:
         yield c
 
 

@@ -35,3 +35,22 @@ def test_timescaledb_edition_is_detected(base_settings: Settings) -> None:
     assert license_ is not None
     assert features["continuous_aggregates"] is (license_[0] == "timescale")
     assert {"reading_values", "agg_1m_values", "agg_15m_values", "agg_1h_values"} <= hypertables
+
+
+def test_stack_up_leaves_running_services_their_privileges(base_settings: Settings) -> None:
+    """stack up provisions roles while services run: their sessions' staging tables stay theirs."""
+    import psycopg
+
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        conn.execute("CREATE TEMP TABLE staged (a int)")
+        conn.commit()
+        stack.up(base_settings, lambda _msg: None)
+        conn.execute("INSERT INTO staged VALUES (1)")
+        assert conn.execute("SELECT count(*) FROM staged").fetchone() == (1,)
+
+
+def test_generated_secrets_are_private(base_settings: Settings) -> None:
+    folder = base_settings.state_path / "secrets"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in folder.iterdir())
+    assert base_settings.secret_problems() == []
