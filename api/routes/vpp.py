@@ -15,7 +15,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -408,9 +408,12 @@ def _enrolment_cursor(cursor: str | None) -> int:
     if cursor is None:
         return 0
     try:
-        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
-    except (ValueError, UnicodeDecodeError) as exc:
+        after = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+    except ValueError as exc:
         raise Problem(400, "bad-cursor", "Invalid cursor", "pass next_cursor back unchanged") from exc
+    if not 0 <= after < 2**63:
+        raise Problem(400, "bad-cursor", "Invalid cursor", "pass next_cursor back unchanged")
+    return after
 
 
 @router.get("/vpp-enrolments")
@@ -683,10 +686,22 @@ _NOW_SQL = """
 
 
 async def _capacity_now(conn: psycopg.AsyncConnection[Any], vpp: str, duration: int) -> CapacityNow | None:
+    """What the vpp service published last; zeros for a VPP without members, which it never publishes."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(_NOW_SQL, {"vpp": vpp, "duration": duration})
         row = await cur.fetchone()
-    return None if row is None else CapacityNow.model_validate(row)
+        if row is not None:
+            return CapacityNow.model_validate(row)
+        await cur.execute(
+            "SELECT 1 FROM devices d JOIN vpp_resources r USING (tenant_id, device_id) WHERE d.vpp = %s LIMIT 1",
+            (vpp,),
+        )
+        if await cur.fetchone() is not None:
+            return None
+    return CapacityNow(
+        vpp=vpp, duration_min=duration, up_kw=0.0, down_kw=0.0, nameplate_up_kw=0.0, nameplate_down_kw=0.0,
+        devices_online=0, devices_stale=0, as_of=datetime.now(UTC),
+    )  # fmt: skip
 
 
 def _not_computed(vpp: str) -> Problem:

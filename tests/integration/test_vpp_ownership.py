@@ -268,3 +268,27 @@ def test_operator_acts_only_on_the_vpps_it_owns(api: ApiServer, victim: Victim) 
             f"/v1/devices/{v.battery}/resource", json={"tenant": v.fleet.other, "resource_class": "battery"}
         )
         assert put.status_code == 404
+
+
+def test_a_vpp_without_members_has_zero_capacity(api: ApiServer, victim: Victim) -> None:
+    """A VPP registered before anyone joined is not an outage: zeros, not 503, and its stream starts."""
+    empty = f"vpp-new-{victim.fleet.run}"
+    with api.client() as http:
+        assert (
+            http.post("/v1/vpps", json={"vpp": empty, "name": "new", "owner": victim.operator}).status_code
+            == 201
+        )
+    with api.client(victim.keys["owner"]) as http:
+        now = http.get(f"/v1/vpps/{empty}/capacity")
+        assert now.status_code == 200, now.text
+        body = now.json()
+        assert (body["up_kw"], body["nameplate_up_kw"], body["devices_online"], body["devices_stale"]) == (
+            0,
+            0,
+            0,
+            0,
+        )
+        with http.stream("GET", f"/v1/vpps/{empty}/capacity/stream") as stream:
+            assert stream.status_code == 200
+            first = next(line for line in stream.iter_lines() if line.startswith("data:"))
+        assert '"devices_online":0' in first
