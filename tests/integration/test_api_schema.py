@@ -10,13 +10,15 @@ tenant (emission factors, DR holidays) or by the broker (gateway credentials).""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.core.transport import Response
@@ -122,6 +124,7 @@ def test_linked_operations_answer_as_documented(api: ApiServer, enterprise_key: 
         for method, path in SHARED_WRITES:
             schema = schema.exclude(method=method, path_regex=path)
     headers = {"Authorization": f"Bearer {key}"}
+    failures: list[str] = []
 
     class Machine(schema.as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
@@ -134,16 +137,28 @@ def test_linked_operations_answer_as_documented(api: ApiServer, enterprise_key: 
             additional_checks: list[CheckFunction] | None = None,
             **kwargs: Any,
         ) -> None:
-            case.validate_response(
-                response, checks=CHECKS, headers=headers, transport_kwargs=kwargs, recorder=self.recorder
-            )
+            try:
+                case.validate_response(
+                    response, checks=CHECKS, headers=headers, transport_kwargs=kwargs, recorder=self.recorder
+                )
+            except Exception as exc:
+                failures.append(f"{case.method} {case.path} -> {response.status_code}: {exc}"[:3000])
+                raise
 
-    Machine.run(
-        settings=settings(
-            max_examples=STATEFUL_EXAMPLES,
-            stateful_step_count=STATEFUL_STEPS,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
+    # Which rules Hypothesis can draw depends on what the server answered before, so it may call the
+    # generation inconsistent (schemathesis' runner passes such a run too); a failed check is in
+    # `failures` either way.
+    with contextlib.suppress(Flaky):
+        Machine.run(
+            settings=settings(
+                max_examples=STATEFUL_EXAMPLES,
+                stateful_step_count=STATEFUL_STEPS,
+                # As schemathesis' own runner: no replay or shrinking, which cannot reproduce a scenario
+                # once the server has stored what it created.
+                phases=[Phase.generate],
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
         )
-    )
+    assert not failures, "\n\n".join(failures)
