@@ -100,7 +100,13 @@ async def principal(request: Request) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         REJECTED.labels("no-key").inc()
-        raise Problem(401, "unauthorized", "Missing API key", "Send `Authorization: Bearer <api key>`.")
+        raise Problem(
+            401,
+            "unauthorized",
+            "Missing API key",
+            "Send `Authorization: Bearer <api key>`.",
+            headers={"WWW-Authenticate": "Bearer"},  # RFC 9110: a 401 names its scheme
+        )
     cache: KeyCache = request.app.state.key_cache
     key_hash = hash_key(token)
     hit, who = cache.get(key_hash)
@@ -122,7 +128,13 @@ async def principal(request: Request) -> Principal:
         cache.put(key_hash, who)
     if who is None:
         REJECTED.labels("bad-key").inc()
-        raise Problem(401, "unauthorized", "Invalid API key", "The key is unknown or revoked.")
+        raise Problem(
+            401,
+            "unauthorized",
+            "Invalid API key",
+            "The key is unknown or revoked.",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},  # RFC 6750
+        )
     limiter: TokenBuckets = request.app.state.rate_limiter
     wait = limiter.take(who.key_id)
     if wait > 0:

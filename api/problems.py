@@ -154,6 +154,12 @@ _DESCRIPTIONS = {
     429: "Rate limit of the key exceeded",
     503: "The database or a service the route needs is not available; retry later",
 }
+_CHALLENGE = {
+    "WWW-Authenticate": {
+        "description": '`Bearer`, with `error="invalid_token"` for a key that is not valid',
+        "schema": {"type": "string"},
+    }
+}
 _RETRY_AFTER = {
     "Retry-After": {
         "description": "seconds to wait before retrying",
@@ -169,6 +175,8 @@ def _problem_response(status: int, description: str | None) -> dict[str, Any]:
     }
     if status in (429, 503):
         response["headers"] = _RETRY_AFTER
+    if status == 401:
+        response["headers"] = _CHALLENGE
     return response
 
 

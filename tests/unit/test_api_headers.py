@@ -117,6 +117,7 @@ def test_a_refusal_is_a_problem_the_schema_describes(served: Served) -> None:
     body = response.json()
     assert set(problem["required"]) <= set(body)
     assert body["type"].endswith("/unauthorized") and body["status"] == 401
+    assert response.headers["www-authenticate"] == "Bearer"
 
 
 def test_interactive_docs_still_load_their_scripts_but_cannot_be_framed(served: Served) -> None:

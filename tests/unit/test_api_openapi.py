@@ -55,6 +55,7 @@ def test_authenticated_operations_document_what_a_key_can_be_refused(schema: dic
         assert operation["security"] == [{"apiKey": []}], (method, path)
         assert {"401", "403", "404", "429", "503"} <= set(operation["responses"]), (method, path)
         assert "Retry-After" in operation["responses"]["429"]["headers"]
+        assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
         if method != "get":
             assert "409" in operation["responses"], (method, path)
         if operation.get("parameters") or operation.get("requestBody"):
