@@ -229,14 +229,24 @@ class QualityCounts(BaseModel):
     uncalibrated: int
 
 
+# A stored aggregate that is not finite (written before the processor refused such readings) is answered
+# as null, never as the string "NaN".
+_NULL_IF_NOT_FINITE = "; null when the stored figure is not finite"
+
+
 class LoadPoint(BaseModel):
     ts: datetime = Field(description="start of the interval")
-    energy_kwh: float = Field(description="net imported active energy: import minus export")
-    import_kwh: float
-    export_kwh: float
-    avg_kw: float = Field(description="energy_kwh over the hours covered by data")
-    peak_kw: float = Field(
+    energy_kwh: float | None = Field(
+        description="net imported active energy: import minus export" + _NULL_IF_NOT_FINITE
+    )
+    import_kwh: float | None = Field(description="imported active energy" + _NULL_IF_NOT_FINITE)
+    export_kwh: float | None = Field(description="exported active energy" + _NULL_IF_NOT_FINITE)
+    avg_kw: float | None = Field(
+        description="energy_kwh over the hours covered by data" + _NULL_IF_NOT_FINITE
+    )
+    peak_kw: float | None = Field(
         description="1m: the minute's demand; 15m and coarser: the largest 15-minute demand inside"
+        + _NULL_IF_NOT_FINITE
     )
     quality: Literal["measured", "estimated", "substituted"] = Field(description="worst class present")
     complete: bool = Field(description="every 15-minute interval inside (up to now) has data")

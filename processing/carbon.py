@@ -8,6 +8,7 @@ The factor library in force is the packaged one (meterflow/carbon/factors.yaml) 
 
 from __future__ import annotations
 
+import math
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -123,6 +124,11 @@ async def active_library(conn: psycopg.AsyncConnection[Any]) -> FactorLibrary:
     return library_from_rows(rows)
 
 
+class NonFiniteFigures(ValueError):
+    """A day's stored quantities or figures are not finite numbers: aggregates written before the
+    processor refused non-finite and out-of-range readings. Refused rather than answered as NaN."""
+
+
 async def daily_emissions(
     conn: psycopg.AsyncConnection[Any],
     tenant: str,
@@ -146,7 +152,7 @@ async def daily_emissions(
     )
     blocks = [CertificateBlock(s, e, int(n)) for s, e, n in await cur.fetchall()]
     first = min([start, *(b.start for b in blocks)])
-    cur = await conn.execute(
+    query = conn.execute(
         """
         SELECT (bucket AT TIME ZONE %(tz)s)::date AS day, entity_id, metric, sum(total)
         FROM agg_15m
@@ -161,6 +167,10 @@ async def daily_emissions(
             "hi": datetime.combine(end, datetime.min.time(), zone),
         },
     )
+    try:
+        cur = await query
+    except psycopg.errors.NumericValueOutOfRange as exc:
+        raise NonFiniteFigures(f"{tenant}: daily sums of stored aggregates overflow") from exc
     by_day: dict[date, dict[str, dict[str, float]]] = {}
     for day, site, metric, total in await cur.fetchall():
         by_day.setdefault(day, {}).setdefault(str(site), {})[QUANTITY_OF_METRIC[str(metric)]] = float(total)
@@ -169,6 +179,8 @@ async def daily_emissions(
     rows = []
     for day in sorted(by_day):
         figures = day_emissions(tenant, day, by_day[day], provinces, certificates, library)
+        if not all(math.isfinite(v) for v in figures.values() if isinstance(v, float)):
+            raise NonFiniteFigures(f"{tenant}: the figures of {day} are not finite")
         if day >= start:
             rows.append(figures)
     return rows

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 from collections.abc import Iterable
 from datetime import date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
@@ -35,7 +37,9 @@ from api.query import insert_returning, pool, read_pool, resolve_tenant, time_ra
 from meterflow.carbon.accounting import CARRIER_FIELDS, QUANTITY_FIELDS
 from meterflow.carbon.factors import FactorLibrary
 from meterflow.settings import Settings
-from processing.carbon import active_library, daily_emissions
+from processing.carbon import NonFiniteFigures, active_library, daily_emissions
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["carbon"])
 
@@ -87,7 +91,29 @@ def _refs(library: FactorLibrary, ids: Iterable[str]) -> list[FactorRef]:
 
 
 def _sum(rows: list[dict[str, Any]], name: str, digits: int = 3) -> float:
-    return round(sum(float(r[name]) for r in rows), digits)
+    total = sum(float(r[name]) for r in rows)
+    if not math.isfinite(total):
+        raise NonFiniteFigures(f"the sum of {name} is not finite")
+    return round(total, digits)
+
+
+def _per(value: float, divisor: float | None) -> float | None:
+    """value / divisor, or None when there is no finite figure (no divisor, or one stored before the API
+    bounded it, such as 5e-324, whose quotient is inf)."""
+    if not divisor:
+        return None
+    result = value / divisor
+    return result if math.isfinite(result) else None
+
+
+def _non_finite(tenant: str) -> Problem:
+    return Problem(
+        422,
+        "non-finite-data",
+        "Stored figures are not finite",
+        f"enterprise {tenant!r} has aggregates in this range whose sums overflow or are not numbers, "
+        "written before the processor refused such readings (docs/processing.md#values-that-are-refused)",
+    )
 
 
 def _point(ts: datetime, rows: list[dict[str, Any]]) -> CarbonPoint:
@@ -128,11 +154,17 @@ async def enterprise_carbon(
         ):
             raise Problem(400, "range-too-large", "Range too large", f"at most {MAX_DAYS} days per request")
         library = await factor_library(request, conn)
-        days = await daily_emissions(conn, tenant, first, last, library)
+        try:
+            days = await daily_emissions(conn, tenant, first, last, library)
+        except NonFiniteFigures as exc:
+            raise _non_finite(tenant) from exc
     grouped: dict[date, list[dict[str, Any]]] = {}
     for row in days:
         grouped.setdefault(_period(row["day"], interval), []).append(row)
-    points = [_point(datetime.combine(p, time(), zone), rows) for p, rows in sorted(grouped.items())]
+    try:
+        points = [_point(datetime.combine(p, time(), zone), rows) for p, rows in sorted(grouped.items())]
+    except NonFiniteFigures as exc:
+        raise _non_finite(tenant) from exc
     return EnterpriseCarbon(
         tenant=tenant,
         interval=interval,
@@ -239,6 +271,16 @@ async def _year_outputs(
 
 
 async def _account(request: Request, who: AccessDep, tenant: str, year: int, scheme: str) -> CarbonAccount:
+    """The account, or a problem when the tenant's stored figures are not finite (never a 500 or NaN)."""
+    try:
+        return await _account_figures(request, who, tenant, year, scheme)
+    except NonFiniteFigures as exc:
+        raise _non_finite(tenant) from exc
+
+
+async def _account_figures(
+    request: Request, who: AccessDep, tenant: str, year: int, scheme: str
+) -> CarbonAccount:
     settings: Settings = request.app.state.settings
     schemes: Schemes = request.app.state.grading_schemes
     if scheme not in schemes.schemes:
@@ -251,15 +293,20 @@ async def _account(request: Request, who: AccessDep, tenant: str, year: int, sch
         first, last = date(year, 1, 1), date(year + 1, 1, 1)
         days = await daily_emissions(conn, tenant, first, last, library)
         lo, hi = datetime.combine(first, time(), zone), datetime.combine(last, time(), zone)
-        cur = await conn.execute(
-            "SELECT coalesce(sum(a.total), 0) FROM agg_15m a JOIN devices d "
-            "ON d.tenant_id = a.tenant_id AND d.device_id = a.entity_id "
-            "WHERE a.scope = 'device' AND a.tenant_id = %(t)s AND d.device_type = 'pv' "
-            "AND a.metric = 'energy_export_kwh' AND a.bucket >= %(lo)s AND a.bucket < %(hi)s",
-            {"t": tenant, "lo": lo, "hi": hi},
-        )
+        try:
+            cur = await conn.execute(
+                "SELECT coalesce(sum(a.total), 0) FROM agg_15m a JOIN devices d "
+                "ON d.tenant_id = a.tenant_id AND d.device_id = a.entity_id "
+                "WHERE a.scope = 'device' AND a.tenant_id = %(t)s AND d.device_type = 'pv' "
+                "AND a.metric = 'energy_export_kwh' AND a.bucket >= %(lo)s AND a.bucket < %(hi)s",
+                {"t": tenant, "lo": lo, "hi": hi},
+            )
+        except psycopg.errors.NumericValueOutOfRange as exc:
+            raise NonFiniteFigures("on-site generation overflows") from exc
         row = await cur.fetchone()
         onsite = float(row[0]) if row else 0.0
+        if not math.isfinite(onsite):
+            raise NonFiniteFigures("on-site generation is not finite")
         cur = await conn.execute(
             "SELECT t.industry_code, coalesce(array_agg(p.tenant_id) FILTER (WHERE p.tenant_id IS NOT NULL), '{}') "
             "FROM tenants t LEFT JOIN tenants p ON p.industry_code = t.industry_code "
@@ -276,8 +323,15 @@ async def _account(request: Request, who: AccessDep, tenant: str, year: int, sch
             va = outputs.get(peer, {}).get("value_added_cny")
             if va is None:
                 continue
-            peer_days = days if peer == tenant else await daily_emissions(conn, peer, first, last, library)
-            peers.append(Peer(peer, _sum(peer_days, "co2e_location_kg"), va))
+            try:
+                peer_days = (
+                    days if peer == tenant else await daily_emissions(conn, peer, first, last, library)
+                )
+                peers.append(Peer(peer, _sum(peer_days, "co2e_location_kg"), va))
+            except NonFiniteFigures:
+                # Another tenant's poisoned figures must not refuse this account: that peer is left out
+                # of the industry average (`peers` in the grade counts who is in).
+                log.warning("peer %s left out of the %s average: figures not finite", peer, industry)
         cur = await conn.execute(
             "SELECT annual_output_value_cny FROM tenants WHERE tenant_id = %s", (tenant,)
         )
@@ -292,10 +346,10 @@ async def _account(request: Request, who: AccessDep, tenant: str, year: int, sch
     green_traced = _sum(days, "green_traced_kwh", 6)
     consumption = energy["electricity_import_kwh"] + onsite - energy["electricity_export_kwh"]
     green = green_traced + max(0.0, onsite - energy["electricity_export_kwh"])
-    share = green / consumption if consumption > 0 else None
+    share = _per(green, consumption) if consumption > 0 else None
     l_value = intensity(co2e, value_added) if value_added else None
     per_output = intensity(co2e, output_value) if output_value else None
-    per_product = (co2e / 1000) / product if product else None
+    per_product = _per(co2e / 1000, product)
     scope_ids = {
         name: _ids(days, f"{name}_factor_ids") for name in ("scope1", "scope2_location", "scope2_market")
     }

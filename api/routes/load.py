@@ -4,10 +4,12 @@ averages of averages); time-of-use split and energy use intensity from the same 
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 import orjson
+import psycopg
 from fastapi import APIRouter, Query, Request, Response
 
 from api.access import AccessDep
@@ -106,11 +108,19 @@ _LOCAL_TS = f"""
     || lpad((abs({_OFFSET_S}) / 3600)::text, 2, '0') || ':' || lpad((abs({_OFFSET_S}) %% 3600 / 60)::text, 2, '0')"""
 
 
+def _finite(expr: str) -> str:
+    """`expr`, or null where it is NaN or infinite: json_build_object would write those as the strings
+    "NaN" and "Infinity". The processor books nothing non-finite; this keeps aggregates written before
+    it refused such values from answering strings in numeric fields."""
+    return f"CASE WHEN ({expr}) IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE ({expr}) END"
+
+
 def _points_sql(interval: str) -> str:
     """The interval's points as one JSON array built by the database: the route passes it through, so
     no per-point work happens in Python (the response model documents the shape)."""
     hours = _HOURS.get(interval, "0.25 * quarters")
     peak = "(imp - exp) * 60" if interval == "1m" else "coalesce(peak_quarter_kwh, 0) * 4"
+    avg = f"CASE WHEN {hours} > 0 THEN (imp - exp) / ({hours}) ELSE 0 END"
     complete = (
         "true"
         if interval in ("1m", "15m")
@@ -120,9 +130,9 @@ def _points_sql(interval: str) -> str:
     return f"""
         SELECT coalesce(json_agg(json_build_object(
             'ts', {_LOCAL_TS},
-            'energy_kwh', imp - exp, 'import_kwh', imp, 'export_kwh', exp,
-            'avg_kw', CASE WHEN {hours} > 0 THEN (imp - exp) / ({hours}) ELSE 0 END,
-            'peak_kw', {peak},
+            'energy_kwh', {_finite("imp - exp")}, 'import_kwh', {_finite("imp")}, 'export_kwh', {_finite("exp")},
+            'avg_kw', {_finite(avg)},
+            'peak_kw', {_finite(peak)},
             'quality', CASE WHEN n_substituted > 0 THEN 'substituted' WHEN n_estimated > 0 THEN 'estimated'
                             ELSE 'measured' END,
             'complete', {complete},
@@ -155,10 +165,13 @@ async def site_load(
         ref = await resolve_site(conn, who, site, tenant, aggregate=True, cache=request.app.state.site_cache)
         lo, hi = time_range(start, end, ref.zone)
         check_points(hi - lo, WIDTH[interval], settings.api.max_points)
-        cur = await conn.execute(
-            POINTS_SQL[interval],
-            {"tenant": ref.tenant, "site": site, "start": lo, "end": hi, "tz": ref.zone.key},
-        )
+        try:
+            cur = await conn.execute(
+                POINTS_SQL[interval],
+                {"tenant": ref.tenant, "site": site, "start": lo, "end": hi, "tz": ref.zone.key},
+            )
+        except psycopg.errors.NumericValueOutOfRange as exc:
+            raise _non_finite(site) from exc
         row = await cur.fetchone()
     points = str(row[0]) if row else "[]"
     head = orjson.dumps(
@@ -169,15 +182,32 @@ async def site_load(
     return Response(body, media_type="application/json")
 
 
+def _non_finite(site: str) -> Problem:
+    return Problem(
+        422,
+        "non-finite-data",
+        "Stored figures are not finite",
+        f"site {site!r} has aggregates in this range whose sums overflow or are not numbers, written "
+        "before the processor refused such readings (docs/processing.md#values-that-are-refused)",
+    )
+
+
 async def _quarters(
     request: Request, ref_tenant: str, site: str, lo: datetime, hi: datetime
 ) -> list[tuple[datetime, float]]:
+    """Net energy per quarter hour; a problem, not a NaN total, when a stored one is not finite."""
     async with read_pool(request).connection() as conn:
-        cur = await conn.execute(
-            f"SELECT bucket, imp - exp FROM ({_net_per_bucket('agg_15m')}) q ORDER BY bucket",
-            {"tenant": ref_tenant, "site": site, "start": lo, "end": hi},
-        )
-        return [(b, float(e)) for b, e in await cur.fetchall()]
+        try:
+            cur = await conn.execute(
+                f"SELECT bucket, imp - exp FROM ({_net_per_bucket('agg_15m')}) q ORDER BY bucket",
+                {"tenant": ref_tenant, "site": site, "start": lo, "end": hi},
+            )
+        except psycopg.errors.NumericValueOutOfRange as exc:
+            raise _non_finite(site) from exc
+        quarters = [(b, float(e)) for b, e in await cur.fetchall()]
+    if not all(math.isfinite(e) for _, e in quarters) or not math.isfinite(sum(e for _, e in quarters)):
+        raise _non_finite(site)
+    return quarters
 
 
 def _calendars(request: Request) -> Calendars:
