@@ -129,7 +129,8 @@ async def _bare_copy(
     binary streams the processor's own encoder builds (encoding is timed too, as in the processor)."""
     table = f"bench_copy_{tenant.replace('-', '_')}"
     ticks, n_devices = registers.shape
-    async with await psycopg.AsyncConnection.connect(settings.db.conninfo()) as conn:
+    # The owner role: the services' role may not create tables (docs/processing.md#roles).
+    async with await psycopg.AsyncConnection.connect(settings.db.owner_conninfo()) as conn:
         await conn.execute(
             sql.SQL("CREATE TABLE {} (LIKE reading_values INCLUDING ALL)").format(sql.Identifier(table))
         )
