@@ -231,8 +231,9 @@ def _check_duration(request: Request, duration_min: int) -> None:
 
 @contextmanager
 def write_errors() -> Iterator[None]:
-    """Database refusals of a registry write as problems: a duplicate is 409, an unknown reference 422,
-    a refused state change (the enrolment triggers) 409."""
+    """Database refusals of a registry write as insert_returning words them (a duplicate is 409, an
+    unknown reference, such as an owner that is not an operator tenant, 422), for writes of several
+    statements. A guard trigger's refusal is the app's `constraint` problem."""
     try:
         yield
     except psycopg.errors.UniqueViolation as exc:
@@ -241,8 +242,6 @@ def write_errors() -> Iterator[None]:
         raise Problem(
             422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
         ) from exc
-    except psycopg.errors.CheckViolation as exc:
-        raise Problem(409, "conflict", "Refused", str(exc.diag.message_primary or exc)) from exc
 
 
 # --- VPPs and enrolments ---------------------------------------------------------------------------
@@ -251,6 +250,8 @@ _ENROLMENT_COLS = (
     "enrolment_id, vpp_id AS vpp, tenant_id AS tenant, device_id AS device, status, requested_by, "
     "requested_at, decided_by, decided_at, left_by, left_at, note"
 )
+# The same, qualified, for joins with vpps.
+_ENROLMENT_COLS_E = ", ".join("e." + c for c in _ENROLMENT_COLS.split(", "))
 _OPEN = "status IN ('requested', 'approved')"
 
 
@@ -432,7 +433,7 @@ async def list_enrolments(
         raise who.deny("regulator-raw", "regulators read aggregates and accounts only")
     rows = await fetch_dicts(
         request,
-        f"""SELECT {", ".join("e." + c for c in _ENROLMENT_COLS.split(", "))}
+        f"""SELECT {_ENROLMENT_COLS_E}
             FROM vpp_enrolments e JOIN vpps v USING (vpp_id)
             WHERE (%(all)s OR e.tenant_id = %(own)s OR v.owner_tenant = %(owner)s)
               AND (%(vpp)s::text IS NULL OR e.vpp_id = %(vpp)s)
@@ -475,7 +476,7 @@ async def _decide(
         conn.cursor(row_factory=dict_row) as cur,
     ):
         await cur.execute(
-            f"SELECT {', '.join('e.' + c for c in _ENROLMENT_COLS.split(', '))}, v.owner_tenant "
+            f"SELECT {_ENROLMENT_COLS_E}, v.owner_tenant "
             "FROM vpp_enrolments e JOIN vpps v USING (vpp_id) WHERE e.enrolment_id = %s FOR UPDATE OF e",
             (enrolment_id,),
         )
