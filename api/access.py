@@ -42,8 +42,6 @@ from api.problems import Problem
 
 log = logging.getLogger(__name__)
 
-ROLES = ("admin", "enterprise", "operator", "regulator")
-
 DENIED = Counter(
     "meterflow_api_access_denied_total", "Requests the access policy refused", ["role", "reason"]
 )
@@ -65,22 +63,6 @@ VISIBLE_VPP_SQL = """(%(all_vpps)s OR v.owner_tenant = %(owner)s OR EXISTS (
 
 
 @dataclass(frozen=True, slots=True)
-class VppAccess:
-    """What a key may do with one VPP it sees."""
-
-    vpp: str
-    owner: str | None
-    # Admin, or the operator owning it: DR events, enrolment decisions, every enrolled resource's details.
-    manage: bool
-    # Per-device rows (stale devices, enrolments): None for every tenant's, else this tenant's only.
-    devices_of: str | None
-
-
-def _not_found(what: str) -> Problem:
-    return Problem(404, "not-found", "Not found", f"no {what} visible to this key")
-
-
-@dataclass(frozen=True, slots=True)
 class Access(Principal):
     """A principal with the policy applied: each method returns what the key may see, or raises."""
 
@@ -90,7 +72,7 @@ class Access(Principal):
 
     def hidden(self, what: str) -> Problem:
         DENIED.labels(self.role, "not-visible").inc()
-        return _not_found(what)
+        return Problem(404, "not-found", "Not found", f"no {what} visible to this key")
 
     @property
     def is_admin(self) -> bool:
@@ -141,6 +123,10 @@ class Access(Principal):
 
     # --- VPPs --------------------------------------------------------------------------------------
 
+    def manages(self, owner: str | None) -> bool:
+        """Whether this key acts for the owner of a VPP owned by `owner` (admins act for every VPP)."""
+        return self.is_admin or (self.role == "operator" and owner is not None and owner == self.tenant)
+
     def vpp_params(self) -> dict[str, Any]:
         """Parameters of VISIBLE_VPP_SQL for this key."""
         everything = self.role in ("admin", "regulator")
@@ -152,9 +138,11 @@ class Access(Principal):
 
     async def vpp(
         self, request: Request, vpp: str, *, manage: bool = False, devices: bool = False
-    ) -> VppAccess:
-        """The VPP as this key may use it: 404 unless visible; 403 when `manage` (DR events, enrolment
-        decisions) is asked of a key that does not own it, or `devices` (per-device rows) of a regulator."""
+    ) -> str | None:
+        """Checks the key may use the VPP: 404 unless visible; 403 when `manage` (DR events, enrolment
+        decisions) is asked of a key that does not own it, or `devices` (per-device rows) of a regulator.
+        Returns whose devices the key sees in the VPP's per-device rows: None for every tenant's (the owner
+        and admins), else its own tenant."""
         pool: AsyncConnectionPool = request.app.state.pool
         async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
@@ -164,13 +152,12 @@ class Access(Principal):
             row = await cur.fetchone()
         if row is None:
             raise self.hidden(f"VPP {vpp!r}")
-        owner = row["owner_tenant"]
-        manages = self.is_admin or (self.role == "operator" and owner is not None and owner == self.tenant)
+        manages = self.manages(row["owner_tenant"])
         if manage and not manages:
             raise self.deny("not-vpp-owner", f"only the owner of VPP {vpp!r} (or an admin) may do this")
         if devices and self.role == "regulator":
             raise self.deny("regulator-raw", "regulators read aggregates and accounts only")
-        return VppAccess(vpp=vpp, owner=owner, manage=manages, devices_of=None if manages else self.tenant)
+        return None if manages else self.tenant
 
     async def read_resource(self, request: Request, tenant: str, device: str) -> None:
         """A device's resource model: its own tenant, admins, and the owner of the VPP the device is an

@@ -483,8 +483,7 @@ async def _decide(
         row = await cur.fetchone()
         if row is None:
             raise who.hidden(f"enrolment {enrolment_id}")
-        owner = row["owner_tenant"]
-        manages = who.is_admin or (who.role == "operator" and owner is not None and owner == who.tenant)
+        manages = who.manages(row["owner_tenant"])
         if not (manages or row["tenant"] == who.tenant):
             raise who.hidden(f"enrolment {enrolment_id}")
         if action != "leave" and not manages:
@@ -804,14 +803,14 @@ async def capacity_nodes(
 async def stale_devices(vpp: str, who: AccessDep, request: Request) -> StaleDevices:
     """Resources silent for more than 3x their telemetry interval (or never heard), left out of capacity:
     every one for the VPP's owner and admins, a member tenant's own only; never for regulators."""
-    scope = await who.vpp(request, vpp, devices=True)
+    devices_of = await who.vpp(request, vpp, devices=True)
     rows = await fetch_dicts(
         request,
         """SELECT tenant_id AS tenant, device_id AS device, last_seen, telemetry_interval_s
            FROM vpp_stale_devices WHERE vpp = %(vpp)s
              AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
            ORDER BY last_seen NULLS FIRST, tenant_id, device_id""",
-        {"vpp": vpp, "tenant": scope.devices_of},
+        {"vpp": vpp, "tenant": devices_of},
     )
     return StaleDevices(vpp=vpp, devices=[StaleDevice.model_validate(r) for r in rows])
 
