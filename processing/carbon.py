@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from datetime import date, datetime
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import psycopg
@@ -143,7 +143,12 @@ async def daily_emissions(
     row = await cur.fetchone()
     if row is None:
         return []
-    zone = ZoneInfo(str(row[0]))
+    try:
+        zone = ZoneInfo(str(row[0]))
+    except (ValueError, ZoneInfoNotFoundError):
+        # A zone stored before registration checked it (api.models.TimeZone): the default zone, as the
+        # API's load routes read such a tenant (api.query.tenant_zone), instead of no figure at all.
+        zone = ZoneInfo("Asia/Shanghai")
     cur = await conn.execute("SELECT site_id, province FROM sites WHERE tenant_id = %s", (tenant,))
     provinces = {str(site): (str(p) if p else None) for site, p in await cur.fetchall()}
     cur = await conn.execute(

@@ -3,10 +3,12 @@ the OpenAPI schema parses every one of them (schemathesis samples these; here ea
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from meterflow.settings import Settings
@@ -94,3 +96,20 @@ def test_everyday_refusals_are_documented_problems(
         assert response.headers["content-type"] == "application/problem+json", where
         assert response.headers["cache-control"] == "no-store", where
         _conforms(response.json(), problem)
+
+
+def test_a_tenant_stored_with_an_unloadable_zone_still_gets_its_account(
+    api: ApiServer, base_settings: Settings
+) -> None:
+    """Registration refuses such a zone now; one stored before (schemathesis stored `\\U000dea45`) made the
+    tenant's carbon account and its export a 500."""
+    tenant = f"tz{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        conn.execute(
+            "INSERT INTO tenants (tenant_id, name, timezone) VALUES (%s, %s, %s)",
+            (tenant, tenant, "\U000dea45"),
+        )
+    with api.client() as admin:
+        for path in ("carbon-account", "carbon-account/export"):
+            response = admin.get(f"/v1/enterprises/{tenant}/{path}", params={"year": 2025})
+            assert response.status_code == 200, (path, response.text)
