@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from prometheus_client import Counter
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -135,6 +136,16 @@ class Access(Principal):
             "owner": self.tenant if self.role == "operator" else None,
             "member": None if everything else self.tenant,
         }
+
+    async def still_sees_vpp(self, conn: AsyncConnection[Any], vpp: str) -> bool:
+        """For a long-lived answer (the capacity stream): the key is not revoked and still sees the VPP
+        (a member that left, or an owner the VPP was taken from, stops reading it)."""
+        cur = await conn.execute(
+            f"SELECT 1 FROM api_keys k, vpps v WHERE k.key_id = %(key)s AND k.revoked_at IS NULL "
+            f"AND v.vpp_id = %(vpp)s AND {VISIBLE_VPP_SQL}",
+            {"key": self.key_id, "vpp": vpp, **self.vpp_params()},
+        )
+        return await cur.fetchone() is not None
 
     async def vpp(
         self, request: Request, vpp: str, *, manage: bool = False, devices: bool = False

@@ -844,7 +844,7 @@ async def capacity_stream(
         try:
             conn = await psycopg.AsyncConnection.connect(settings.db.conninfo(), autocommit=True)
             await conn.execute("LISTEN vpp_capacity")
-            while True:
+            while await who.still_sees_vpp(conn, vpp):
                 now = await _capacity_now(conn, vpp, duration_min)
                 if now is not None and (
                     last is None or now.model_dump(exclude={"as_of"}) != last.model_dump(exclude={"as_of"})
@@ -859,6 +859,7 @@ async def capacity_stream(
                 async for notify in conn.notifies(timeout=KEEPALIVE_S):
                     if notify.payload == vpp:
                         break
+            log.info("capacity stream of %s ended: key %s no longer sees it", vpp, who.key_id)
         except psycopg.OperationalError:
             log.warning("capacity stream of %s ended: database connection lost", vpp)
         finally:

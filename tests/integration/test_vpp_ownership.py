@@ -292,3 +292,29 @@ def test_a_vpp_without_members_has_zero_capacity(api: ApiServer, victim: Victim)
             assert stream.status_code == 200
             first = next(line for line in stream.iter_lines() if line.startswith("data:"))
         assert '"devices_online":0' in first
+
+
+def test_a_live_stream_ends_when_its_reader_leaves_the_vpp(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Access is checked at every wake-up of the stream, not only when it opens: a member that leaves
+    stops receiving the VPP's capacity at the next change."""
+    v = victim
+    device = f"streamer-{v.fleet.run}"
+    with api.client() as http:
+        assert http.post("/v1/devices", json={"tenant": v.fleet.tenant, "device": device}).status_code == 201
+        joined = http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.tenant, "device": device})
+        assert joined.status_code == 201 and joined.json()["status"] == "approved"
+    with (
+        api.client(v.keys["attacker"]) as http,
+        http.stream("GET", f"/v1/vpps/{v.vpp}/capacity/stream") as stream,
+    ):
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(lines).startswith(":")  # no capacity published: a keep-alive
+        left = http.post(f"/v1/vpp-enrolments/{joined.json()['enrolment_id']}/leave")
+        assert left.status_code == 200
+        with psycopg.connect(base_settings.db.conninfo(), autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('vpp_capacity', %s)", (v.vpp,))
+        rest = list(lines)  # ends when the server closes the stream
+    assert not any(line.startswith("data:") for line in rest)
