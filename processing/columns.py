@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 
 from meterflow.contract import DeadLetterEntry, DeadLetterReason
-from processing.kernels import F64, I32, I64, TS_MAX, TS_MIN, VALUE_LIMIT
+from processing.kernels import F64, I32, I64, TS_MAX, TS_MIN, VALUE_LIMIT, storable
 from processing.series import SeriesTable
 
 
@@ -107,14 +107,8 @@ class ColumnBuilder:
         # The collector checks these first; the processor checks again (defence in depth), because a
         # value no aggregate can hold or a time the database cannot store would poison figures or stop
         # every poll of the partition.
-        ok = (
-            (value >= self.table.low[series])
-            & (value <= self.table.high[series])
-            & (np.abs(value) <= VALUE_LIMIT)
-            & (ts >= TS_MIN)
-            & (ts < TS_MAX)
-        )
-        if not ok.all():
+        ok = storable(series, ts, value, self.table.low, self.table.high)
+        if ok is not None:
             self._refuse(partition, offset, raw, doc, ok, series, ts, value, metric_col)
             series, ts, value = series[ok], ts[ok], value[ok]
         r = len(self.partitions)

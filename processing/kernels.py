@@ -978,6 +978,32 @@ def _first_groups(columns: _Columns, n: int) -> Buckets:
     )  # fmt: skip
 
 
+@njit(cache=True, nogil=True)
+def _count_unstorable(series: I32, ts: I64, value: F64, low: F64, high: F64) -> int:
+    n = 0
+    for i in range(series.size):
+        s = series[i]
+        # Written so that NaN counts: every comparison with it is false.
+        if not (low[s] <= value[i] <= high[s] and abs(value[i]) <= VALUE_LIMIT and TS_MIN <= ts[i] < TS_MAX):
+            n += 1
+    return n
+
+
+def storable(series: I32, ts: I64, value: F64, low: F64, high: F64) -> NDArray[np.bool_] | None:
+    """None when every reading's value lies in its series' [low, high] (and within VALUE_LIMIT) at a time
+    in [TS_MIN, TS_MAX); otherwise which do. One pass, for the common case of a record with nothing to
+    refuse."""
+    if _count_unstorable(series, ts, value, low, high) == 0:
+        return None
+    return (
+        (value >= low[series])
+        & (value <= high[series])
+        & (np.abs(value) <= VALUE_LIMIT)
+        & (ts >= TS_MIN)
+        & (ts < TS_MAX)
+    )
+
+
 def spikes(value: F64, abs_limit: F64) -> NDArray[np.bool_]:
     """The instantaneous values `instantaneous_buckets` leaves out (`abs_limit` per value)."""
     return ~(np.abs(value) <= np.minimum(abs_limit, VALUE_LIMIT))
@@ -1010,6 +1036,7 @@ def warm_up() -> None:
         np.array([0, 0], np.int32), wide, np.ones(2), np.zeros(2, np.int8), np.zeros(2, np.int8), 60_000
     )
     instantaneous_buckets(series, ts, np.array([1.0, 2.0, 3.0]), np.array([np.inf]), 60_000)
+    storable(series, ts, np.array([1.0, 2.0, 3.0]), np.zeros(1), np.ones(1))
     order_by_series(series, 1)
     RegisterBucketer((60_000,), 3_600_000)(
         series, ts, np.array([1.0, 2.0, 3.0]), RegisterState.empty(1), params
