@@ -87,6 +87,10 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.processor.rebalances += 1
         async with self.processor.write_lock:
             await self.processor.seek_to_stored(assigned)
+            # Again once the positions are the stored offsets: a poll that getmany returned while the
+            # seek was awaited was read from the positions before it, and is dropped (else it would be
+            # written and then read again from the stored offsets, its dead letters sent twice).
+            self.processor.rebalances += 1
 
 
 def warm_up() -> None:
@@ -257,19 +261,24 @@ class Processor:
         return _Poll(batches, builder, next_offsets, undecodable, rebalances, fetched_at)
 
     async def _write_poll(self, poll: _Poll, columns: Columns) -> None:
-        # Dead letters go out only for polls that are written, so a dropped poll sends none twice.
-        for tp, offset, value, detail in poll.undecodable:
-            await self._dead_letter(tp, offset, value, detail)
-        for refusal in poll.builder.refused:
-            for reason, count in refusal.reasons.items():
-                REFUSED.labels(reason.value).inc(count)
-            first = refusal.rejected[0]
-            await self._dead_letter(
-                TopicPartition(self.topic, refusal.partition), refusal.offset, refusal.raw, first["detail"],
-                reason=first["reason"], rejected=refusal.rejected, tenant=refusal.tenant,
-                gateway=refusal.gateway,
-            )  # fmt: skip
         async with self.write_lock:
+            if poll.rebalances != self.rebalances:
+                # An assignment came in while this poll waited (its seek moved the positions after the
+                # poll was read): drop it, its records come again from the stored offsets.
+                await self.seek_to_stored(self.consumer.assignment())
+                return
+            # Dead letters go out only for polls that are written, so a dropped poll sends none twice.
+            for tp, offset, value, detail in poll.undecodable:
+                await self._dead_letter(tp, offset, value, detail)
+            for refusal in poll.builder.refused:
+                for reason, count in refusal.reasons.items():
+                    REFUSED.labels(reason.value).inc(count)
+                first = refusal.rejected[0]
+                await self._dead_letter(
+                    TopicPartition(self.topic, refusal.partition), refusal.offset, refusal.raw, first["detail"],
+                    reason=first["reason"], rejected=refusal.rejected, tenant=refusal.tenant,
+                    gateway=refusal.gateway,
+                )  # fmt: skip
             outcome = await self._write(columns, poll.next_offsets)
         if outcome.conflicts:
             await self._dead_letter_conflicts(columns, outcome.conflicts)

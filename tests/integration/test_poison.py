@@ -90,8 +90,8 @@ class Poisoned:
                     for records in (await consumer.getmany(timeout_ms=500)).values():
                         for record in records:
                             letter = orjson.loads(record.value or b"{}")
-                            # Dead letters go out at least once: a poll written again after a
-                            # rebalance sends its letters again.
+                            # Dead letters go out at least once: a processor that dies between a
+                            # poll's letters and its commit sends them again.
                             if letter.get("tenant") == tenant and all(
                                 (f["partition"], f["offset"], f["reason"])
                                 != (letter["partition"], letter["offset"], letter["reason"])
