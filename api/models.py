@@ -45,6 +45,10 @@ Power = Annotated[float, _bounded(1e-6, 1e8)]  # kW: up to 100 GW, as the contra
 RegisterCount = Annotated[float, _bounded(0.0, 1e12)]  # as the contract's register range
 Ratio = Annotated[float, _bounded(1e-6, 1e6)]
 Percent = Annotated[float, _bounded(0.0, 100.0)]
+PowerOrZero = Annotated[float, _bounded(0.0, 1e8)]
+Share = Annotated[float, _bounded(0.0, 1.0)]
+Efficiency = Annotated[float, _bounded(0.01, 1.0)]  # a divisor of stored energy
+Minutes = Annotated[float, _bounded(1e-3, 1e6)]
 
 
 class _In(BaseModel):

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.access import Access, AccessDep
-from api.models import Page
+from api.models import Page, Power, Ratio
 from api.problems import Problem
 from api.query import fetch_dicts
 from api.routes.intensity import QUARTER_MS, intensity_steps
@@ -35,9 +35,9 @@ class DrEventIn(BaseModel):
     start: datetime = Field(description="on the 15-minute grid, RFC 3339 with offset")
     end: datetime = Field(description="exclusive; same local day as start (or its midnight)")
     direction: Literal["up", "down"] = Field(description="up: less consumption / more generation")
-    committed_kw: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    committed_kw: Power  # a divisor of delivered power: bounded, strictly numeric
     baseline: BaselineName = "CN_JS_5WD"
-    valid_ratio: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+    valid_ratio: Ratio | None = Field(
         default=None, description="delivered / committed needed for a valid response; default from settings"
     )
     program: Annotated[str, Field(max_length=200)] | None = None

@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.access import DENIED, VISIBLE_VPP_SQL, Access, AccessDep
-from api.models import Page, TenantId
+from api.models import Efficiency, Minutes, Page, Percent, Power, PowerOrZero, Quantity, Share, TenantId
 from api.problems import Problem
 from api.query import fetch_dicts, pool
 from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN
@@ -56,29 +56,24 @@ class ResourceIn(BaseModel):
     topology_node: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
         default=None, description="substation / feeder / transformer the resource hangs off"
     )
-    rated_power_kw: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    energy_capacity_kwh: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    soc_min_pct: Annotated[float, Field(ge=0, le=100)] | None = None
-    soc_max_pct: Annotated[float, Field(ge=0, le=100)] | None = None
-    telemetry_interval_s: Annotated[int, Field(gt=0, le=86_400)] | None = None
-    charge_max_kw: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
-        default=None, description="storage; default: rated power"
-    )
-    discharge_max_kw: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
-        default=None, description="storage; default: rated power"
-    )
-    efficiency: Annotated[float, Field(gt=0, le=1)] = Field(default=0.95, description="one-way, storage")
+    # Bounded and strictly numeric as the registry's values (docs/api.md#values-bounds-and-non-finite-data).
+    rated_power_kw: Power | None = None
+    energy_capacity_kwh: Quantity | None = None
+    soc_min_pct: Percent | None = None
+    soc_max_pct: Percent | None = None
+    telemetry_interval_s: Annotated[int, Field(strict=True, gt=0, le=86_400)] | None = None
+    charge_max_kw: PowerOrZero | None = Field(default=None, description="storage; default: rated power")
+    discharge_max_kw: PowerOrZero | None = Field(default=None, description="storage; default: rated power")
+    efficiency: Efficiency = Field(default=0.95, description="one-way, storage")
     curtailable: bool = Field(default=False, description="PV: can be curtailed on request")
-    min_power_kw: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
-        default=0.0, description="EV charger: minimum charging power"
-    )
-    sheddable_share: Annotated[float, Field(ge=0, le=1)] = Field(
+    min_power_kw: PowerOrZero = Field(default=0.0, description="EV charger: minimum charging power")
+    sheddable_share: Share = Field(
         default=0.0, description="building load: share of the current load that can be shed"
     )
-    max_shed_min: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+    max_shed_min: Minutes | None = Field(
         default=None, description="building load: longest shed; unlimited when absent"
     )
-    reserved_soc_pct: Annotated[float, Field(ge=0, le=100)] = Field(
+    reserved_soc_pct: Percent = Field(
         default=0.0, description="base station: backup SoC that is never dispatched"
     )
 

@@ -22,6 +22,8 @@ from api.models import (
     OutputValueIn,
     SiteIn,
 )
+from api.routes.dr import DrEventIn
+from api.routes.vpp import ResourceIn
 
 ZJ = "zhejiang-carbon-efficiency"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -46,6 +48,13 @@ BASE: dict[type[BaseModel], dict[str, Any]] = {
         "period_end": "2026-02-01",
         "certificates": 1,
     },
+    ResourceIn: {"tenant": "acme", "resource_class": "battery"},
+    DrEventIn: {
+        "start": "2026-01-01T10:00:00+08:00",
+        "end": "2026-01-01T11:00:00+08:00",
+        "direction": "up",
+        "committed_kw": 100.0,
+    },
 }
 
 HOSTILE = [5e-324, -5e-324, 2.2250738585072014e-308, 1e308, -1e308, 1.8e19, 1.2e29, "1e309", "true", '"7"']
@@ -64,6 +73,11 @@ FIELDS = [
     (MultiplierIn, "meter_constant"),
     (MeterExchangeIn, "removal_read"),
     (MeterExchangeIn, "install_read"),
+    (ResourceIn, "rated_power_kw"),
+    (ResourceIn, "energy_capacity_kwh"),
+    (ResourceIn, "max_shed_min"),
+    (DrEventIn, "committed_kw"),
+    (DrEventIn, "valid_ratio"),
 ]
 
 
@@ -87,6 +101,16 @@ def test_absurd_registry_values_are_refused(model: type[BaseModel], field: str, 
 def test_sane_values_pass(model: type[BaseModel], field: str) -> None:
     model.model_validate_json(_json(model, field, 12.5))
     model.model_validate_json(_json(model, field, 12))  # a JSON integer is a number
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [("efficiency", "5e-324"), ("efficiency", "true"), ("sheddable_share", "1e308"), ("charge_max_kw", "1e308"),
+     ("min_power_kw", "-5e-324"), ("reserved_soc_pct", "1e308"), ("soc_min_pct", "true")],
+)  # fmt: skip
+def test_resource_models_refuse_absurd_shares_and_powers(field: str, literal: str) -> None:
+    with pytest.raises(ValidationError):
+        ResourceIn.model_validate_json(_json(ResourceIn, field, literal))
 
 
 @pytest.mark.parametrize("literal", ["true", "1.5", '"3"', "1e12"])
