@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,18 +37,27 @@ async def fetch_dicts(request: Request, sql: str, params: dict[str, Any]) -> lis
         return rows
 
 
-async def insert_returning(request: Request, sql: str, params: dict[str, Any]) -> dict[str, Any]:
-    """One INSERT ... RETURNING; a duplicate is 409 and an unknown reference 422, as problem+json."""
+@contextmanager
+def write_errors() -> Iterator[None]:
+    """Database refusals of a registry write as problem+json: a duplicate is 409, an unknown reference
+    (such as a VPP owner that is not an operator tenant) 422. A guard trigger's refusal is left to the
+    app's `constraint` problem."""
     try:
-        async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql, params)
-            row = await cur.fetchone()
+        yield
     except psycopg.errors.UniqueViolation as exc:
         raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
     except psycopg.errors.ForeignKeyViolation as exc:
         raise Problem(
             422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
         ) from exc
+
+
+async def insert_returning(request: Request, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One INSERT ... RETURNING, refused as `write_errors` words it."""
+    with write_errors():
+        async with pool(request).connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, params)
+            row = await cur.fetchone()
     if row is None:
         raise RuntimeError("INSERT ... RETURNING returned no row")
     return row

@@ -36,8 +36,8 @@ from api.models import (
     SitePatch,
 )
 from api.problems import Problem
-from api.query import fetch_dicts, insert_returning, pool
-from api.routes.vpp import enrol_directly, write_errors
+from api.query import fetch_dicts, insert_returning, pool, write_errors
+from api.routes.vpp import enrol_directly
 from meterflow import brokerauth
 from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN, gateway_telemetry_topic
 from meterflow.settings import Settings

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.access import DENIED, VISIBLE_VPP_SQL, Access, AccessDep
 from api.models import Efficiency, Minutes, Page, Percent, Power, PowerOrZero, Quantity, Share, TenantId
 from api.problems import Problem
-from api.query import fetch_dicts, pool
+from api.query import fetch_dicts, pool, write_errors
 from meterflow.contract import DEVICE_PATTERN, TENANT_PATTERN
 from meterflow.settings import Settings
 
@@ -222,21 +221,6 @@ def _check_duration(request: Request, duration_min: int) -> None:
             "Unsupported duration",
             f"duration_min must be one of {list(settings.vpp.durations_min)}",
         )
-
-
-@contextmanager
-def write_errors() -> Iterator[None]:
-    """Database refusals of a registry write as insert_returning words them (a duplicate is 409, an
-    unknown reference, such as an owner that is not an operator tenant, 422), for writes of several
-    statements. A guard trigger's refusal is the app's `constraint` problem."""
-    try:
-        yield
-    except psycopg.errors.UniqueViolation as exc:
-        raise Problem(409, "conflict", "Already exists", str(exc.diag.message_detail or exc)) from exc
-    except psycopg.errors.ForeignKeyViolation as exc:
-        raise Problem(
-            422, "unknown-reference", "Unknown reference", str(exc.diag.message_detail or exc)
-        ) from exc
 
 
 # --- VPPs and enrolments ---------------------------------------------------------------------------
