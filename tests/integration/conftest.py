@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -18,10 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local import stack
 from meterflow.settings import Settings
 from processing.migrate import migrate
+from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
 
 
 def _free_port() -> int:
@@ -97,6 +100,68 @@ class Pipeline:
         proc.wait(timeout=60)
 
 
+@dataclass
+class Isolated:
+    """A service of a test module's own, on Kafka topics of its own, with its metrics served, so its
+    dead letters and counters are that module's alone."""
+
+    pipeline: Pipeline
+    settings: Settings
+    metrics_url: str
+
+    def counter(self, name: str, **labels: str) -> float:
+        text = httpx.get(self.metrics_url, timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    def wait_counter(self, name: str, at_least: float, **labels: str) -> float:
+        deadline = time.monotonic() + 60
+        while (value := self.counter(name, **labels)) < at_least:
+            assert time.monotonic() < deadline, f"{name}{labels} = {value}, waited for {at_least}"
+            time.sleep(0.2)
+        return value
+
+
+def start_isolated(
+    pipeline: Pipeline, name: str, argv: list[str], ready: str, env: dict[str, str] | None = None
+) -> Isolated:
+    """Start `meterflow *argv` as `name` on readings and dead-letter topics, a processor group, an MQTT
+    client id and a metrics port of its own; stop it with `pipeline.stop(name)`."""
+    run = uuid.uuid4().hex[:8]
+    port = _free_port()
+    overrides = {
+        "METERFLOW_KAFKA__READINGS_TOPIC": f"test-{run}.{name}-readings",
+        "METERFLOW_KAFKA__DLQ_TOPIC": f"test-{run}.{name}-dlq",
+        "METERFLOW_KAFKA__PROCESSOR_GROUP": f"test-{run}-{name}",
+        "METERFLOW_MQTT__CLIENT_ID": f"{pipeline.env['METERFLOW_MQTT__CLIENT_ID']}-{name}-{run}",
+        "METERFLOW_INGEST__METRICS_PORT": str(port),
+        "METERFLOW_PROCESSING__METRICS_PORT": str(port),
+        **(env or {}),
+    }
+    kafka = pipeline.settings.kafka.model_copy(
+        update={
+            "readings_topic": overrides["METERFLOW_KAFKA__READINGS_TOPIC"],
+            "dlq_topic": overrides["METERFLOW_KAFKA__DLQ_TOPIC"],
+        }
+    )
+    settings = pipeline.settings.model_copy(update={"kafka": kafka})
+    from deploy.local.services import ensure_topics
+
+    asyncio.run(ensure_topics(settings))
+    with (pipeline.log_dir / f"{name}.log").open("ab") as log:
+        pipeline.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "meterflow", *argv],
+            env={**pipeline.env, **overrides},
+            stdout=log,
+            stderr=log,
+        )
+    pipeline.wait_for_log(name, ready)
+    return Isolated(pipeline, settings, f"http://127.0.0.1:{port}/metrics")
+
+
 @pytest.fixture(scope="session")
 def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     """API in-process, collector and processor as real processes, on topics and groups of this run only."""
@@ -117,8 +182,6 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
     settings = Settings()
-    import asyncio
-
     from deploy.local.services import ensure_topics
 
     asyncio.run(ensure_topics(settings))
@@ -157,3 +220,16 @@ def pipeline(base_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def fleet(base_settings: Settings) -> Fleet:
+    """The API tests' known aggregates (tests/integration/test_api_fixtures.py); modules with a fleet
+    of their own define their own fixture."""
+    return load_fleet(base_settings)
+
+
+@pytest.fixture(scope="module")
+def api(base_settings: Settings) -> Iterator[ApiServer]:
+    """The API in-process on a free port, one per module; a module needing other settings overrides it."""
+    yield from serve(base_settings)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from meterflow.settings import Settings
-from tests.integration.test_api_fixtures import SHANGHAI, ApiServer, Fleet, load_fleet, serve
+from tests.integration.test_api_fixtures import SHANGHAI, ApiServer, Fleet, load_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -81,11 +81,6 @@ def _key(api: ApiServer, role: str, tenant: str | None) -> tuple[str, str]:
         r = http.post("/v1/api-keys", json={"role": role, "tenant": tenant, "label": "matrix"})
         assert r.status_code == 201, r.text
         return r.json()["key_id"], r.json()["key"]
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 @pytest.fixture(scope="module")

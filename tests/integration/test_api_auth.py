@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from meterflow.settings import Settings
-from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
+from tests.integration.test_api_fixtures import ApiServer, Fleet, serve
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def fleet(base_settings: Settings) -> Fleet:
-    return load_fleet(base_settings)
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 def _key(api: ApiServer, role: str, tenant: str | None) -> tuple[str, str]:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from meterflow.settings import Settings
-from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
+from tests.integration.test_api_fixtures import ApiServer, Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -22,16 +22,6 @@ JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "array": list,
     "object": dict,
 }
-
-
-@pytest.fixture(scope="module")
-def fleet(base_settings: Settings) -> Fleet:
-    return load_fleet(base_settings)
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 @pytest.fixture(scope="module")

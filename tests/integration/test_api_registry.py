@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from meterflow.settings import Settings
-from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
+from tests.integration.test_api_fixtures import ApiServer, Fleet
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def fleet(base_settings: Settings) -> Fleet:
-    return load_fleet(base_settings)
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 def _all_pages(api: ApiServer, path: str, params: dict[str, Any]) -> list[list[dict[str, Any]]]:

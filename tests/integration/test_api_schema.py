@@ -11,7 +11,6 @@ tenant (emission factors, DR holidays) or by the broker (gateway credentials).""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,8 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from meterflow.settings import Settings
-from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
+from tests.integration.test_api_fixtures import ApiServer, Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -52,16 +50,6 @@ SHARED_WRITES = [
     ("PUT", r"^/v1/dr-holidays/"),
     ("POST", r"^/v1/gateways"),
 ]
-
-
-@pytest.fixture(scope="module")
-def fleet(base_settings: Settings) -> Fleet:
-    return load_fleet(base_settings)
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 @pytest.fixture(scope="module")

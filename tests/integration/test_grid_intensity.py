@@ -36,7 +36,6 @@ from tests.integration.test_api_fixtures import (
     ApiServer,
     Fleet,
     load_fleet,
-    serve,
 )
 
 pytestmark = pytest.mark.integration
@@ -107,11 +106,6 @@ class Feed:
 def _done(rows: list[tuple[object, ...]]) -> bool:
     direct = [r for r in rows if r[0] == "direct"]
     return len(direct) == 23 and any(r[2] == g_of(23) for r in direct) and len(rows) == 24
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 @pytest.fixture(scope="module")

@@ -11,92 +11,38 @@ collector and processor still store the valid siblings in the database.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import httpx
 import orjson
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer
-from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local.services import ensure_topics
 from meterflow.contract import gateway_telemetry_topic, now_ms
 from meterflow.settings import Settings
 from meterflow.sparkplug import MessageType, topic
 from meterflow.sparkplug import sparkplug_b_pb2 as pb
-from tests.integration.conftest import Pipeline, _free_port
+from tests.integration.conftest import Isolated, Pipeline, start_isolated
 from tests.integration.test_end_to_end import _connect, _register
 
 BUDGET = 64 * 1024
 WEEK_MS = 7 * 86_400_000
 
 
-@dataclass
-class Attacked:
-    pipeline: Pipeline
-    settings: Settings
-    metrics_url: str
-
-    def counter(self, name: str, **labels: str) -> float:
-        text = httpx.get(self.metrics_url, timeout=5).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return float(sample.value)
-        return 0.0
-
-    def wait_counter(self, name: str, at_least: float, **labels: str) -> float:
-        deadline = time.monotonic() + 60
-        while (value := self.counter(name, **labels)) < at_least:
-            assert time.monotonic() < deadline, f"{name}{labels} = {value}, waited for {at_least}"
-            time.sleep(0.2)
-        return value
-
-
 @pytest.fixture(scope="module")
-def attacked(pipeline: Pipeline) -> Iterator[Attacked]:
-    run = uuid.uuid4().hex[:8]
-    port = _free_port()
-    overrides = {
-        "METERFLOW_KAFKA__READINGS_TOPIC": f"test-{run}.attack-readings",
-        "METERFLOW_KAFKA__DLQ_TOPIC": f"test-{run}.attack-dlq",
-        "METERFLOW_MQTT__CLIENT_ID": f"{pipeline.env['METERFLOW_MQTT__CLIENT_ID']}-attack-{run}",
-        "METERFLOW_INGEST__METRICS_PORT": str(port),
-        "METERFLOW_INGEST__DLQ_BUDGET_BYTES_PER_MIN": str(BUDGET),
-    }
-    kafka = pipeline.settings.kafka.model_copy(
-        update={
-            "readings_topic": overrides["METERFLOW_KAFKA__READINGS_TOPIC"],
-            "dlq_topic": overrides["METERFLOW_KAFKA__DLQ_TOPIC"],
-        }
-    )
-    settings = pipeline.settings.model_copy(update={"kafka": kafka})
-    asyncio.run(ensure_topics(settings))
+def attacked(pipeline: Pipeline) -> Iterator[Isolated]:
     name = "attack-collector"
-    with (pipeline.log_dir / f"{name}.log").open("ab") as log:
-        pipeline.procs[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meterflow",
-                "collector",
-                "--shared-group",
-                f"attack-{run}",
-                "--leave-group-on-exit",
-            ],
-            env={**pipeline.env, **overrides},
-            stdout=log,
-            stderr=log,
-        )
-    pipeline.wait_for_log(name, "subscriptions acknowledged")
-    yield Attacked(pipeline, settings, f"http://127.0.0.1:{port}/metrics")
+    run = uuid.uuid4().hex[:8]
+    yield start_isolated(
+        pipeline,
+        name,
+        ["collector", "--shared-group", f"attack-{run}", "--leave-group-on-exit"],
+        "subscriptions acknowledged",
+        {"METERFLOW_INGEST__DLQ_BUDGET_BYTES_PER_MIN": str(BUDGET)},
+    )
     pipeline.stop(name)
 
 
@@ -139,11 +85,11 @@ async def _records(
     return found
 
 
-def _letters(a: Attacked, tenant: str, done: int) -> list[bytes]:
+def _letters(a: Isolated, tenant: str, done: int) -> list[bytes]:
     return asyncio.run(_records(a.settings, a.settings.kafka.dlq_topic, tenant, done))
 
 
-def _readings(a: Attacked, tenant: str, done: int) -> int:
+def _readings(a: Isolated, tenant: str, done: int) -> int:
     """Readings of `tenant` the attacked collector produced, once at least `done`."""
     count = 0
     deadline = time.monotonic() + 60
@@ -165,7 +111,7 @@ def _stored(p: Pipeline, tenant: str, done: int) -> list[tuple[str, float]]:
             time.sleep(0.3)
 
 
-def test_a_thousand_bad_points_make_one_letter_and_the_valid_one_arrives(attacked: Attacked) -> None:
+def test_a_thousand_bad_points_make_one_letter_and_the_valid_one_arrives(attacked: Isolated) -> None:
     tenant, gateway, client = _gateway(attacked.pipeline, ["m-1"])
     good = orjson.dumps({"ts": now_ms() - 60_000, "values": {"power_kw": 7.0}})
     payload = b'{"m-1":[' + b",".join([b"10"] * 1000) + b"," + good + b"]}"
@@ -185,7 +131,7 @@ def test_a_thousand_bad_points_make_one_letter_and_the_valid_one_arrives(attacke
     assert _stored(attacked.pipeline, tenant, 1) == [("power_kw", 7.0)]
 
 
-def test_a_gateway_a_week_ahead_stops_at_its_dead_letter_budget(attacked: Attacked) -> None:
+def test_a_gateway_a_week_ahead_stops_at_its_dead_letter_budget(attacked: Isolated) -> None:
     devices = [f"m-{i}" for i in range(10)]
     tenant, gateway, client = _gateway(attacked.pipeline, devices)
     batches = 300
@@ -238,7 +184,7 @@ def test_a_gateway_a_week_ahead_stops_at_its_dead_letter_budget(attacked: Attack
     assert sum(sum(letter["reasons"].values()) for letter in data) == len(data) * 100
 
 
-def test_values_that_would_poison_aggregates_are_refused_one_by_one(attacked: Attacked) -> None:
+def test_values_that_would_poison_aggregates_are_refused_one_by_one(attacked: Isolated) -> None:
     tenant, gateway, client = _gateway(attacked.pipeline, ["m-1"])
     ts = now_ms() - 3_600_000
     extreme = {
@@ -272,7 +218,7 @@ def test_values_that_would_poison_aggregates_are_refused_one_by_one(attacked: At
     assert _readings(attacked, tenant, 100) == 100
 
 
-def test_empty_messages_are_refused_and_counted(attacked: Attacked) -> None:
+def test_empty_messages_are_refused_and_counted(attacked: Isolated) -> None:
     tenant, gateway, client = _gateway(attacked.pipeline, ["m-1"])
     before = attacked.counter("meterflow_ingest_rejected_total", reason="empty")
     _publish(client, gateway_telemetry_topic(tenant, gateway), [b"{}", b"[]", b'{"m-1": []}'])

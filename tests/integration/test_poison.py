@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,12 +20,9 @@ import orjson
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local.services import ensure_topics
 from meterflow.contract import now_ms
-from meterflow.settings import Settings
-from tests.integration.conftest import Pipeline
+from tests.integration.conftest import Isolated, Pipeline, start_isolated
 from tests.integration.test_end_to_end import _register
 
 pytestmark = pytest.mark.integration
@@ -37,32 +31,8 @@ ENERGY, POWER = "energy_import_kwh", "power_kw"
 PROBLEM = "application/problem+json"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
-class Poisoned:
-    pipeline: Pipeline
-    settings: Settings
-    metrics_url: str
-
-    def counter(self, name: str, **labels: str) -> float:
-        text = httpx.get(self.metrics_url, timeout=5).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return float(sample.value)
-        return 0.0
-
-    def wait_counter(self, name: str, at_least: float, **labels: str) -> None:
-        deadline = time.monotonic() + 60
-        while (value := self.counter(name, **labels)) < at_least:
-            assert time.monotonic() < deadline, f"{name}{labels} = {value}, waited for {at_least}"
-            time.sleep(0.2)
-
+class Poisoned(Isolated):
     def produce(self, *records: dict[str, object]) -> None:
         async def send() -> None:
             producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka.bootstrap, acks="all")
@@ -108,32 +78,9 @@ class Poisoned:
 @pytest.fixture(scope="module")
 def poisoned(pipeline: Pipeline) -> Iterator[Poisoned]:
     """A processor of its own on topics of its own, with its metrics served."""
-    run = uuid.uuid4().hex[:8]
-    port = _free_port()
-    overrides = {
-        "METERFLOW_KAFKA__READINGS_TOPIC": f"test-{run}.poison-readings",
-        "METERFLOW_KAFKA__DLQ_TOPIC": f"test-{run}.poison-dlq",
-        "METERFLOW_KAFKA__PROCESSOR_GROUP": f"test-{run}-poison-processor",
-        "METERFLOW_PROCESSING__METRICS_PORT": str(port),
-    }
-    kafka = pipeline.settings.kafka.model_copy(
-        update={
-            "readings_topic": overrides["METERFLOW_KAFKA__READINGS_TOPIC"],
-            "dlq_topic": overrides["METERFLOW_KAFKA__DLQ_TOPIC"],
-        }
-    )
-    settings = pipeline.settings.model_copy(update={"kafka": kafka})
-    asyncio.run(ensure_topics(settings))
     name = "poison-processor"
-    with (pipeline.log_dir / f"{name}.log").open("ab") as log:
-        pipeline.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "meterflow", "processor"],
-            env={**pipeline.env, **overrides},
-            stdout=log,
-            stderr=log,
-        )
-    pipeline.wait_for_log(name, "processor consuming")
-    yield Poisoned(pipeline, settings, f"http://127.0.0.1:{port}/metrics")
+    own = start_isolated(pipeline, name, ["processor"], "processor consuming")
+    yield Poisoned(own.pipeline, own.settings, own.metrics_url)
     pipeline.stop(name)
 
 

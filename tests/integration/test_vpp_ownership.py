@@ -6,7 +6,6 @@ membership straight into the database."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -15,7 +14,7 @@ import pytest
 from meterflow.settings import Settings
 from processing.vpp import Fleet as VppFleet
 from processing.vpp import load_fleet as load_vpp_fleet
-from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet, serve
+from tests.integration.test_api_fixtures import ApiServer, Fleet, load_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +40,6 @@ def _key(api: ApiServer, role: str, tenant: str | None) -> str:
         r = http.post("/v1/api-keys", json={"role": role, "tenant": tenant})
         assert r.status_code == 201, r.text
         return str(r.json()["key"])
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings) -> Iterator[ApiServer]:
-    yield from serve(base_settings)
 
 
 @pytest.fixture(scope="module")
