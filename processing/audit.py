@@ -13,7 +13,8 @@ bytes for ``seq`` 1. The link text binds an entry to its place in its chain, so 
     f"{topic}\\n{partition}\\n{day:%Y-%m-%d}\\n{seq}\\n{row_count}\\n{audit_batch}\\n"  (UTF-8)
 
 :func:`verify` recomputes every non-retired entry from the rows that carry its ``audit_batch`` on its
-day, and every link. ``readings`` has no partition column, so an ``audit_batch`` number must belong to
+day, and every link. A retired entry (retention dropped its day) whose rows are still stored is a
+failure, not a skip: retiring is how a day would otherwise be hidden from verification. ``readings`` has no partition column, so an ``audit_batch`` number must belong to
 one partition's entry per day: :meth:`AuditLog.append` refuses to reuse one.
 
 Chains are per day so that retention, which drops whole days, retires whole chains and never cuts one.
@@ -254,6 +255,7 @@ class Problem(StrEnum):
     ROWS_ADDED = "rows_added"  # more rows than recorded
     CHAIN_BROKEN = "chain_link_broken"  # chain_sha256 does not follow from its predecessor
     BATCH_REUSED = "batch_reused"  # another entry claims the same audit_batch and day
+    RETIRED_ROWS_PRESENT = "retired_rows_present"  # retired, yet rows of its batch and day are stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,14 +343,14 @@ COPY (
 """
 _ROW_TYPES = ["int8", "text", "text", "text", "int8", "float8"]
 
+# Rows per day and kind: unaudited (no batch), unchained (no entry of their batch and day: live is
+# NULL), chained only by retired entries (live false, per batch), or chained (live true).
 _STRAY = """
-SELECT r.day,
-       count(*) FILTER (WHERE r.audit_batch IS NULL),
-       count(*) FILTER (WHERE r.audit_batch IS NOT NULL AND a.audit_batch IS NULL)
-FROM (SELECT audit_batch, (ts AT TIME ZONE 'UTC')::date AS day FROM readings {where}) r
-LEFT JOIN (SELECT DISTINCT audit_batch, day FROM audit_chain) a
+SELECT r.day, r.audit_batch IS NULL, a.live, CASE WHEN NOT a.live THEN r.audit_batch END, count(*)
+FROM (SELECT audit_batch, (ts AT TIME ZONE 'UTC')::date AS day FROM reading_values {where}) r
+LEFT JOIN (SELECT audit_batch, day, bool_or(NOT retired) AS live FROM audit_chain GROUP BY audit_batch, day) a
        ON a.audit_batch = r.audit_batch AND a.day = r.day
-GROUP BY r.day
+GROUP BY 1, 2, 3, 4
 """
 
 
@@ -425,7 +427,22 @@ async def verify(
             stray_days = sorted({e.day for e in entries})
         else:
             stray_days = None
-        await _count_stray_rows(conn, stray_days, report)
+        retired_rows = await _count_stray_rows(conn, stray_days, report)
+        for entry in entries:
+            found_retired = retired_rows.get((entry.day, entry.audit_batch), 0) if entry.retired else 0
+            if found_retired:
+                report.broken.append(
+                    BrokenEntry(
+                        entry.topic,
+                        entry.partition,
+                        entry.day,
+                        entry.seq,
+                        entry.audit_batch,
+                        entry.row_count,
+                        found_retired,
+                        (Problem.RETIRED_ROWS_PRESENT,),
+                    )
+                )
     for b in report.broken:
         log.warning(
             "audit entry %s/%s/%s seq %d (batch %d) broken: %s",
@@ -513,7 +530,8 @@ async def _recompute_day(
 
 async def _count_stray_rows(
     conn: psycopg.AsyncConnection[Any], days: list[date] | None, report: VerifyReport
-) -> None:
+) -> dict[tuple[date, int], int]:
+    """Count unaudited and unchained rows into ``report``; return the rows only retired entries chain."""
     wheres: list[sql.Composable]
     if days is None:
         wheres = [sql.SQL("")]
@@ -524,10 +542,14 @@ async def _count_stray_rows(
             )
             for d in days
         ]
+    retired_rows: dict[tuple[date, int], int] = {}
     for where in wheres:
         cur = await conn.execute(sql.SQL(_STRAY).format(where=where))
-        for stray_day, unaudited, unchained in await cur.fetchall():
+        for stray_day, unaudited, live, retired_batch, count in await cur.fetchall():
             if unaudited:
-                report.unaudited_rows[stray_day] = int(unaudited)
-            if unchained:
-                report.unchained_rows[stray_day] = int(unchained)
+                report.unaudited_rows[stray_day] = int(count)
+            elif live is None:
+                report.unchained_rows[stray_day] = int(count)
+            elif not live:
+                retired_rows[(stray_day, int(retired_batch))] = int(count)
+    return retired_rows

@@ -2,14 +2,16 @@
 
 Two roles share the database (docs/processing.md#roles). The owner role (``db.owner_user``) owns every
 table, runs the migrations and grants; the services' role (``db.user``) owns nothing. A table's owner
-may drop or disable its triggers, so only a role that owns nothing is held by the append-only trigger
-on raw readings (migration 0004). Evidence is append-only for the services by privilege as well: no
-UPDATE, DELETE or TRUNCATE on raw readings or audit entries, except flipping an audit entry's
-``retired`` flag, which retention does. Retention drops old chunks through ``drop_raw_chunks``, a
-function that runs with the owner's rights (TimescaleDB's ``drop_chunks`` needs the table's owner) and
-refuses to drop the last day.
+may drop or disable its triggers, so only a role that owns nothing is held by the append-only triggers
+on raw readings (migration 0004) and on the key tables that give them meaning (0010). Evidence is
+append-only for the services by privilege as well: no UPDATE, DELETE or TRUNCATE on raw readings,
+their keys or audit entries, and only SELECT on ``retention_floor``. Retention drops old chunks and
+retires their audit entries through two functions that run with the owner's rights (migration 0010):
+``drop_raw_chunks``, which keeps at least ``retention_floor.raw_days``, and
+``retire_dropped_audit_days``, which retires only days no chunk is left of.
 
-Applied after every migration, as the owner, so tables added by later revisions get the same rules.
+Applied after every migration, as the owner, so tables added by later revisions get the same rules;
+the floor is written here too, from ``processing.raw_retention_days``.
 """
 
 from __future__ import annotations
@@ -23,26 +25,27 @@ from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Raw readings and the audit chain over them: the services may only append.
-APPEND_ONLY_TABLES = ("reading_values", "audit_chain")
+# Raw readings, the keys that say whose and what they are, and the audit chain: the services only append.
+APPEND_ONLY_TABLES = ("reading_values", "series", "agg_keys", "audit_chain")
+# Written by the owner only: the services read it.
+OWNER_WRITTEN_TABLES = ("retention_floor",)
+# With no retention configured: five years of days, leap days included (carbon records).
+DEFAULT_FLOOR_DAYS = 1827
+# Functions with the owner's rights (migration 0010) the services may call.
+OWNER_FUNCTIONS = ("drop_raw_chunks(timestamptz)", "retire_dropped_audit_days()")
 
-_DROP_RAW_CHUNKS = """
-CREATE OR REPLACE FUNCTION drop_raw_chunks(older_than timestamptz) RETURNS SETOF text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
-BEGIN
-    IF older_than > now() - interval '1 day' THEN
-        RAISE EXCEPTION 'retention keeps at least the last day: % refused', older_than
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    RETURN QUERY SELECT c::text FROM drop_chunks('public.reading_values', older_than => older_than) AS c;
-END $$
-"""
+
+def retention_floor_days(settings: Settings) -> int:
+    """Days of raw readings no call of the services may drop: the configured retention, else five years."""
+    days = settings.processing.raw_retention_days
+    return DEFAULT_FLOOR_DAYS if days is None else days
 
 
 def grant_service_privileges(settings: Settings) -> None:
     """Grant the services' role what it uses and nothing that rewrites evidence; idempotent."""
     db = settings.db
     app = sql.Identifier(db.user)
+    floor = retention_floor_days(settings)
     with psycopg.connect(db.owner_conninfo(), autocommit=True) as conn, conn.transaction():
         conn.execute(
             sql.SQL(
@@ -78,10 +81,25 @@ def grant_service_privileges(settings: Settings) -> None:
                 conn.execute(
                     sql.SQL("REVOKE UPDATE, DELETE, TRUNCATE ON {} FROM {}").format(sql.Identifier(name), app)
                 )
-        if "audit_chain" in existing:
-            conn.execute(sql.SQL("GRANT UPDATE (retired) ON audit_chain TO {}").format(app))
-        if "reading_values" in existing:
-            conn.execute(_DROP_RAW_CHUNKS)
-            conn.execute("REVOKE ALL ON FUNCTION drop_raw_chunks(timestamptz) FROM PUBLIC")
-            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION drop_raw_chunks(timestamptz) TO {}").format(app))
-    log.info("privileges of %s granted (append-only: %s)", db.user, ", ".join(APPEND_ONLY_TABLES))
+        for name in OWNER_WRITTEN_TABLES:
+            if name in existing:
+                conn.execute(
+                    sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {} FROM {}").format(
+                        sql.Identifier(name), app
+                    )
+                )
+        if "retention_floor" in existing:
+            conn.execute(
+                "UPDATE retention_floor SET raw_days = %s, updated_at = now() WHERE raw_days <> %s",
+                (floor, floor),
+            )
+        for function in OWNER_FUNCTIONS:
+            if conn.execute("SELECT to_regprocedure(%s)", (function,)).fetchone() != (None,):
+                conn.execute(sql.SQL("REVOKE ALL ON FUNCTION {} FROM PUBLIC").format(sql.SQL(function)))
+                conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), app))
+    log.info(
+        "privileges of %s granted (append-only: %s; raw readings kept at least %d days)",
+        db.user,
+        ", ".join(APPEND_ONLY_TABLES),
+        floor,
+    )

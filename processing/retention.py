@@ -6,12 +6,16 @@ midnight, leave in whole chunks: through TimescaleDB's retention policy where th
 (``schema_features.retention_policy``), else by ``drop_chunks`` run here. The Apache-2 edition Debian
 ships has only the latter.
 
-Audit entries of days whose rows are gone are marked ``retired`` in the same transaction, so
-``meterflow audit verify`` skips them instead of reporting their rows deleted. A day is retired only
-when it lies wholly before both the cutoff and the oldest chunk left, so a chunk interval longer than a
-day (whose chunk straddling the cutoff survives) never retires a day that still has rows. With the
-policy API the background job drops chunks on its own schedule; their entries are retired by the
-next call here, and until then verify reports those days' rows deleted.
+The services' role owns no table: chunks leave through ``drop_raw_chunks`` and audit entries are
+retired through ``retire_dropped_audit_days``, both run with the owner's rights (migration 0010).
+The first refuses a cutoff inside ``retention_floor`` (the configured retention, else five years, set
+by the owner at migration), whatever the caller's settings say. The second marks ``retired`` the
+entries of days wholly before the oldest chunk left, in the same transaction, so
+``meterflow audit verify`` skips them instead of reporting their rows deleted; a chunk interval longer
+than a day (whose chunk straddling the cutoff survives) never retires a day that still has rows, and
+the services cannot retire a day they did not drop. With the policy API the background job drops
+chunks on its own schedule; their entries are retired by the next call here, and until then verify
+reports those days' rows deleted.
 """
 
 from __future__ import annotations
@@ -22,20 +26,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
+from prometheus_client import Counter
 
 from meterflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_OLDEST_CHUNK = """
-SELECT min(range_start) FROM timescaledb_information.chunks
-WHERE hypertable_schema = current_schema() AND hypertable_name = 'reading_values'
-"""
-
-_RETIRE = """
-UPDATE audit_chain SET retired = true
-WHERE NOT retired AND ((day + 1)::timestamp AT TIME ZONE 'UTC') <= %s
-"""
+REFUSED = Counter(
+    "meterflow_retention_refused_total",
+    "Retention rounds the database refused: a cutoff inside retention_floor, set by the owner",
+)
 
 _POLICY_MATCHES = """
 SELECT (config->>'drop_after')::interval = make_interval(days => %s)
@@ -96,14 +96,15 @@ async def apply_retention(
                     (days,),
                 )
         else:
-            # The owner's function (processing/privileges.py): the services' role owns no table.
-            await cur.execute("SELECT drop_raw_chunks(%s)", (cutoff,))
+            try:
+                await cur.execute("SELECT drop_raw_chunks(%s)", (cutoff,))
+            except psycopg.errors.InsufficientPrivilege:
+                REFUSED.inc()
+                raise
             dropped = tuple(str(name) for (name,) in await cur.fetchall())
-        await cur.execute(_OLDEST_CHUNK)
-        oldest = await cur.fetchone()
-        horizon = cutoff if oldest is None or oldest[0] is None else min(cutoff, oldest[0])
-        await cur.execute(_RETIRE, (horizon,))
-        retired = cur.rowcount
+        await cur.execute("SELECT retire_dropped_audit_days()")
+        row = await cur.fetchone()
+        retired = int(row[0]) if row else 0
     result = RetentionResult("policy" if policy_api else "drop_chunks", cutoff, dropped, retired)
     if dropped or retired:
         log.info(

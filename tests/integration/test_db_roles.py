@@ -2,13 +2,16 @@
 
 No `trust`: the superuser needs its password over TCP and over the socket, and other OS users cannot
 reach the socket at all. The services' role is no superuser and owns nothing, so it can neither disable
-nor drop the append-only trigger, and it may not rewrite raw readings or audit entries.
+nor drop the append-only trigger, and it may not rewrite raw readings, the keys that say whose and what
+they are, or audit entries, nor retire an entry or drop raw readings inside the retention floor
+(issue 13, review findings 1 and 8).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 
 import psycopg
 import pytest
@@ -17,6 +20,7 @@ from deploy.local import bootstrap
 from deploy.local.services import Postgres
 from deploy.local.stack import default_cache_dir
 from meterflow.settings import Settings
+from processing.privileges import retention_floor_days
 
 
 def _refused(settings: Settings, statement: str) -> str:
@@ -92,7 +96,23 @@ def test_the_services_role_is_no_superuser_and_owns_nothing(base_settings: Setti
         "UPDATE audit_chain SET rows_sha256 = sha256(rows_sha256)",
         "DELETE FROM audit_chain",
         "TRUNCATE audit_chain",
+        # Moving a series to another tenant, or swapping import and export, rewrites its readings.
+        "UPDATE series SET tenant_id = 'victim', device_id = 'd9' WHERE series_id = 42",
+        "UPDATE series SET metric = CASE metric WHEN 'energy_import_kwh' THEN 'energy_export_kwh' "
+        "ELSE 'energy_import_kwh' END",
+        "DELETE FROM series",
+        "TRUNCATE series",
+        "UPDATE agg_keys SET tenant_id = 'victim'",
+        "DELETE FROM agg_keys",
+        "TRUNCATE agg_keys",
+        # Retiring hides a day from `audit verify`; only the owner's retention function may.
+        "UPDATE audit_chain SET retired = true WHERE day >= '2000-01-01'",
+        "UPDATE retention_floor SET raw_days = 1",
+        "DELETE FROM retention_floor",
+        "INSERT INTO retention_floor (singleton, raw_days) VALUES (false, 1)",
         "SELECT drop_raw_chunks(now())",
+        "SELECT drop_raw_chunks(now() - interval '2 days')",
+        "SELECT drop_raw_chunks(now() - interval '4 years')",
         "CREATE TABLE forged (a int)",
     ],
 )
@@ -102,9 +122,46 @@ def test_the_services_role_cannot_rewrite_evidence(base_settings: Settings, stat
 
 
 def test_the_services_role_still_does_its_work(base_settings: Settings) -> None:
-    """What the services need stays granted: reading the registry, staging in temp tables, retiring."""
+    """What the services need stays granted: the registry, temp tables, new keys, retiring what is dropped."""
+    run = uuid.uuid4().hex[:8]
     with psycopg.connect(base_settings.db.conninfo()) as conn:
         conn.execute("SELECT count(*) FROM tenants")
         conn.execute("CREATE TEMP TABLE scratch (a int)")
-        conn.execute("UPDATE audit_chain SET retired = retired WHERE false")
+        conn.execute(
+            "INSERT INTO series (tenant_id, device_id, metric) VALUES (%s, 'd', 'power_kw') "
+            "ON CONFLICT DO NOTHING",
+            (f"roles-{run}",),
+        )
+        conn.execute(
+            "INSERT INTO agg_keys (scope, tenant_id, entity_id, metric) VALUES ('device', %s, 'd', 'power_kw') "
+            "ON CONFLICT DO NOTHING",
+            (f"roles-{run}",),
+        )
+        conn.execute("SELECT retire_dropped_audit_days()")
+        assert conn.execute("SELECT raw_days FROM retention_floor").fetchone() == (
+            retention_floor_days(base_settings),
+        )
         conn.rollback()
+
+
+def test_drop_raw_chunks_refuses_a_cutoff_inside_the_owners_floor(base_settings: Settings) -> None:
+    """The floor is what the owner configured at migration (five years by default), whatever a service asks."""
+    floor = retention_floor_days(base_settings)
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"at least {floor} days"):
+            conn.execute("SELECT drop_raw_chunks(now() - make_interval(days => %s - 1))", (floor,))
+        conn.rollback()
+        # A cutoff past the floor runs (dropping nothing from this century).
+        conn.execute("SELECT drop_raw_chunks('1980-01-01T00:00:00Z')")
+        conn.rollback()
+
+
+def test_owner_rights_functions_search_pg_temp_last(base_settings: Settings) -> None:
+    """A caller's temporary table or function cannot stand in for one a SECURITY DEFINER function uses."""
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        rows = conn.execute(
+            "SELECT proname, proconfig FROM pg_proc WHERE prosecdef AND pronamespace = 'public'::regnamespace"
+        ).fetchall()
+    assert {name for name, _ in rows} >= {"drop_raw_chunks", "retire_dropped_audit_days"}
+    for name, config in rows:
+        assert "search_path=public, pg_temp" in (config or []), (name, config)
