@@ -347,3 +347,39 @@ async def test_the_processor_applies_retention_between_polls(
         await task
         await conn.execute("DELETE FROM audit_chain WHERE topic = %s", (topic,))
         await conn.commit()
+
+
+async def test_verify_fails_a_retired_entry_whose_rows_are_still_stored(
+    conn: psycopg.AsyncConnection[Any], base_settings: Settings
+) -> None:
+    """Retiring a day hides it from recomputation; with its rows still there that is tampering, not retention."""
+    run = uuid.uuid4().hex[:8]
+    tenant, topic = f"audit-{run}", f"test-audit-{run}"
+    day = date(2003, 1, 1) + timedelta(days=random.randrange(3650))
+    w = Writer(conn, tenant, topic)
+    try:
+        batch = await w.write(0, _ms(day, 12), 2)
+        # The services' role may retire only days retention dropped: this one still has its chunk.
+        async with await psycopg.AsyncConnection.connect(base_settings.db.conninfo()) as service:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await service.execute("UPDATE audit_chain SET retired = true WHERE topic = %s", (topic,))
+            await service.rollback()
+            await service.execute("SELECT retire_dropped_audit_days()")
+            await service.commit()
+        cur = await conn.execute("SELECT bool_or(retired) FROM audit_chain WHERE topic = %s", (topic,))
+        assert await cur.fetchone() == (False,)
+        await conn.commit()
+
+        # The owner (or a bug) retires it anyway: verify reports it, as every entry, not as skipped.
+        await conn.execute("UPDATE audit_chain SET retired = true WHERE topic = %s", (topic,))
+        await conn.commit()
+        for report in (await verify(conn, topic=topic), await verify(conn, day=day)):
+            assert not report.ok, report.as_dict()
+            assert [(b.audit_batch, b.rows_found, b.problems) for b in report.broken] == [
+                (batch, len(w.keys) * 8, (Problem.RETIRED_ROWS_PRESENT,))
+            ]
+            assert report.as_dict()["broken"][0]["problems"] == ["retired_rows_present"]  # type: ignore[index]
+            assert report.unchained_rows == {}
+    finally:
+        await conn.rollback()
+        await _clean_up(conn, tenant, topic, day)
