@@ -1,4 +1,4 @@
-"""The canonical rows digest and the chain hash (processing.audit)."""
+"""The canonical rows digest and the chain hash (processing.audit); the retention floor the owner writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from datetime import date
 import numpy as np
 import pytest
 
+from meterflow.settings import ProcessingSettings, Settings
 from processing.audit import MS_PER_DAY, ZERO_CHAIN, Key, chain_digest, rows_digest, utc_day
+from processing.privileges import retention_floor_days
 
 KEYS: list[Key] = [
     ("acme", "m-2", "energy_import_kwh"),
@@ -158,3 +160,11 @@ def test_chain_binds_predecessor_rows_and_place() -> None:
 def test_utc_day_numbers() -> None:
     assert utc_day(T0 // MS_PER_DAY) == date(2025, 11, 21)
     assert utc_day(-1) == date(1969, 12, 31)
+
+
+@pytest.mark.parametrize(("configured", "floor"), [(None, 1827), (30, 30), (4000, 4000)])
+def test_the_retention_floor_is_five_years_unless_the_owner_configures_a_retention(
+    configured: int | None, floor: int
+) -> None:
+    settings = Settings(processing=ProcessingSettings(raw_retention_days=configured))
+    assert retention_floor_days(settings) == floor
