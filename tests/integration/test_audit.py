@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from meterflow.settings import Settings
 from processing.audit import AuditError, AuditLog, Key, Problem, verify
+from processing.privileges import retention_floor_days
 from processing.retention import apply_retention
 
 HOUR_MS = 3_600_000
@@ -383,3 +385,22 @@ async def test_verify_fails_a_retired_entry_whose_rows_are_still_stored(
     finally:
         await conn.rollback()
         await _clean_up(conn, tenant, topic, day)
+
+
+async def test_a_service_configured_below_the_floor_is_refused_and_counted(base_settings: Settings) -> None:
+    """A service whose settings ask for less than the owner's floor cannot drop what the floor keeps."""
+    floor = retention_floor_days(base_settings)
+    short = base_settings.model_copy(
+        update={"processing": base_settings.processing.model_copy(update={"raw_retention_days": floor - 1})}
+    )
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("meterflow_retention_refused_total") or 0.0
+
+    before = refused()
+    async with await psycopg.AsyncConnection.connect(base_settings.db.conninfo()) as service:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"at least {floor} days"):
+            await apply_retention(service, short)
+        cur = await service.execute("SELECT raw_days FROM retention_floor")
+        assert await cur.fetchone() == (floor,)
+    assert refused() == before + 1
