@@ -89,8 +89,15 @@ class Service(ABC):
         except Exception as exc:  # noqa: BLE001 - any failure of a probe means "not healthy", with its reason
             return False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
-    def start(self) -> None:
+    def secure_home(self) -> None:
+        """Shut other OS users out of the service's folder: its data (Kafka's segments, Mosquitto's
+        retained and queued messages) and log hold every tenant's telemetry, and the services create
+        their files with the default umask (0644). The folder's owner (the service's user) keeps it."""
         self.home.mkdir(parents=True, exist_ok=True)
+        self.home.chmod(0o700)
+
+    def start(self) -> None:
+        self.secure_home()
         if self.pid() is not None:
             return
         _ensure_port_free(self.port, self.name)

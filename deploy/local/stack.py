@@ -73,6 +73,10 @@ def up(settings: Settings, step: Step, *, timeout_s: float = 180.0) -> list[Serv
     bootstrap.install_timescaledb(step, cache, bootstrap_log)
     bootstrap.install_kafka(step, cache, settings.kafka.version, settings.kafka.scala_version, bootstrap_log)
     svcs = services(settings, cache)
+    # Also upgrades a state dir made before the folders were private, without restarting anything.
+    for svc in svcs:
+        svc.secure_home()
+    secure_app_dir(settings)
     for svc in svcs:
         if svc.pid() is None:
             step(f"starting {svc.name} on port {svc.port}")
@@ -140,6 +144,13 @@ def app_dir(settings: Settings) -> Path:
     return settings.state_path / "app"
 
 
+def secure_app_dir(settings: Settings) -> None:
+    """The apps' logs name gateways and carry the payloads they refused: for this OS user alone."""
+    folder = app_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+
+
 def app_pid_files(settings: Settings) -> dict[str, Path]:
     folder = app_dir(settings)
     if not folder.exists():
@@ -148,8 +159,8 @@ def app_pid_files(settings: Settings) -> dict[str, Path]:
 
 
 def start_app(settings: Settings, app: AppProcess) -> tuple[int, Path]:
+    secure_app_dir(settings)
     folder = app_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
     pid_file, log_file = folder / f"{app.name}.pid", folder / f"{app.name}.log"
     pid = proc.running_pid(pid_file)
     if pid is not None:

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from deploy.local.services import Mosquitto, Postgres, Service
-from deploy.local.stack import default_cache_dir, ensure_secrets
+from deploy.local.services import Kafka, Mosquitto, Postgres, Service
+from deploy.local.stack import app_dir, default_cache_dir, ensure_secrets, secure_app_dir
 from meterflow.settings import Settings
 
 
@@ -43,6 +43,7 @@ def private_checkout() -> Iterator[Settings]:
         state_dir=state,
         db={"port": _free_port()},
         mqtt={"port": _free_port(), "tls_port": _free_port(), "service_port": _free_port()},
+        kafka={"bootstrap": f"127.0.0.1:{_free_port()}", "controller_port": _free_port()},
     ).with_state_secrets()
     yield settings
     shutil.rmtree(home)
@@ -119,3 +120,43 @@ def test_an_older_installation_is_upgraded_in_place(private_checkout: Settings) 
         assert owner == (db.owner_user,)
     finally:
         pg.stop()
+
+
+def _nobody_reads(path: Path) -> bool:
+    return (
+        subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(path)], capture_output=True).returncode
+        == 0
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another OS user")
+def test_another_host_user_reads_no_telemetry_at_rest(private_checkout: Settings) -> None:
+    """The attacker is any local account: it goes for Kafka's segments (every tenant's readings and
+    the dead letters' payloads), Mosquitto's persistence and the apps' logs, also on an installation
+    made before the folders were private, which `stack up` upgrades without a restart."""
+    state = private_checkout.state_path
+    state.parent.parent.chmod(0o755)  # the checkout's own folder is no barrier here
+    kafka = Kafka(private_checkout, default_cache_dir())
+    mosquitto = Mosquitto(private_checkout, default_cache_dir())
+    for svc in (mosquitto, kafka):
+        _run(svc)  # topics created, so segment files exist; Mosquitto writes its store on exit
+    segment = next(kafka.data_dir.rglob("*.log"))
+    store = mosquitto.home / "data" / "mosquitto.db"
+    secure_app_dir(private_checkout)
+    app_log = app_dir(private_checkout) / "collector.log"
+    app_log.write_text("refused payload\n")
+    app_log.chmod(0o644)
+    targets = (segment, store, app_log)
+    assert store.exists()
+    assert not any(_nobody_reads(path) for path in targets)
+
+    # An older installation: service folders 0755 and files 0644, readable by anyone.
+    for folder in (kafka.home, mosquitto.home, app_dir(private_checkout)):
+        folder.chmod(0o755)
+    for path in targets:
+        path.chmod(0o644)
+    assert all(_nobody_reads(path) for path in targets)
+    for svc in (mosquitto, kafka):
+        svc.secure_home()  # what `stack up` runs first, on running services too
+    secure_app_dir(private_checkout)
+    assert not any(_nobody_reads(path) for path in targets)
