@@ -273,6 +273,9 @@ class MeterflowApi(FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     cfg = settings or Settings()
+    # Here, not only in the CLI: `uvicorn --factory api.app:app_factory` (how several workers run) must
+    # refuse a published or weak secret, a bootstrap admin key above all, just as `meterflow api` does.
+    cfg.require_secrets()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

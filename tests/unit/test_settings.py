@@ -150,3 +150,20 @@ def test_a_collector_without_a_client_id_refuses_to_start(bare_env: Path) -> Non
     result = CliRunner().invoke(app, ["collector"])
     assert result.exit_code == 2
     assert "METERFLOW_MQTT__CLIENT_ID is empty" in result.output
+
+
+def test_the_api_factory_refuses_a_weak_admin_key_as_uvicorn_runs_it(
+    bare_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`uvicorn --factory api.app:app_factory` bypasses the CLI: the app itself must refuse to register
+    `admin` (or a published default) as a live admin key."""
+    from api.app import app_factory
+
+    ensure_secrets(bare_env)
+    app_factory()  # generated secrets and no bootstrap key: starts
+    for weak in ("admin", "meterflow-dev"):
+        monkeypatch.setenv("METERFLOW_BOOTSTRAP_ADMIN_KEY", weak)
+        with pytest.raises(InsecureSecretsError, match="METERFLOW_BOOTSTRAP_ADMIN_KEY"):
+            app_factory()
+    monkeypatch.setenv("METERFLOW_DEV_MODE", "1")
+    app_factory()
