@@ -37,6 +37,7 @@ from ingest.registry import Registry, check_ownership, wait_loaded
 from ingest.sparkplug import SparkplugSessions
 from meterflow import sparkplug
 from meterflow.contract import (
+    DEAD_LETTER_ORIGIN_CHARS,
     DeadLetterReason,
     TelemetryTopic,
     encode_dead_letter,
@@ -648,7 +649,7 @@ class Collector:
         DEAD_LETTERS.inc()
         DEAD_LETTER_BYTES.inc(len(value))
         log.debug("dead letter on %s: %s", item.topic, reasons)
-        return _Record(self.settings.kafka.dlq_topic, item.topic.encode(), value)
+        return _Record(self.settings.kafka.dlq_topic, item.topic.encode()[:DEAD_LETTER_ORIGIN_CHARS], value)
 
     def _budget_letter(
         self, topic: str, tenant: str | None, gateway: str | None, received_ms: int
@@ -673,7 +674,7 @@ class Collector:
             device=None,
         )
         DEAD_LETTER_BYTES.inc(len(value))
-        return _Record(self.settings.kafka.dlq_topic, topic.encode(), value)
+        return _Record(self.settings.kafka.dlq_topic, topic.encode()[:DEAD_LETTER_ORIGIN_CHARS], value)
 
     async def _deliver(self, batch: _Batch, sends: list[tuple[_Record, asyncio.Future[object]]]) -> None:
         """Wait until Kafka acknowledged every record of the batch, sending again what failed or

@@ -352,6 +352,9 @@ DEAD_LETTER_V2: Final = 2
 DEAD_LETTER_MIN_LIST_BYTES: Final = 2048
 # Details quote input (metric names, device ids): cut, so that one long name cannot inflate a record.
 DEAD_LETTER_DETAIL_CHARS: Final = 200
+# MQTT allows 64 KB topics: a letter names its origin (topic, tenant, gateway) cut to this, so that a
+# bad topic with an empty payload cannot make a letter far larger than its payload.
+DEAD_LETTER_ORIGIN_CHARS: Final = 512
 
 
 class DeadLetterEntry(TypedDict, total=False):
@@ -397,7 +400,7 @@ def encode_dead_letter(
             "v": DEAD_LETTER_V2,
             "reason": reason,
             "detail": detail[:DEAD_LETTER_DETAIL_CHARS],
-            **origin,
+            **{k: v[:DEAD_LETTER_ORIGIN_CHARS] if isinstance(v, str) else v for k, v in origin.items()},
             "received_ms": received_ms,
             "reasons": reasons,
             "rejected": listed,

@@ -161,6 +161,21 @@ def test_a_thousand_unknown_devices_make_one_letter_of_bounded_size() -> None:
     assert _rejected("unknown_device") - before == 1000
 
 
+def test_an_empty_payload_on_a_64_kb_topic_makes_a_small_letter_and_key() -> None:
+    """MQTT allows 64 KB topics: the letter and its Kafka key name the topic cut, not twice in full."""
+    collector = Collector(Settings())
+    topic = "meterflow/v1/acme/" + "g" * 65_000 + "/telemetry"
+    parsed = parse_message(
+        TelemetryTopic("acme", "gw-1", None), b"", received_ms=NOW, limits=collector.limits
+    )
+    assert parsed.rejected
+    record = collector._dead_letter(_incoming(topic, b""), parsed.rejected, NOW)
+    assert record is not None
+    assert len(record.key) <= 512
+    assert len(record.value) < 4096
+    assert orjson.loads(record.value)["topic"] == topic[:512]
+
+
 def test_a_gateway_past_its_budget_is_counted_and_announced_not_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
