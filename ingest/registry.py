@@ -60,8 +60,10 @@ class Registry:
         refresh_s: float = 60.0,
         negative_ttl_s: float = 10.0,
         rated_power_factor: float = 100.0,
+        max_misses: int = 100_000,
     ) -> None:
         self._conninfo = conninfo
+        self._max_misses = max_misses
         self._refresh_s = refresh_s
         self._negative_ttl_s = negative_ttl_s
         self._rated_power_factor = rated_power_factor
@@ -124,7 +126,7 @@ class Registry:
                 ).fetchone()
                 if row is None:
                     self._gateways.pop(gateway, None)
-                    self._misses[("", gateway)] = now + self._negative_ttl_s
+                    self._miss(("", gateway), now)
                 else:
                     self._gateways[gateway] = row[0]
             if wanted:
@@ -140,7 +142,15 @@ class Registry:
             return
         for device in wanted:
             if tenant not in self._devices.get(device, ()):
-                self._misses[(tenant, device)] = now + self._negative_ttl_s
+                self._miss((tenant, device), now)
+
+    def _miss(self, key: tuple[str, str], now: float) -> None:
+        """Remember a miss; ids are attacker-chosen, so the oldest are forgotten past `max_misses`
+        (a forgotten id costs one more lookup, never a wrong answer)."""
+        self._misses.pop(key, None)
+        self._misses[key] = now + self._negative_ttl_s
+        while len(self._misses) > self._max_misses:
+            del self._misses[next(iter(self._misses))]
 
     def _add_device(self, row: TupleRow) -> None:
         device, tenant, rated_power_kw, register_max = row

@@ -144,3 +144,29 @@ def test_replay_still_reads_version_1_letters() -> None:
         "payload_truncated": False,
     }
     assert _replay(orjson.dumps(letter), registry, {"unknown_device"})[0] == ["late"]
+
+
+class _NoRows:
+    async def fetchall(self) -> list[object]:
+        return []
+
+    async def fetchone(self) -> None:
+        return None
+
+
+class _EmptyDb:
+    closed = False
+
+    async def execute(self, query: str, params: object = None) -> _NoRows:
+        return _NoRows()
+
+
+async def test_fresh_unknown_ids_by_the_thousand_keep_the_miss_cache_bounded() -> None:
+    """Ids are chosen by the sender: remembering every one of them grew the collector without limit."""
+    registry = Registry("", max_misses=100)
+    registry._conn = _EmptyDb()  # type: ignore[assignment]
+    registry._gateways = {"gw-1": "acme"}
+    for batch in range(50):
+        await registry.look_up("acme", "gw-1", [f"fresh-{batch}-{i}" for i in range(100)])
+    assert len(registry._misses) == 100
+    assert ("acme", "fresh-49-99") in registry._misses
