@@ -227,7 +227,10 @@ class Collector:
             rated_power_factor=settings.ingest.rated_power_factor,
         )
         # Seq continuity is meaningless when a shared subscription splits a node's messages.
-        self.sparkplug = SparkplugSessions(track_seq=shared_group is None)
+        self.sparkplug = SparkplugSessions(
+            track_seq=shared_group is None,
+            max_devices_per_node=settings.ingest.sparkplug_max_devices_per_node,
+        )
         self._subscriptions_pending = 0
         self.received = 0
         self.produced = 0

@@ -103,8 +103,9 @@ class SparkplugSessions:
     read the device's aliased data and keeps asking for rebirths, each answered to another collector.
     """
 
-    def __init__(self, *, track_seq: bool = True) -> None:
+    def __init__(self, *, track_seq: bool = True, max_devices_per_node: int = 10_000) -> None:
         self._track_seq = track_seq
+        self._max_devices_per_node = max_devices_per_node
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._seq_gaps = 0
 
@@ -151,6 +152,17 @@ class SparkplugSessions:
                 # Even an unreadable DBIRTH means the device declared itself anew: the old aliases
                 # might now name other metrics, so reading through them could mislabel readings.
                 node.devices.pop(device, None)
+                if len(node.devices) >= self._max_devices_per_node:
+                    # Each birth's alias table stays until the node dies: a node declaring ever new
+                    # devices would grow every collector without limit.
+                    result.rejected.append(
+                        Rejection(
+                            DeadLetterReason.TOO_LARGE,
+                            f"node already holds {len(node.devices)} device births",
+                            device,
+                        )
+                    )
+                    return result
                 table = None if decoded is None else _birth_table(decoded, device, result)
                 if table is not None:
                     node.devices[device] = table

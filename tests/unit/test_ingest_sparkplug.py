@@ -651,3 +651,18 @@ def test_simulator_publishes_read_back_to_the_batch_values() -> None:
     assert sessions.seq_gaps == 0
     assert offline == [(TENANT, GW, None)]
     assert not sessions.is_online(TENANT, GW)
+
+
+def test_a_node_declaring_ever_new_devices_keeps_a_bounded_number_of_alias_tables() -> None:
+    """The reviewer's flood: DBIRTHs for fresh device ids, each alias table kept until the node dies."""
+    sessions = SparkplugSessions(track_seq=False, max_devices_per_node=5)
+    _send(sessions, MessageType.NBIRTH, encode_nbirth(0, TS, seq=0))
+    refused = []
+    for i in range(50):
+        result = _send(sessions, MessageType.DBIRTH, encode_dbirth(BIRTH, TS, seq=1), f"fresh-{i}")
+        refused += [r for r in result.rejected if r.reason is DeadLetterReason.TOO_LARGE]
+    assert len(refused) == 45
+    assert sum(len(node.devices) for node in sessions._nodes.values()) == 5
+    # A device already born may be born again at the cap.
+    again = _send(sessions, MessageType.DBIRTH, encode_dbirth(BIRTH, TS, seq=1), "fresh-0")
+    assert not again.rejected and again.accepted
