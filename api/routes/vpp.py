@@ -598,6 +598,13 @@ async def put_resource(device: str, body: ResourceIn, who: AccessDep, request: R
                 f"POST /v1/vpps/{body.vpp}/enrolments; its owner approves",
             )
         _check_model(body, current, body.vpp or enrolled)
+        # An approved member's model is what the owner admitted into its capacity: only an admin changes
+        # it, otherwise a member could raise its nameplate in the owner's figures unasked.
+        frozen = enrolment is not None and enrolment["status"] == "approved" and not who.is_admin
+        admitted: dict[str, Any] | None = None
+        if frozen:
+            await cur.execute(_RESOURCE_SQL, params)
+            admitted = await cur.fetchone()
         if body.vpp is not None and body.vpp != enrolled:
             with write_errors():
                 await enrol_directly(cur, vpp=body.vpp, tenant=body.tenant, device=device, key_id=who.key_id)
@@ -634,7 +641,23 @@ async def put_resource(device: str, body: ResourceIn, who: AccessDep, request: R
             ) from exc
         await cur.execute(_RESOURCE_SQL, params)
         row = await cur.fetchone()
+        if frozen and _model(admitted) != _model(row):
+            DENIED.labels(who.role, "enrolled-model").inc()
+            # Raised inside the transaction, so nothing of this request is written.
+            raise Problem(
+                409,
+                "enrolled-model",
+                "Resource model fixed by the enrolment",
+                f"device {device!r} is an approved member of VPP {enrolled!r}, whose owner admitted this "
+                "model: to change it, leave (POST /v1/vpp-enrolments/{id}/leave) and request again, or ask "
+                "an admin",
+            )
     return Resource.model_validate(row)
+
+
+def _model(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A resource row without its write time: what an owner's capacity depends on."""
+    return None if row is None else {k: v for k, v in row.items() if k != "updated_at"}
 
 
 @router.get("/devices/{device}/resource")

@@ -332,7 +332,13 @@ def _cases() -> dict[tuple[str, str], Case]:
             TENANT_RAW,
             lambda w, _: Request(
                 f"/v1/devices/{w.a}-s1-pv/resource",
-                body={"tenant": w.a, "resource_class": "pv", "vpp": w.vpp_x, "rated_power_kw": 50},
+                body={
+                    "tenant": w.a,
+                    "resource_class": "pv",
+                    "vpp": w.vpp_x,
+                    "rated_power_kw": 50,
+                    "curtailable": True,
+                },  # the admitted model, unchanged: an approved member's own write
             ),
         ),
         ("get", "/v1/devices/{device}/resource"): Case(

@@ -131,6 +131,34 @@ def test_enterprise_naming_a_foreign_vpp_in_its_resource_does_not_join_it(
     assert row == (None, None), "the refused request wrote nothing"
 
 
+def test_an_approved_member_cannot_raise_its_nameplate_in_the_owners_vpp(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Review of issue 13: once admitted, a member PUTs its own model again with twice the rated power and
+    other storage limits. The owner's VPP must keep counting what it admitted; an identical PUT stays 200."""
+    v = victim
+    before = _members(base_settings, v.vpp)
+    assert before[(v.fleet.other, v.battery)] == 100.0
+    admitted = {"tenant": v.fleet.other, "resource_class": "battery"}
+    raises = [
+        {**admitted, "rated_power_kw": 200},
+        {**admitted, "energy_capacity_kwh": 4000},
+        {**admitted, "charge_max_kw": 1e6, "discharge_max_kw": 1e6},
+        {**admitted, "resource_class": "base_station", "reserved_soc_pct": 10},
+    ]
+    with api.client(v.keys["victim"]) as http:
+        for body in raises:
+            r = http.put(f"/v1/devices/{v.battery}/resource", json=body)
+            assert r.status_code == 409, (body, r.text)
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["type"].endswith("/enrolled-model")
+        assert http.put(f"/v1/devices/{v.battery}/resource", json=admitted).status_code == 200
+    assert _members(base_settings, v.vpp) == before
+    with api.client() as http:
+        model = http.get(f"/v1/devices/{v.battery}/resource", params={"tenant": v.fleet.other}).json()
+    assert (model["rated_power_kw"], model["energy_capacity_kwh"], model["charge_max_kw"]) == (100, 200, None)
+
+
 def test_membership_cannot_be_written_around_an_approved_enrolment(
     victim: Victim, base_settings: Settings
 ) -> None:
@@ -194,6 +222,9 @@ def test_enrolment_needs_the_owner_and_grants_only_aggregates(api: ApiServer, vi
         r = http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.tenant, "device": own_pv})
         assert r.status_code == 201 and r.json()["status"] == "requested", r.text
         enrolment = r.json()["enrolment_id"]
+        # The model goes with the request: the owner admits what it sees, and it stays fixed after.
+        model = {"tenant": v.fleet.tenant, "resource_class": "pv", "rated_power_kw": 10}
+        assert http.put(f"/v1/devices/{own_pv}/resource", json=model).status_code == 200
         # A second open request for the same device is a conflict, not a second membership.
         again = http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": v.fleet.tenant, "device": own_pv})
         assert again.status_code == 409
@@ -213,9 +244,12 @@ def test_enrolment_needs_the_owner_and_grants_only_aggregates(api: ApiServer, vi
         assert approved.status_code == 200 and approved.json()["status"] == "approved", approved.text
         assert http.post(f"/v1/vpp-enrolments/{enrolment}/reject").status_code == 409
     with api.client(v.keys["attacker"]) as http:
-        # Now a member, its resource model needs no vpp in the body.
-        model = {"tenant": v.fleet.tenant, "resource_class": "pv", "rated_power_kw": 10}
+        # Now a member: the admitted model is fixed for it (needing no vpp in the body).
         assert http.put(f"/v1/devices/{own_pv}/resource", json=model).status_code == 200
+        assert (
+            http.put(f"/v1/devices/{own_pv}/resource", json={**model, "rated_power_kw": 20}).status_code
+            == 409
+        )
         summary = http.get(f"/v1/vpps/{v.vpp}")
         assert summary.status_code == 200 and summary.json()["tenants"] == 2
         assert http.get(f"/v1/vpps/{v.vpp}/dr-events").status_code == 200
