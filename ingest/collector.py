@@ -230,6 +230,7 @@ class Collector:
         self.sparkplug = SparkplugSessions(
             track_seq=shared_group is None,
             max_devices_per_node=settings.ingest.sparkplug_max_devices_per_node,
+            max_metrics_per_node=settings.ingest.sparkplug_max_metrics_per_node,
         )
         self._subscriptions_pending = 0
         self.received = 0

@@ -103,9 +103,16 @@ class SparkplugSessions:
     read the device's aliased data and keeps asking for rebirths, each answered to another collector.
     """
 
-    def __init__(self, *, track_seq: bool = True, max_devices_per_node: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        track_seq: bool = True,
+        max_devices_per_node: int = 10_000,
+        max_metrics_per_node: int = 100_000,
+    ) -> None:
         self._track_seq = track_seq
         self._max_devices_per_node = max_devices_per_node
+        self._max_metrics_per_node = max_metrics_per_node
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._seq_gaps = 0
 
@@ -165,6 +172,17 @@ class SparkplugSessions:
                     return result
                 table = None if decoded is None else _birth_table(decoded, device, result)
                 if table is not None:
+                    held = sum(map(len, node.devices.values())) + len(node.aliases or ())
+                    if held + len(table) > self._max_metrics_per_node:
+                        # Few devices with huge births hold as much as many small ones.
+                        result.rejected.append(
+                            Rejection(
+                                DeadLetterReason.TOO_LARGE,
+                                f"node already holds {held} born metrics; this birth declares {len(table)}",
+                                device,
+                            )
+                        )
+                        return result
                     node.devices[device] = table
             elif kind is MessageType.DDEATH:
                 node.devices.pop(device, None)

@@ -152,6 +152,8 @@ class IngestSettings(_Group):
     max_payload_bytes: int = 256 * 1024
     # Sparkplug alias tables kept per edge node (one per DBIRTH) until the node dies.
     sparkplug_max_devices_per_node: int = Field(default=10_000, ge=1)
+    # ... and metrics declared by those births together (an alias table holds each: tens of MB at most).
+    sparkplug_max_metrics_per_node: int = Field(default=100_000, ge=1)
     max_future_skew_s: int = 300
     # Messages held between MQTT receipt and Kafka acknowledgement; beyond it the collector stops
     # acknowledging so the broker keeps the rest.

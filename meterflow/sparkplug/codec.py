@@ -244,6 +244,10 @@ class AliasTable:
                 # DATA carrying this alias would be ambiguous.
                 raise SparkplugError(f"BIRTH declares alias {metric.alias} for {known!r} and {metric.name!r}")
 
+    def __len__(self) -> int:
+        """The metrics the BIRTH declared: what the table holds in memory."""
+        return len(self._datatypes)
+
     def resolve(self, metric: DecodedMetric) -> str | None:
         """The metric's name: its own, else the one its alias was born with; None when unknown."""
         return self._name(metric.name, metric.alias)

@@ -666,3 +666,30 @@ def test_a_node_declaring_ever_new_devices_keeps_a_bounded_number_of_alias_table
     # A device already born may be born again at the cap.
     again = _send(sessions, MessageType.DBIRTH, encode_dbirth(BIRTH, TS, seq=1), "fresh-0")
     assert not again.rejected and again.accepted
+
+
+def test_a_node_declaring_huge_births_keeps_a_bounded_number_of_metrics() -> None:
+    """The reviewer's flood with few devices: DBIRTHs of a thousand metrics each, for fresh ids. What the
+    node holds stays under its metric cap; at the default cap (100,000) that is a few tens of MB."""
+    import tracemalloc
+
+    metrics = [(f"m{i}", 10 + i, 1.0) for i in range(1_000)]  # about 30 KB of Sparkplug each
+    limits = Limits(max_payload_bytes=256 * 1024, max_future_skew_ms=SKEW)
+    sessions = SparkplugSessions(track_seq=False, max_metrics_per_node=20_000)
+    _send(sessions, MessageType.NBIRTH, encode_nbirth(0, TS, seq=0))
+    tracemalloc.start()
+    refused = 0
+    for i in range(30):
+        parsed = parse_topic(topic(TENANT, MessageType.DBIRTH, GW, f"huge-{i}"))
+        assert parsed is not None
+        result = sessions.handle(parsed, encode_dbirth(metrics, TS, seq=1), received_ms=TS, limits=limits)
+        refused += sum(r.reason is DeadLetterReason.TOO_LARGE for r in result.rejected)
+        del result
+    held_bytes, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    (node,) = sessions._nodes.values()
+    held = sum(map(len, node.devices.values())) + len(node.aliases or ())
+    assert held <= 20_000
+    # The NBIRTH's own metrics count too, so the 20th birth no longer fits.
+    assert len(node.devices) == 19 and refused == 11
+    assert held_bytes / held * 100_000 < 64 * 1024**2, held_bytes
