@@ -141,6 +141,10 @@ class ApiSettings(_Group):
     key_cache_s: float = Field(default=5.0, ge=0)
     # Load and carbon series: at most this many points per request ("range too large" beyond).
     max_points: int = Field(default=50_000, ge=1)
+    # Live capacity streams (each holds a database connection): per API process, and per key within it,
+    # so one key cannot take every slot from the other tenants.
+    max_streams: int = Field(default=64, ge=1)
+    max_streams_per_key: int = Field(default=4, ge=1)
     # Carbon-efficiency grading: refuse to grade when fewer enterprises of the industry report.
     grading_min_peers: int = Field(default=5, ge=1)
     # YAML files replacing the packaged grading schemes and time-of-use calendars (api/data/*.yaml).

@@ -10,7 +10,6 @@ Capacity figures are what the vpp service (processing/vpp.py) last wrote. Who se
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from api.access import DENIED, VISIBLE_VPP_SQL, Access, AccessDep
 from api.models import Efficiency, Minutes, Page, Percent, Power, PowerOrZero, Quantity, Share, TenantId
@@ -818,8 +818,52 @@ async def stale_devices(vpp: str, who: AccessDep, request: Request) -> StaleDevi
 
 
 # Every open stream holds one database connection.
-MAX_STREAMS = 64
-_STREAM_SLOTS = asyncio.Semaphore(MAX_STREAMS)
+class StreamSlots:
+    """Live streams per process and per key. Taken in the handler, before the response starts (no await
+    between the check and the take, so two requests cannot both get the last slot), and released once
+    whichever of the stream's end or the response's end comes first."""
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self.total, self.per_key = total, per_key
+        self._held: dict[str, int] = {}
+        self._open: set[tuple[str, object]] = set()
+
+    def take(self, key_id: str) -> tuple[str, object]:
+        if len(self._open) >= self.total:
+            raise Problem(
+                503, "too-many-streams", "Too many live streams",
+                f"this API process serves at most {self.total} capacity streams at once; poll capacity instead",
+                headers={"Retry-After": "30"},
+            )  # fmt: skip
+        if self._held.get(key_id, 0) >= self.per_key:
+            raise Problem(
+                429, "too-many-streams", "Too many live streams for this key",
+                f"key {key_id} already holds {self.per_key} capacity streams in this process",
+                headers={"Retry-After": "30"},
+            )  # fmt: skip
+        token = (key_id, object())
+        self._open.add(token)
+        self._held[key_id] = self._held.get(key_id, 0) + 1
+        return token
+
+    def release(self, token: tuple[str, object]) -> None:
+        if token not in self._open:
+            return
+        self._open.remove(token)
+        key_id = token[0]
+        self._held[key_id] -= 1
+        if not self._held[key_id]:
+            del self._held[key_id]
+
+
+def _stream_slots(request: Request) -> StreamSlots:
+    settings: Settings = request.app.state.settings
+    slots: StreamSlots | None = getattr(request.app.state, "stream_slots", None)
+    if slots is None:
+        slots = request.app.state.stream_slots = StreamSlots(
+            settings.api.max_streams, settings.api.max_streams_per_key
+        )
+    return slots
 
 
 @router.get("/vpps/{vpp}/capacity/stream", response_class=StreamingResponse)
@@ -831,18 +875,14 @@ async def capacity_stream(
     _check_duration(request, duration_min)
     await who.vpp(request, vpp)
     settings: Settings = request.app.state.settings
-    if _STREAM_SLOTS.locked():
-        raise Problem(
-            503, "too-many-streams", "Too many live streams",
-            f"this API process serves at most {MAX_STREAMS} capacity streams at once; poll capacity instead",
-        )  # fmt: skip
+    slots = _stream_slots(request)
+    slot = slots.take(who.key_id)
 
     async def events() -> AsyncIterator[bytes]:
         # Each stream LISTENs on a connection of its own (outside the pools), opened and closed here
         # so a stream that never starts holds none.
         last: CapacityNow | None = None
         conn: psycopg.AsyncConnection[Any] | None = None
-        await _STREAM_SLOTS.acquire()
         try:
             conn = await psycopg.AsyncConnection.connect(settings.db.conninfo(), autocommit=True)
             await conn.execute("LISTEN vpp_capacity")
@@ -865,7 +905,7 @@ async def capacity_stream(
         except psycopg.OperationalError:
             log.warning("capacity stream of %s ended: database connection lost", vpp)
         finally:
-            _STREAM_SLOTS.release()
+            slots.release(slot)
             if conn is not None:
                 await conn.close()
 
@@ -873,4 +913,6 @@ async def capacity_stream(
         events(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # A client gone before the stream started never runs `events`: the slot is released here too.
+        background=BackgroundTask(slots.release, slot),
     )

@@ -6,6 +6,7 @@ membership straight into the database."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import psycopg
@@ -346,3 +347,21 @@ def test_a_live_stream_ends_when_its_reader_leaves_the_vpp(
             conn.execute("SELECT pg_notify('vpp_capacity', %s)", (v.vpp,))
         rest = list(lines)  # ends when the server closes the stream
     assert not any(line.startswith("data:") for line in rest)
+
+
+def test_one_key_cannot_take_every_capacity_stream(api: ApiServer, victim: Victim) -> None:
+    """Review of issue 13: a key opening streams until the process is full left every other tenant a 503.
+    It gets its share (4 by default), then 429; another key still streams."""
+    v = victim
+    greedy = _key(api, "operator", v.operator)
+    path = f"/v1/vpps/{v.vpp}/capacity/stream"
+    with ExitStack() as held, api.client(greedy) as http:
+        for _ in range(4):
+            assert held.enter_context(http.stream("GET", path)).status_code == 200
+        # Streamed, so that a 200 (the hole) fails here instead of waiting on an endless body.
+        with http.stream("GET", path) as refused:
+            assert refused.status_code == 429
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.headers["retry-after"]
+        with api.client(v.keys["victim"]) as other, other.stream("GET", path) as stream:
+            assert stream.status_code == 200
