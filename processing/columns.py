@@ -108,6 +108,9 @@ class ColumnBuilder:
         # value no aggregate can hold or a time the database cannot store would poison figures or stop
         # every poll of the partition.
         ok = storable(series, ts, value, self.table.low, self.table.high)
+        floor = self.table.min_ts_ms
+        if ts.size and int(ts.min()) < floor:
+            ok = (ts >= floor) if ok is None else ok & (ts >= floor)
         if ok is not None:
             self._refuse(partition, offset, raw, doc, ok, series, ts, value, metric_col)
             series, ts, value = series[ok], ts[ok], value[ok]
@@ -131,12 +134,13 @@ class ColumnBuilder:
         readings = doc["readings"]
         rejected: list[DeadLetterEntry] = []
         reasons: Counter[DeadLetterReason] = Counter()
+        floor = max(TS_MIN, self.table.min_ts_ms)
         for i in np.flatnonzero(~ok).tolist():
             t, v = int(ts[i]), float(value[i])
             low, high = float(self.table.low[series[i]]), min(float(self.table.high[series[i]]), VALUE_LIMIT)
             if not math.isfinite(v):
                 reason = DeadLetterReason.NON_FINITE  # JSON has no NaN: a NaN here was a null
-            elif t < TS_MIN:
+            elif t < floor:
                 reason = DeadLetterReason.PAST_TS
             elif t >= TS_MAX:
                 reason = DeadLetterReason.FUTURE_TS
@@ -147,7 +151,7 @@ class ColumnBuilder:
                 DeadLetterEntry(
                     reason=reason.value,
                     detail=f"ts {t}, value {v!r}: outside what the processor stores ({low:g} <= value "
-                    f"<= {high:g}, {TS_MIN} <= ts < {TS_MAX})",
+                    f"<= {high:g}, {floor} <= ts < {TS_MAX})",
                     device=devices[readings[i][0]] if doc["v"] == 2 else devices[0],
                     point=i,
                     metric=metric_col[i],

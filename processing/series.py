@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from meterflow.contract import CANONICAL_METRICS, METRIC_RANGES, OTHER_METRIC_RANGE, MetricKind
+from meterflow.contract import (
+    CANONICAL_METRICS,
+    DEFAULT_MIN_TS_MS,
+    METRIC_RANGES,
+    OTHER_METRIC_RANGE,
+    MetricKind,
+)
 from processing.kernels import F64, I8, I32, I64, NO_TS, RegisterParams, RegisterState
 from processing.registry import RegistryView, SeriesKey
 
@@ -54,6 +60,9 @@ class SeriesTable:
     metric_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     low: F64 = field(default_factory=lambda: np.empty(0))
     high: F64 = field(default_factory=lambda: np.empty(0))
+    # Readings stamped before this are refused (past_ts) as the collector refuses them (ingest.min_ts):
+    # records produced straight to Kafka meet the same floor.
+    min_ts_ms: int = DEFAULT_MIN_TS_MS
     _params_revision: int = -1
     _params_size: int = 0
 

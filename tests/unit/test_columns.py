@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from meterflow.contract import DeviceReadings, GatewayRecord, Reading
+from meterflow.contract import DEFAULT_MIN_TS_MS, DeviceReadings, GatewayRecord, Reading
 from processing.columns import ColumnBuilder, UndecodableRecord
 from processing.series import SeriesTable
 
@@ -25,21 +25,32 @@ def _v2(readings: list[list[object]], devices: list[object] | None = None) -> by
     )
 
 
+T = 1_767_225_600_000  # 2026-01-01
+
+
 def test_v1_and_v2_records_become_columns_with_shared_series() -> None:
     table = SeriesTable()
     builder = ColumnBuilder.start(table)
     v1 = DeviceReadings(
-        "t1", "gw", "a", 7, (Reading(60_000, "energy_import_kwh", 1.5), Reading(60_000, "power_kw", 3))
+        "t1",
+        "gw",
+        "a",
+        7,
+        (Reading(T + 60_000, "energy_import_kwh", 1.5), Reading(T + 60_000, "power_kw", 3)),
     )
     assert builder.add(3, v1.encode()) == 2
     v2 = GatewayRecord(
-        "t1", "gw", 9, ["b", "a"], [(1, 120_000, "energy_import_kwh", 2.0), (0, 60_000, "power_kw", 4.0)]
+        "t1",
+        "gw",
+        9,
+        ["b", "a"],
+        [(1, T + 120_000, "energy_import_kwh", 2.0), (0, T + 60_000, "power_kw", 4.0)],
     )
     assert builder.add(4, v2.encode()) == 2
     cols = builder.finish()
     assert table.keys == [("t1", "a", "energy_import_kwh"), ("t1", "a", "power_kw"), ("t1", "b", "power_kw")]
     assert cols.series.tolist() == [0, 1, 0, 2]
-    assert cols.ts.tolist() == [60_000, 60_000, 120_000, 60_000]
+    assert cols.ts.tolist() == [T + 60_000, T + 60_000, T + 120_000, T + 60_000]
     assert cols.value.tolist() == [1.5, 3.0, 2.0, 4.0]
     assert cols.record.tolist() == [0, 0, 1, 1]
     assert cols.partition.tolist() == [3, 3, 4, 4]
@@ -84,7 +95,7 @@ def test_poisoned_readings_are_left_out_with_reasons_and_their_siblings_kept() -
     """Values outside their metric's plausible range (no aggregate could hold some of them) and times the
     database cannot store never reach the writer, even when a record bypassed the collector (issue 13,
     finding 5): each is listed with its reason for the record's dead letter; the honest readings stay."""
-    t = 1_767_225_600_000
+    t = T
     raw = _v2(
         [
             [0, t, "energy_import_kwh", 1.5],
@@ -122,10 +133,43 @@ def test_poisoned_readings_are_left_out_with_reasons_and_their_siblings_kept() -
 
 def test_configured_ranges_replace_the_contract_ones() -> None:
     builder = ColumnBuilder.start(SeriesTable(metric_ranges={"power_kw": (-10.0, 10.0)}))
-    assert (
-        builder.add(
-            0, _v2([[0, 1_767_225_600_000, "power_kw", 11.0], [0, 1_767_225_600_001, "power_kw", 9.0]])
-        )
-        == 1
-    )
+    assert builder.add(0, _v2([[0, T, "power_kw", 11.0], [0, T + 1, "power_kw", 9.0]])) == 1
     assert [e["reason"] for e in builder.refused[0].rejected] == ["out_of_range"]
+
+
+def test_readings_before_the_configured_floor_are_refused_as_past_ts() -> None:
+    """A record produced straight to Kafka, past the collector's floor (ingest.min_ts, 2000 by default):
+    1970s and 1999 readings are refused as past_ts like the collector refuses them, their siblings kept
+    (issue 13 review nit)."""
+    raw = _v2(
+        [
+            [0, 60_000, "power_kw", 1.0],
+            [0, DEFAULT_MIN_TS_MS - 1, "power_kw", 2.0],
+            [0, DEFAULT_MIN_TS_MS, "power_kw", 3.0],
+            [1, T, "power_kw", 4.0],
+        ]
+    )
+    builder = ColumnBuilder.start(SeriesTable())
+    assert builder.add(0, raw, 7) == 2
+    assert builder.finish().value.tolist() == [3.0, 4.0]
+    (refusal,) = builder.refused
+    assert [(e["reason"], e["point"]) for e in refusal.rejected] == [("past_ts", 0), ("past_ts", 1)]
+    assert refusal.reasons == {"past_ts": 2}
+    assert str(DEFAULT_MIN_TS_MS) in refusal.rejected[0]["detail"]
+
+
+def test_the_floor_follows_the_setting_together_with_the_other_refusals() -> None:
+    floor = T - 1000
+    builder = ColumnBuilder.start(SeriesTable(min_ts_ms=floor))
+    raw = _v2(
+        [[0, floor - 1, "power_kw", 1.0], [0, floor + 1, "power_kw", 1e308], [0, floor, "power_kw", 2.0]]
+    )
+    assert builder.add(0, raw) == 1
+    assert builder.finish().ts.tolist() == [floor]
+    assert builder.refused[0].reasons == {"past_ts": 1, "out_of_range": 1}
+
+
+def test_a_floor_below_the_epoch_keeps_the_database_bound() -> None:
+    builder = ColumnBuilder.start(SeriesTable(min_ts_ms=-(10**15)))
+    assert builder.add(0, _v2([[0, -1, "power_kw", 1.0], [0, 60_000, "power_kw", 2.0]])) == 1
+    assert [e["reason"] for e in builder.refused[0].rejected] == ["past_ts"]
