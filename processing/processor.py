@@ -15,6 +15,8 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
 
 import psycopg
 from aiokafka import (
@@ -27,6 +29,7 @@ from aiokafka import (
 from aiokafka.errors import IllegalStateError
 from prometheus_client import Counter, Gauge, Histogram
 
+from ingest.budget import DeadLetterBudget
 from meterflow.contract import DeadLetterEntry, DeadLetterReason, encode_dead_letter, now_ms
 from meterflow.settings import Settings
 from processing import kernels, pgcopy, store
@@ -40,6 +43,11 @@ from processing.writer import BatchOutcome, BatchWriter, Conflict
 
 log = logging.getLogger(__name__)
 
+# aiokafka refuses a request above 1 MiB (max_request_size). A letter beyond this one, about a record near
+# the readings topic's size limit, is sent without its payload and with a short list: sending it whole
+# would fail the poll on every attempt and stall the partition.
+MAX_LETTER_BYTES: Final = 1_000_000
+
 RECORDS = Counter("meterflow_processor_records_total", "Kafka records consumed")
 READINGS = Counter("meterflow_processor_readings_total", "Readings decoded from Kafka records")
 ROWS_WRITTEN = Counter("meterflow_processor_readings_written_total", "Raw readings inserted")
@@ -51,7 +59,16 @@ LATE = Counter(
 )
 FLAGS = Counter("meterflow_processor_quality_flags_total", "Readings flagged by VEE, by kind", ["kind"])
 AGG_ROWS = Counter("meterflow_processor_aggregate_rows_total", "Aggregate rows added to or corrected")
-BAD_RECORDS = Counter("meterflow_processor_bad_records_total", "Records sent to the DLQ", ["reason"])
+BAD_RECORDS = Counter(
+    "meterflow_processor_bad_records_total",
+    "Records dead-lettered, by reason (written, or only counted when over the dead-letter budget)",
+    ["reason"],
+)
+DLQ_BUDGET_EXCEEDED = Counter(
+    "meterflow_processor_dlq_budget_exceeded_total",
+    "Dead letters not written: their gateway had spent its dead-letter budget",
+    ["reason"],
+)
 REFUSED = Counter(
     "meterflow_processor_refused_readings_total",
     "Readings left out of a record and dead-lettered: non-finite, out of range, or at a time not stored",
@@ -122,7 +139,14 @@ class Processor:
         self.readings_done = 0  # readings in committed polls (benchmarks watch it)
         self.rebalances = 0
         self.polls = 0
-        self.series = SeriesTable(metric_ranges=settings.ingest.metric_ranges)
+        self.series = SeriesTable(
+            metric_ranges=settings.ingest.metric_ranges,
+            min_ts_ms=(settings.ingest.min_ts - datetime(1970, 1, 1, tzinfo=UTC))
+            // timedelta(milliseconds=1),
+        )
+        # The collector's budget, on the collector's setting: a gateway's refused and conflicting
+        # readings cost at most that many letter bytes a minute here as well.
+        self._dlq_budget = DeadLetterBudget(settings.ingest.dlq_budget_bytes_per_min)
         self.registry = RegistryView()
         self.audit = AuditLog(self.topic)
         self.key_ids = KeyIds(settings.db.conninfo())
@@ -267,21 +291,24 @@ class Processor:
                 # poll was read): drop it, its records come again from the stored offsets.
                 await self.seek_to_stored(self.consumer.assignment())
                 return
-            # Dead letters go out only for polls that are written, so a dropped poll sends none twice.
-            for tp, offset, value, detail in poll.undecodable:
-                await self._dead_letter(tp, offset, value, detail)
+            # Dead letters go out only for polls that are written, so a dropped poll sends none twice,
+            # and before the commit, so a crash in between sends them again rather than never.
+            letters = [
+                self._dead_letter(tp, offset, value, detail) for tp, offset, value, detail in poll.undecodable
+            ]
             for refusal in poll.builder.refused:
                 for reason, count in refusal.reasons.items():
                     REFUSED.labels(reason.value).inc(count)
                 first = refusal.rejected[0]
-                await self._dead_letter(
+                letters.append(self._dead_letter(
                     TopicPartition(self.topic, refusal.partition), refusal.offset, refusal.raw, first["detail"],
                     reason=first["reason"], rejected=refusal.rejected, tenant=refusal.tenant,
                     gateway=refusal.gateway,
-                )  # fmt: skip
+                ))  # fmt: skip
+            await self._send_letters(letters)
             outcome = await self._write(columns, poll.next_offsets)
         if outcome.conflicts:
-            await self._dead_letter_conflicts(columns, outcome.conflicts)
+            await self._send_letters(self._conflict_letters(columns, outcome.conflicts))
         self.readings_done += outcome.readings
         self.polls += 1
         READINGS.inc(outcome.readings)
@@ -314,7 +341,7 @@ class Processor:
             self.audit.forget()
             raise
 
-    async def _dead_letter_conflicts(self, columns: Columns, conflicts: list[Conflict]) -> None:
+    def _conflict_letters(self, columns: Columns, conflicts: list[Conflict]) -> list[bytes | None]:
         """One dead letter per record, listing its conflicting readings with the kept and the sent value."""
         CONFLICTS.inc(len(conflicts))
         by_record: dict[int, list[DeadLetterEntry]] = {}
@@ -329,15 +356,24 @@ class Processor:
                     metric=c.key[2],
                 )
             )
-        for r, rejected in by_record.items():
-            await self._dead_letter(
+        return [
+            self._dead_letter(
                 TopicPartition(self.topic, int(columns.record_partition[r])), int(columns.record_offset[r]),
                 columns.record_raw[r], rejected[0]["detail"],
                 reason=DeadLetterReason.CONFLICTING_DUPLICATE.value, rejected=rejected,
                 tenant=tenants[r], gateway=columns.record_gateway[r],
-            )  # fmt: skip
+            )
+            for r, rejected in by_record.items()
+        ]  # fmt: skip
 
-    async def _dead_letter(
+    async def _send_letters(self, letters: list[bytes | None]) -> None:
+        """Send a poll's letters together, then wait for all of them: one round trip to Kafka per poll,
+        not one per record."""
+        topic = self.settings.kafka.dlq_topic
+        sent = [await self.producer.send(topic, letter) for letter in letters if letter is not None]
+        await asyncio.gather(*sent)
+
+    def _dead_letter(
         self,
         tp: TopicPartition,
         offset: int,
@@ -348,24 +384,55 @@ class Processor:
         rejected: list[DeadLetterEntry] | None = None,
         tenant: str | None = None,
         gateway: str | None = None,
-    ) -> None:
+    ) -> bytes | None:
+        """The letter for a record, or None when its gateway has spent its dead-letter budget (then only
+        counted, and once a minute a small dlq_budget letter says so). Undecodable records name no
+        gateway: they share one budget."""
         BAD_RECORDS.labels(reason).inc()
+        key = (tenant, gateway)
+        now = time.monotonic()
+        if not self._dlq_budget.has_room(key, now):
+            DLQ_BUDGET_EXCEEDED.labels(reason).inc()
+            return self._budget_letter(tp, tenant, gateway) if self._dlq_budget.announce(key, now) else None
+        origin = {
+            "topic": tp.topic,
+            "partition": tp.partition,
+            "offset": offset,
+            "tenant": tenant,
+            "gateway": gateway,
+        }
+        received = now_ms()
         cap = self.settings.ingest.dlq_payload_cap_bytes
         record = encode_dead_letter(
             reason=reason,
             detail=detail,
             payload=value,
             cap=cap,
-            received_ms=now_ms(),
-            topic=tp.topic,
-            partition=tp.partition,
-            offset=offset,
+            received_ms=received,
             rejected=rejected,
-            tenant=tenant,
-            gateway=gateway,
+            **origin,
         )
-        await self.producer.send_and_wait(self.settings.kafka.dlq_topic, record)
-        log.warning("record %s[%d]@%d sent to DLQ: %s", tp.topic, tp.partition, offset, detail)
+        if len(record) > MAX_LETTER_BYTES:
+            record = encode_dead_letter(
+                reason=reason, detail=f"letter of {len(record)} bytes cut to its reasons: {detail}", payload=b"",
+                cap=0, received_ms=received, rejected=rejected, record_bytes=len(value), **origin,
+            )  # fmt: skip
+        self._dlq_budget.spend(key, len(record), now)
+        log.warning("record %s[%d]@%d dead-lettered: %s", tp.topic, tp.partition, offset, detail)
+        return record
+
+    def _budget_letter(self, tp: TopicPartition, tenant: str | None, gateway: str | None) -> bytes:
+        budget = self.settings.ingest.dlq_budget_bytes_per_min
+        detail = (
+            f"gateway {gateway!r} of tenant {tenant!r} exceeded its dead-letter budget of {budget} bytes a "
+            "minute: its dead-lettered records are counted in meterflow_processor_bad_records_total, not "
+            "written, until the budget refills"
+        )
+        log.warning("%s (partition %d)", detail, tp.partition)
+        return encode_dead_letter(
+            reason=DeadLetterReason.DLQ_BUDGET.value, detail=detail, payload=b"", cap=0, received_ms=now_ms(),
+            topic=tp.topic, partition=tp.partition, tenant=tenant, gateway=gateway,
+        )  # fmt: skip
 
     async def _shutdown(self) -> None:
         log.info("processor stopping")

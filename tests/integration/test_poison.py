@@ -19,7 +19,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from meterflow.contract import now_ms
 from tests.integration.conftest import Isolated, Pipeline, start_isolated
@@ -35,7 +35,10 @@ PROBLEM = "application/problem+json"
 class Poisoned(Isolated):
     def produce(self, *records: dict[str, object]) -> None:
         async def send() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka.bootstrap, acks="all")
+            # Up to the broker's own record limit (1 MiB), past aiokafka's default request size.
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka.bootstrap, acks="all", max_request_size=2 << 20
+            )
             await producer.start()
             try:
                 for record in records:
@@ -74,12 +77,55 @@ class Poisoned(Isolated):
 
         return asyncio.run(read())
 
+    def all_letters(self, tenant: str) -> list[dict[str, object]]:
+        """Every letter about the tenant in the dead-letter topic, read to its end."""
+
+        async def read() -> list[dict[str, object]]:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap)
+            await consumer.start()
+            try:
+                k = self.settings.kafka
+                tps = [TopicPartition(k.dlq_topic, p) for p in range(k.dlq_partitions)]
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+                end = await consumer.end_offsets(tps)
+                found: list[dict[str, object]] = []
+                while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        letters = (orjson.loads(record.value or b"{}") for record in records)
+                        found.extend(letter for letter in letters if letter.get("tenant") == tenant)
+                return found
+            finally:
+                await consumer.stop()
+
+        return asyncio.run(read())
+
 
 @pytest.fixture(scope="module")
 def poisoned(pipeline: Pipeline) -> Iterator[Poisoned]:
     """A processor of its own on topics of its own, with its metrics served."""
     name = "poison-processor"
     own = start_isolated(pipeline, name, ["processor"], "processor consuming")
+    yield Poisoned(own.pipeline, own.settings, own.metrics_url)
+    pipeline.stop(name)
+
+
+# Room for about one letter of the attack below; it refills 500 bytes a second, a letter's worth in half
+# a minute.
+SMALL_BUDGET = 30_000
+
+
+@pytest.fixture(scope="module")
+def budgeted(pipeline: Pipeline) -> Iterator[Poisoned]:
+    """A processor of its own whose gateways may cause SMALL_BUDGET dead-letter bytes a minute."""
+    name = "budget-processor"
+    own = start_isolated(
+        pipeline,
+        name,
+        ["processor"],
+        "processor consuming",
+        env={"METERFLOW_INGEST__DLQ_BUDGET_BYTES_PER_MIN": str(SMALL_BUDGET)},
+    )
     yield Poisoned(own.pipeline, own.settings, own.metrics_url)
     pipeline.stop(name)
 
@@ -232,6 +278,80 @@ def test_conflicting_duplicates_are_dead_lettered_and_the_first_value_kept(poiso
     ]  # fmt: skip
     # Nothing counted twice: 2 kWh from the first values.
     _wait(lambda: _energy(_aggregates(p, tenant), "agg_1h", "device") == pytest.approx(2.0), "the aggregates")
+
+
+def test_a_gateway_past_its_dead_letter_budget_writes_no_more_letters_and_the_partition_moves_on(
+    budgeted: Poisoned,
+) -> None:
+    """Review finding 6: a gateway re-sends the same batch, each time with changed values. Every re-send
+    conflicts reading by reading, and each letter (the record plus the list) is about twice the record.
+    Past the gateway's budget the letters stop: one dlq_budget letter says so, the counters keep
+    counting, and the processor keeps writing, for this gateway and for another one on its partitions,
+    whose letters still go out."""
+    p = budgeted.pipeline
+    tenant, gateway = f"t-{uuid.uuid4().hex[:8]}", f"gw-{uuid.uuid4().hex[:8]}"
+    other, other_gateway = f"t-{uuid.uuid4().hex[:8]}", f"gw-{uuid.uuid4().hex[:8]}"
+    _register(p, tenant, gateway, ["m-1"])
+    _register(p, other, other_gateway, ["m-1"])
+    t = (now_ms() // 3_600_000 - 3) * 3_600_000
+    n, resends = 300, 12
+    conflicts = budgeted.counter("meterflow_processor_conflicting_duplicates_total")
+    bad = budgeted.counter("meterflow_processor_bad_records_total", reason="conflicting_duplicate")
+    over = budgeted.counter("meterflow_processor_dlq_budget_exceeded_total", reason="conflicting_duplicate")
+
+    def batch(k: int) -> dict[str, object]:
+        return _record(tenant, gateway, ["m-1"], [[0, t + i * 1000, POWER, float(i + k)] for i in range(n)])
+
+    budgeted.produce(batch(0))
+    _wait(lambda: len(_stored(p, tenant, "m-1")) == n, "the first batch")
+    budgeted.produce(*(batch(k) for k in range(1, resends + 1)))
+    budgeted.produce(
+        _record(other, other_gateway, ["m-1"], [[0, t, POWER, 1.0], [0, t, POWER, 2.0]]),
+        _record(tenant, gateway, ["m-1"], [[0, t + n * 1000, POWER, 7.0]]),
+    )
+    budgeted.wait_counter("meterflow_processor_conflicting_duplicates_total", conflicts + resends * n + 1)
+    budgeted.wait_counter(
+        "meterflow_processor_bad_records_total", bad + resends + 1, reason="conflicting_duplicate"
+    )
+    _wait(lambda: len(_stored(p, tenant, "m-1")) == n + 1, "the reading after the re-sends")
+    assert _stored(p, tenant, "m-1")[0] == (POWER, t, 0.0)  # the first value stays
+
+    letters = budgeted.all_letters(tenant)
+    written = [x for x in letters if x["reason"] == "conflicting_duplicate"]
+    announced = [x for x in letters if x["reason"] == "dlq_budget"]
+    size = len(orjson.dumps(written[0]))
+    assert size > SMALL_BUDGET / 2  # the attack's letters are big: a few fill the budget
+    # The bucket may go into debt by one letter, and refills while the test runs.
+    assert 1 <= len(written) <= 3, [x["offset"] for x in written]
+    assert len(announced) == 1 and announced[0]["gateway"] == gateway and not announced[0]["payload"]
+    assert budgeted.counter(
+        "meterflow_processor_dlq_budget_exceeded_total", reason="conflicting_duplicate"
+    ) >= over + resends - len(written)
+    (letter,) = budgeted.letters(other, 1)
+    assert letter["gateway"] == other_gateway and letter["reason"] == "conflicting_duplicate"
+
+
+def test_a_record_near_the_size_limit_with_every_reading_refused_gets_a_cut_letter(
+    poisoned: Poisoned,
+) -> None:
+    """A record of almost 1 MiB produced straight to Kafka, every reading but one out of range: its
+    letter (payload and list) would pass Kafka's request limit and fail the poll on every attempt. The
+    letter keeps the reasons and counts without the payload; the honest reading and later ones are
+    written."""
+    p = poisoned.pipeline
+    tenant, gateway = f"t-{uuid.uuid4().hex[:8]}", f"gw-{uuid.uuid4().hex[:8]}"
+    _register(p, tenant, gateway, ["m-1"])
+    t = (now_ms() // 3_600_000 - 2) * 3_600_000
+    n = 25_000
+    record = _record(
+        tenant, gateway, ["m-1"], [[0, t, POWER, 5.0], *([0, t + i, POWER, 1e308] for i in range(1, n + 1))]
+    )
+    assert 800_000 < len(orjson.dumps(record)) < 1_000_000
+    poisoned.produce(record, _record(tenant, gateway, ["m-1"], [[0, t + 60_000, POWER, 6.0]]))
+    _wait(lambda: len(_stored(p, tenant, "m-1")) == 2, "the honest readings")
+    (letter,) = poisoned.letters(tenant, 1)
+    assert letter["reasons"] == {"out_of_range": n} and letter["rejected_total"] == n
+    assert letter["rejected_truncated"] and letter["record_bytes"] == len(orjson.dumps(record))
 
 
 def _problem(resp: httpx.Response, status: int = 422) -> dict[str, object]:
