@@ -236,6 +236,16 @@ class VppSettings(_Group):
     dr_valid_ratio: float = Field(default=0.8, gt=0)
     # Baselines look this many days back for candidate days.
     dr_lookback_days: int = Field(default=45, ge=2)
+    # Enrolment requests of non-admin keys: every request is a permanent history row and a message to the
+    # VPP's owner, so a device asks at most this often per 24 h and a tenant keeps at most this many open.
+    enrolment_requests_per_device_day: int = Field(default=5, ge=1)
+    enrolment_open_requests_per_tenant: int = Field(default=50, ge=1)
+    # Requests answered 404 (no such VPP or device) per tenant and hour, per API process: they tell an
+    # existing VPP id from an unknown one, so guessing ids is bounded.
+    enrolment_misses_per_tenant_hour: int = Field(default=20, ge=1)
+    # A key that does not manage a VPP sees a node by name only when it holds none or at least this many
+    # resources of other tenants; smaller nodes are summed into one row (node null).
+    node_min_foreign_resources: int = Field(default=3, ge=1)
 
 
 class IntensitySettings(_Group):

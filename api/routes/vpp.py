@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -41,6 +44,8 @@ HISTORY_INTERVALS = {"1m": "1 minute", "15m": "15 minutes", "1h": "1 hour"}
 MAX_HISTORY = timedelta(days=93)
 # Comment lines keep idle proxies from closing a quiet stream.
 KEEPALIVE_S = 15.0
+# Open requests wait for owners' decisions (or a withdrawal): no moment to name, so an hour.
+OPEN_REQUESTS_RETRY_S = 3600
 
 
 class ResourceIn(BaseModel):
@@ -186,7 +191,10 @@ class CapacityHistory(BaseModel):
 
 
 class NodeCapacity(BaseModel):
-    node: str
+    node: str | None = Field(
+        description="null: nodes too small to show to a key that does not manage the VPP, summed "
+        '(docs/vpp.md#who-sees-which-node); "": resources without a node'
+    )
     up_kw: float
     down_kw: float
     devices_online: int
@@ -346,12 +354,103 @@ async def get_vpp(vpp: str, who: AccessDep, request: Request) -> VppSummary:
     return VppSummary.model_validate(rows[0])
 
 
+class MissBudget:
+    """Enrolment requests answered 404 per tenant in the last hour, in this process. A request into a VPP
+    the key cannot see yet must succeed (that is how one joins), so the answer tells an existing VPP id
+    from an unknown one: this bounds how many ids a tenant can try. Admin keys are not counted."""
+
+    WINDOW_S = 3600.0
+
+    def __init__(self, per_hour: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_hour, self._clock = per_hour, clock
+        self._misses: dict[str, deque[float]] = {}
+
+    def _recent(self, tenant: str) -> deque[float]:
+        times = self._misses.get(tenant, deque())
+        while times and times[0] <= self._clock() - self.WINDOW_S:
+            times.popleft()
+        if not times:
+            self._misses.pop(tenant, None)
+        return times
+
+    def check(self, who: Access, tenant: str) -> None:
+        if who.is_admin:
+            return
+        times = self._recent(tenant)
+        if len(times) >= self.per_hour:
+            DENIED.labels(who.role, "enrolment-misses").inc()
+            retry = max(1, math.ceil(times[0] + self.WINDOW_S - self._clock()))
+            raise Problem(
+                429, "too-many-requests", "Too many enrolment requests",
+                f"{self.per_hour} enrolment requests of tenant {tenant!r} named no VPP or device it may "
+                "use within the last hour",
+                headers={"Retry-After": str(retry)},
+            )  # fmt: skip
+
+    def miss(self, who: Access, tenant: str) -> None:
+        if not who.is_admin:
+            self._misses.setdefault(tenant, self._recent(tenant)).append(self._clock())
+
+
+def _enrolment_misses(request: Request) -> MissBudget:
+    settings: Settings = request.app.state.settings
+    budget: MissBudget | None = getattr(request.app.state, "enrolment_misses", None)
+    if budget is None:
+        budget = request.app.state.enrolment_misses = MissBudget(
+            settings.vpp.enrolment_misses_per_tenant_hour
+        )
+    return budget
+
+
+async def _check_request_limits(
+    cur: psycopg.AsyncCursor[dict[str, Any]], who: Access, settings: Settings, tenant: str, device: str
+) -> None:
+    """A non-admin request: at most enrolment_requests_per_device_day for the device in the last 24 h
+    (withdrawn and rejected ones count, each is a history row), at most
+    enrolment_open_requests_per_tenant of the tenant's requests awaiting a decision. 429 beyond."""
+    # One tenant's requests are counted and written one at a time, so two cannot both take the last one.
+    await cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"vpp-enrolment/{tenant}",))
+    await cur.execute(
+        """SELECT count(*) AS n,
+                  ceil(extract(epoch FROM min(requested_at) + interval '1 day' - now()))::bigint AS retry
+           FROM vpp_enrolments
+           WHERE tenant_id = %s AND device_id = %s AND requested_at > now() - interval '1 day'""",
+        (tenant, device),
+    )
+    recent = await cur.fetchone()
+    per_device = settings.vpp.enrolment_requests_per_device_day
+    if recent is not None and recent["n"] >= per_device:
+        DENIED.labels(who.role, "enrolment-device-limit").inc()
+        raise Problem(
+            429, "too-many-requests", "Too many enrolment requests for this device",
+            f"device {device!r} was the subject of {per_device} enrolment requests within 24 h",
+            headers={"Retry-After": str(max(1, recent["retry"] or 1))},
+        )  # fmt: skip
+    await cur.execute(
+        "SELECT count(*) AS n FROM vpp_enrolments WHERE tenant_id = %s AND status = 'requested'", (tenant,)
+    )
+    pending = await cur.fetchone()
+    per_tenant = settings.vpp.enrolment_open_requests_per_tenant
+    if pending is not None and pending["n"] >= per_tenant:
+        DENIED.labels(who.role, "enrolment-open-limit").inc()
+        raise Problem(
+            429, "too-many-requests", "Too many open enrolment requests",
+            f"tenant {tenant!r} has {per_tenant} requests awaiting a decision: withdraw some "
+            "(POST /v1/vpp-enrolments/{id}/leave) or wait for the owners",
+            headers={"Retry-After": str(OPEN_REQUESTS_RETRY_S)},
+        )  # fmt: skip
+
+
 @router.post("/vpps/{vpp}/enrolments", status_code=201)
 async def request_enrolment(vpp: str, body: EnrolmentIn, who: AccessDep, request: Request) -> Enrolment:
     """Ask for a device to join a VPP (the device's enterprise): the VPP's owner approves or rejects it.
     An admin's enrolment is approved at once. A device has at most one open (requested or approved)
-    enrolment."""
+    enrolment. Requests of other keys are limited per device and day and per tenant awaiting decisions
+    (429 with Retry-After), and an unknown VPP is answered as one the key may not see (404)."""
     who.write_tenant(body.tenant)
+    settings: Settings = request.app.state.settings
+    misses = _enrolment_misses(request)
+    misses.check(who, body.tenant)
     async with (
         pool(request).connection() as conn,
         conn.transaction(),
@@ -361,12 +460,15 @@ async def request_enrolment(vpp: str, body: EnrolmentIn, who: AccessDep, request
             "SELECT 1 FROM devices WHERE tenant_id = %s AND device_id = %s", (body.tenant, body.device)
         )
         if await cur.fetchone() is None:
-            raise Problem(
-                404, "not-found", "Not found", f"no device {body.device!r} in tenant {body.tenant!r}"
-            )
+            misses.miss(who, body.tenant)
+            raise who.hidden(f"device {body.device!r} in tenant {body.tenant!r}")
+        if not who.is_admin:
+            await _check_request_limits(cur, who, settings, body.tenant, body.device)
         await cur.execute("SELECT 1 FROM vpps WHERE vpp_id = %s", (vpp,))
         if await cur.fetchone() is None:
-            raise Problem(404, "not-found", "Not found", f"no VPP {vpp!r}")
+            misses.miss(who, body.tenant)
+            # The answer every VPP route gives a VPP the key may not see (api.access.Access.hidden).
+            raise who.hidden(f"VPP {vpp!r}")
         row: dict[str, Any] | None
         with write_errors():
             if who.is_admin:
@@ -403,6 +505,14 @@ async def list_enrolments(
     vpp: str | None = None,
     tenant: str | None = None,
     status: EnrolmentStatus | None = None,
+    decided_by: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="the key id (or `migration-0009`) that decided: memberships carried over by the "
+            "upgrade to be reviewed",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
     cursor: str | None = None,
 ) -> Page[Enrolment]:
@@ -418,6 +528,7 @@ async def list_enrolments(
               AND (%(vpp)s::text IS NULL OR e.vpp_id = %(vpp)s)
               AND (%(tenant)s::text IS NULL OR e.tenant_id = %(tenant)s)
               AND (%(status)s::text IS NULL OR e.status = %(status)s)
+              AND (%(decided_by)s::text IS NULL OR e.decided_by = %(decided_by)s)
               AND e.enrolment_id > %(after)s
             ORDER BY e.enrolment_id LIMIT %(limit)s""",
         {
@@ -427,6 +538,7 @@ async def list_enrolments(
             "vpp": vpp,
             "tenant": tenant,
             "status": status,
+            "decided_by": decided_by,
             "after": _enrolment_cursor(cursor),
             "limit": limit + 1,
         },
@@ -782,23 +894,58 @@ async def capacity_history(
 async def capacity_nodes(
     vpp: str, who: AccessDep, request: Request, duration_min: Duration = 15
 ) -> NodesCapacity:
-    """Capacity per topology node (resources without a node are under "")."""
+    """Capacity per topology node (resources without a node are under ""). A key that does not manage
+    the VPP (a member's enterprise, a regulator) sees a node by name only when it holds none or at least
+    `node_min_foreign_resources` resources of other tenants; the other nodes are summed in one row whose
+    node is null, so no figure of a single other tenant's resource is shown."""
     _check_duration(request, duration_min)
-    await who.vpp(request, vpp)
+    devices_of = await who.vpp(request, vpp)
+    settings: Settings = request.app.state.settings
     rows = await fetch_dicts(
         request,
-        """SELECT node, up_kw, down_kw, devices_online, devices_stale FROM vpp_node_capacity_now
-           WHERE vpp = %(vpp)s AND duration_min = %(duration)s ORDER BY node""",
-        {"vpp": vpp, "duration": duration_min},
+        """WITH members AS (
+               SELECT coalesce(d.topology_node, '') AS node,
+                      count(*) FILTER (WHERE d.tenant_id IS DISTINCT FROM %(viewer)s) AS foreign_resources
+               FROM devices d JOIN vpp_resources r USING (tenant_id, device_id)
+               WHERE d.vpp = %(vpp)s GROUP BY 1)
+           SELECT n.node, n.up_kw, n.down_kw, n.devices_online, n.devices_stale,
+                  m.foreign_resources
+           FROM vpp_node_capacity_now n LEFT JOIN members m USING (node)
+           WHERE n.vpp = %(vpp)s AND n.duration_min = %(duration)s ORDER BY n.node""",
+        {"vpp": vpp, "duration": duration_min, "viewer": devices_of},
     )
     async with pool(request).connection() as conn:
         now = await _capacity_now(conn, vpp, duration_min)
+    manages = devices_of is None and who.role != "regulator"
     return NodesCapacity(
         vpp=vpp,
         duration_min=duration_min,
         as_of=None if now is None else now.as_of,
-        nodes=[NodeCapacity.model_validate(r) for r in rows],
+        nodes=[NodeCapacity.model_validate(r) for r in rows]
+        if manages
+        else _merge_small_nodes(rows, settings.vpp.node_min_foreign_resources),
     )
+
+
+def _merge_small_nodes(rows: list[dict[str, Any]], min_foreign: int) -> list[NodeCapacity]:
+    """Nodes shown to a key that does not manage the VPP: those with no other tenant's resource or with
+    at least `min_foreign` of them by name, the rest summed under node null. A node row left from
+    resources that are no longer members (foreign_resources null) is never shown by name."""
+    shown: list[NodeCapacity] = []
+    merged: NodeCapacity | None = None
+    for row in rows:
+        foreign = row["foreign_resources"]
+        node = NodeCapacity.model_validate(row)
+        if foreign is not None and (foreign == 0 or foreign >= min_foreign):
+            shown.append(node)
+        elif merged is None:
+            merged = node.model_copy(update={"node": None})
+        else:
+            merged.up_kw += node.up_kw
+            merged.down_kw += node.down_kw
+            merged.devices_online += node.devices_online
+            merged.devices_stale += node.devices_stale
+    return shown if merged is None else [*shown, merged]
 
 
 @router.get("/vpps/{vpp}/stale-devices")

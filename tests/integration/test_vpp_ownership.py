@@ -1,7 +1,8 @@
-"""Attacks on VPP ownership, as a hostile tenant or operator would try them (issue 13, findings 1 and 6):
-joining another tenant's VPP by naming it, reading it afterwards, foreign ids in paths and bodies,
-deciding enrolments of a VPP one does not own, dispatching or changing holidays, and writing
-membership straight into the database."""
+"""Attacks on VPP ownership, as a hostile tenant or operator would try them (issue 13, findings 1 and 6,
+and its review): joining another tenant's VPP by naming it, reading it afterwards, foreign ids in paths
+and bodies, deciding enrolments of a VPP one does not own, dispatching or changing holidays, writing
+membership straight into the database, flooding owners with requests, probing VPP ids, reading another
+tenant's resource through a small node, and memberships carried over by migration 0009."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import asyncio
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import httpx
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from meterflow.settings import Settings
 from processing.vpp import Fleet as VppFleet
@@ -365,3 +368,206 @@ def test_one_key_cannot_take_every_capacity_stream(api: ApiServer, victim: Victi
             assert refused.headers["retry-after"]
         with api.client(v.keys["victim"]) as other, other.stream("GET", path) as stream:
             assert stream.status_code == 200
+
+
+def _denied(role: str, reason: str) -> float:
+    """The API runs in this process: its refusal counter, as /metrics would show it."""
+    value = REGISTRY.get_sample_value("meterflow_api_access_denied_total", {"role": role, "reason": reason})
+    return value or 0.0
+
+
+def _tenant_with_devices(api: ApiServer, name: str, devices: int) -> tuple[str, list[str]]:
+    """A fresh enterprise (so limits kept per tenant start empty), its devices and its key."""
+    ids = [f"{name}-d{i}" for i in range(devices)]
+    with api.client() as http:
+        assert http.post("/v1/enterprises", json={"tenant": name, "name": name}).status_code == 201
+        for device in ids:
+            assert http.post("/v1/devices", json={"tenant": name, "device": device}).status_code == 201
+    return _key(api, "enterprise", name), ids
+
+
+def _assert_429(r: httpx.Response) -> None:
+    assert r.status_code == 429, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/too-many-requests")
+    assert 0 < int(r.headers["retry-after"]) <= 86_400
+
+
+def test_request_and_withdraw_cannot_flood_the_owner(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Review of issue 13: request, withdraw, request again, forever, each a permanent row in the owner's
+    queue. A device gets enrolment_requests_per_device_day (5) a day, then 429; an admin is not held."""
+    v = victim
+    per_device = base_settings.vpp.enrolment_requests_per_device_day
+    key, (device,) = _tenant_with_devices(api, f"churn{v.fleet.run}", 1)
+    refused = _denied("enterprise", "enrolment-device-limit")
+    path, body = f"/v1/vpps/{v.vpp}/enrolments", {"tenant": f"churn{v.fleet.run}", "device": device}
+    with api.client(key) as http:
+        for _ in range(per_device):
+            r = http.post(path, json=body)
+            assert r.status_code == 201, r.text
+            assert http.post(f"/v1/vpp-enrolments/{r.json()['enrolment_id']}/leave").status_code == 200
+        for _ in range(3):
+            _assert_429(http.post(path, json=body))
+    assert _denied("enterprise", "enrolment-device-limit") == refused + 3
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        (rows,) = conn.execute(
+            "SELECT count(*) FROM vpp_enrolments WHERE tenant_id = %s AND device_id = %s",
+            (f"churn{v.fleet.run}", device),
+        ).fetchone()  # type: ignore[misc]
+    assert rows == per_device
+    with api.client() as http:
+        assert http.post(path, json=body).json()["status"] == "approved"
+
+
+def test_a_tenant_cannot_queue_unbounded_requests(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Many devices asking at once: at most enrolment_open_requests_per_tenant (50) await a decision;
+    withdrawing one makes room for the next."""
+    v = victim
+    limit = base_settings.vpp.enrolment_open_requests_per_tenant
+    tenant = f"crowd{v.fleet.run}"
+    key, devices = _tenant_with_devices(api, tenant, limit + 1)
+    path = f"/v1/vpps/{v.vpp}/enrolments"
+    with api.client(key) as http:
+        ids = []
+        for device in devices[:limit]:
+            r = http.post(path, json={"tenant": tenant, "device": device})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["enrolment_id"])
+        _assert_429(http.post(path, json={"tenant": tenant, "device": devices[-1]}))
+        assert http.post(f"/v1/vpp-enrolments/{ids[0]}/leave").status_code == 200
+        assert http.post(path, json={"tenant": tenant, "device": devices[-1]}).status_code == 201
+    with api.client(v.keys["owner"]) as http:
+        queued = http.get("/v1/vpp-enrolments", params={"tenant": tenant, "status": "requested"})
+    assert len(queued.json()["data"]) == limit
+
+
+def test_an_unknown_vpp_is_answered_as_a_hidden_one_and_guessing_is_bounded(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Review of issue 13: the request route told existing VPP ids (201) from unknown ones (404 "no VPP").
+    A VPP one cannot see yet must stay requestable, so the id is what the owner hands out: an unknown id
+    gets the very 404 every route gives a hidden VPP, and a tenant gets
+    enrolment_misses_per_tenant_hour (20) such answers an hour, then 429 for any id."""
+    v = victim
+    tenant = f"probe{v.fleet.run}"
+    key, (first, second) = _tenant_with_devices(api, tenant, 2)
+    unknown = f"vpp-guess-{v.fleet.run}"
+    with api.client(key) as http:
+        guessed = http.post(f"/v1/vpps/{unknown}/enrolments", json={"tenant": tenant, "device": first})
+        hidden = http.get(f"/v1/vpps/{v.vpp}")
+        assert guessed.status_code == hidden.status_code == 404
+        assert guessed.headers["content-type"] == hidden.headers["content-type"] == "application/problem+json"
+        shape = {k: val for k, val in guessed.json().items() if k != "instance"}
+        assert shape == {
+            **{k: val for k, val in hidden.json().items() if k != "instance"},
+            "detail": hidden.json()["detail"].replace(v.vpp, unknown),
+        }
+        # The owner gave this id out: the request goes through although the VPP is not visible.
+        assert (
+            http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": tenant, "device": first}).status_code
+            == 201
+        )
+        for i in range(base_settings.vpp.enrolment_misses_per_tenant_hour - 1):
+            r = http.post(f"/v1/vpps/{unknown}-{i}/enrolments", json={"tenant": tenant, "device": second})
+            assert r.status_code == 404
+        # Past the budget an existing id is not told apart either.
+        _assert_429(http.post(f"/v1/vpps/{v.vpp}/enrolments", json={"tenant": tenant, "device": second}))
+        _assert_429(http.post(f"/v1/vpps/{unknown}/enrolments", json={"tenant": tenant, "device": second}))
+
+
+def test_memberships_carried_over_by_migration_0009_can_be_reviewed_and_ended(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Review of issue 13: 0009 approved every membership it found, joins made with the finding-1
+    exploit included. Such a row (written as 0009 wrote them) is listed by decided_by=migration-0009 to
+    admins and to the VPP's owner, to no other tenant, and ending it takes the device out of the VPP."""
+    v = victim
+    device = f"{v.fleet.tenant}-smuggled"
+    with api.client() as http:
+        assert http.post("/v1/devices", json={"tenant": v.fleet.tenant, "device": device}).status_code == 201
+    with psycopg.connect(base_settings.db.conninfo(), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO vpp_enrolments (vpp_id, tenant_id, device_id, status, requested_by, decided_by, "
+            "decided_at) VALUES (%s, %s, %s, 'approved', 'migration-0009', 'migration-0009', now())",
+            (v.vpp, v.fleet.tenant, device),
+        )
+    carried = {"decided_by": "migration-0009", "status": "approved"}
+    with api.client() as http:
+        listed = http.get("/v1/vpp-enrolments", params={**carried, "vpp": v.vpp}).json()["data"]
+        assert [(e["tenant"], e["device"], e["decided_by"]) for e in listed] == [
+            (v.fleet.tenant, device, "migration-0009")
+        ]
+        decided_by_admin = http.get("/v1/vpp-enrolments", params={"vpp": v.vpp, "decided_by": "nobody"})
+        assert decided_by_admin.json()["data"] == []
+    with api.client(v.keys["owner"]) as http:
+        review = http.get("/v1/vpp-enrolments", params=carried).json()["data"]
+        assert [(e["tenant"], e["device"]) for e in review] == [(v.fleet.tenant, device)]
+        assert http.post(f"/v1/vpp-enrolments/{review[0]['enrolment_id']}/leave").status_code == 200
+    with api.client(v.keys["victim"]) as http:
+        assert http.get("/v1/vpp-enrolments", params=carried).json()["data"] == []
+    with psycopg.connect(base_settings.db.conninfo()) as conn:
+        (vpp,) = conn.execute(
+            "SELECT vpp FROM devices WHERE tenant_id = %s AND device_id = %s", (v.fleet.tenant, device)
+        ).fetchone()  # type: ignore[misc]
+    assert vpp is None
+
+
+def test_a_member_does_not_see_another_tenants_resource_through_a_small_node(
+    api: ApiServer, victim: Victim, base_settings: Settings
+) -> None:
+    """Review of issue 13: a node holding one resource of another tenant showed that resource's
+    flexibility, under a name that tenant wrote, to every member. A member sees nodes of its own
+    resources only, or with at least node_min_foreign_resources (3) of others; the rest is one row with
+    node null, and the figures still add up. The owner sees every node; a regulator only the large."""
+    v = victim
+    assert base_settings.vpp.node_min_foreign_resources == 3
+    vpp, other, attacker = f"vpp-nodes-{v.fleet.run}", v.fleet.other, v.fleet.tenant
+    layout = {  # node: tenants of its resources
+        "big": [other, other, other],
+        "lonely-secret-plant": [other],
+        "mine": [attacker],
+        "mixed": [attacker, other],
+    }
+    figures = {"big": (30.0, 3), "lonely-secret-plant": (7.0, 1), "mine": (5.0, 1), "mixed": (11.0, 2)}
+    with api.client() as http:
+        assert (
+            http.post("/v1/vpps", json={"vpp": vpp, "name": "nodes", "owner": v.operator}).status_code == 201
+        )
+        for node, tenants in layout.items():
+            for i, tenant in enumerate(tenants):
+                device = f"{node}-{i}-{v.fleet.run}"
+                body = {"tenant": tenant, "device": device, "vpp": vpp, "topology_node": node}
+                assert http.post("/v1/devices", json=body).status_code == 201
+                model = {"tenant": tenant, "resource_class": "pv", "rated_power_kw": 10}
+                assert http.put(f"/v1/devices/{device}/resource", json=model).status_code == 200
+    with psycopg.connect(base_settings.db.conninfo(), autocommit=True) as conn:
+        # What the vpp service publishes for these nodes.
+        for node, (up, online) in figures.items():
+            conn.execute(
+                "INSERT INTO vpp_node_capacity_now VALUES (%s, %s, 15, %s, %s, %s, 0, now()) "
+                "ON CONFLICT (vpp, node, duration_min) DO UPDATE SET up_kw = EXCLUDED.up_kw, "
+                "down_kw = EXCLUDED.down_kw, devices_online = EXCLUDED.devices_online, devices_stale = 0",
+                (vpp, node, up, up / 2, online),
+            )
+
+    def nodes(key: str) -> dict[str | None, tuple[float, float, int]]:
+        with api.client(key) as http:
+            r = http.get(f"/v1/vpps/{vpp}/capacity/nodes")
+            assert r.status_code == 200, r.text
+        return {n["node"]: (n["up_kw"], n["down_kw"], n["devices_online"]) for n in r.json()["nodes"]}
+
+    owner = nodes(v.keys["owner"])
+    assert set(owner) == set(layout)
+    member = nodes(v.keys["attacker"])
+    assert member == {
+        "big": owner["big"],
+        "mine": owner["mine"],
+        None: (7.0 + 11.0, (7.0 + 11.0) / 2, 1 + 2),
+    }
+    regulator = nodes(_key(api, "regulator", None))
+    assert set(regulator) == {"big", None}
+    assert regulator[None][0] == 7.0 + 5.0 + 11.0
