@@ -243,7 +243,7 @@ async function nodes(vpp, duration, signal) {
     const tbody = panel.querySelector("table.data tbody");
     tbody.replaceChildren();
     for (const n of rows) {
-      const tr = headedRow(tbody, n.node || "(no node)");
+      const tr = headedRow(tbody, n.node === null ? "(smaller nodes, summed)" : n.node || "(no node)");
       cell(tr, fmt.kw(n.up_kw), "num");
       cell(tr, fmt.kw(n.down_kw), "num");
       cell(tr, fmt.count(n.devices_online), "num");
