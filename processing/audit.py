@@ -323,6 +323,19 @@ class _Entry:
     retired: bool
 
 
+def _broken_entry(entry: _Entry, rows_found: int, problems: tuple[Problem, ...]) -> BrokenEntry:
+    return BrokenEntry(
+        entry.topic,
+        entry.partition,
+        entry.day,
+        entry.seq,
+        entry.audit_batch,
+        entry.row_count,
+        rows_found,
+        problems,
+    )
+
+
 _ENTRIES = """
 SELECT topic, kafka_partition, day, seq, audit_batch, row_count, rows_sha256, chain_sha256, retired
 FROM audit_chain
@@ -409,18 +422,7 @@ async def verify(
                     problems[entry].append(Problem.ROWS_CHANGED)
         for entry in live:
             if problems.get(entry):
-                report.broken.append(
-                    BrokenEntry(
-                        entry.topic,
-                        entry.partition,
-                        entry.day,
-                        entry.seq,
-                        entry.audit_batch,
-                        entry.row_count,
-                        found_counts.get(entry, 0),
-                        tuple(problems[entry]),
-                    )
-                )
+                report.broken.append(_broken_entry(entry, found_counts.get(entry, 0), tuple(problems[entry])))
         if day is not None:
             stray_days: list[date] | None = [day]
         elif topic is not None or partition is not None:
@@ -431,18 +433,7 @@ async def verify(
         for entry in entries:
             found_retired = retired_rows.get((entry.day, entry.audit_batch), 0) if entry.retired else 0
             if found_retired:
-                report.broken.append(
-                    BrokenEntry(
-                        entry.topic,
-                        entry.partition,
-                        entry.day,
-                        entry.seq,
-                        entry.audit_batch,
-                        entry.row_count,
-                        found_retired,
-                        (Problem.RETIRED_ROWS_PRESENT,),
-                    )
-                )
+                report.broken.append(_broken_entry(entry, found_retired, (Problem.RETIRED_ROWS_PRESENT,)))
     for b in report.broken:
         log.warning(
             "audit entry %s/%s/%s seq %d (batch %d) broken: %s",
